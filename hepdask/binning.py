@@ -1,0 +1,372 @@
+"""Numba kernels that bin each event's hits into a dense image.
+
+Pure functions on numpy arrays: no Dask, no files, no config objects. Hits arrive flat, as a
+``(n_axes, n_hits)`` coordinate array plus per-event ``offsets`` (``n_events + 1`` entries, as
+awkward's ListOffsetArray has them), and leave as ``(n_events, *shape)`` images.
+
+Bin membership follows ``numpy.histogramdd`` exactly: every bin is half-open ``[lo, hi)``
+except the last, which also holds a value equal to the last edge. A hit below the first edge
+of an axis counts as that axis' underflow, above the last edge as overflow; a NaN coordinate
+drops the hit and counts it as ``nan`` (``-inf``/``+inf`` are under/overflow). A hit outside
+the range of any axis is not in the image (as in ``histogramdd``); under/overflow is counted
+per axis, so one hit may count on several axes. Integer images saturate at their dtype's
+maximum and count the hits that did not fit as ``clipped``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+UNIFORM, LOG, EXPLICIT = 0, 1, 2
+_NAN, _UNDER, _OVER = -3, -1, -2
+#: A first guess this close to a bin boundary is checked against the edges themselves.
+_NEAR_EDGE = 1e-6
+
+
+@dataclass(frozen=True)
+class BinAxis:
+    """Edges of one image axis, and how to find a value's bin quickly."""
+
+    name: str
+    edges: np.ndarray
+    kind: int = EXPLICIT
+    units: str = ""
+
+    @classmethod
+    def uniform(cls, name: str, bins: int, lo: float, hi: float, units: str = "") -> BinAxis:
+        return cls(name, np.linspace(lo, hi, bins + 1), UNIFORM, units)
+
+    @classmethod
+    def log(cls, name: str, bins: int, lo: float, hi: float, units: str = "") -> BinAxis:
+        return cls(name, np.geomspace(lo, hi, bins + 1), LOG, units)
+
+    @classmethod
+    def explicit(cls, name: str, edges, units: str = "") -> BinAxis:
+        edges = np.asarray(edges, dtype=np.float64)
+        if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
+            msg = f"axis {name!r}: edges must be at least two strictly increasing numbers"
+            raise ValueError(msg)
+        return cls(name, edges, EXPLICIT, units)
+
+    @property
+    def nbins(self) -> int:
+        return self.edges.size - 1
+
+    @property
+    def centers(self) -> np.ndarray:
+        if self.kind == LOG:
+            return np.sqrt(self.edges[:-1] * self.edges[1:])
+        return 0.5 * (self.edges[:-1] + self.edges[1:])
+
+    def downsampled(self, factor: int) -> BinAxis:
+        """The same axis with every *factor* neighbouring bins merged (edges decimated)."""
+        if factor < 1 or self.nbins % factor:
+            msg = f"axis {self.name!r}: {self.nbins} bins are not divisible by {factor}"
+            raise ValueError(msg)
+        return BinAxis(self.name, self.edges[::factor].copy(), self.kind, self.units)
+
+    def lookup(self) -> tuple[float, float]:
+        """(origin, scale) of the arithmetic first guess of a bin index."""
+        if self.kind == UNIFORM:
+            return self.edges[0], self.nbins / (self.edges[-1] - self.edges[0])
+        if self.kind == LOG:
+            lo, hi = math.log(self.edges[0]), math.log(self.edges[-1])
+            return lo, self.nbins / (hi - lo)
+        return 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where a hit with bin indices ``b`` lands in the flat image: one stride row per output.
+
+    A plain histogram has one output with C-order strides. The LDMX ``xyz`` format has three
+    outputs (the x-y, x-z and y-z projections) interleaved as the channels of one square image.
+    """
+
+    axes: tuple[BinAxis, ...]
+    shape: tuple[int, ...]
+    strides: np.ndarray
+    offsets: np.ndarray
+    dims: tuple[str, ...]
+    channel_names: tuple[str, ...] = field(default=())
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def histogram_layout(axes: list[BinAxis] | tuple[BinAxis, ...]) -> ImageLayout:
+    """An N-D histogram image, ``shape = (n_0, n_1, ...)`` in axis order."""
+    axes = tuple(axes)
+    if not 1 <= len(axes) <= 4:
+        msg = f"an image has 1 to 4 axes, got {len(axes)}"
+        raise ValueError(msg)
+    shape = tuple(a.nbins for a in axes)
+    strides = np.array([[int(np.prod(shape[i + 1 :])) for i in range(len(shape))]], np.int64)
+    return ImageLayout(axes, shape, strides, np.zeros(1, np.int64), tuple(a.name for a in axes))
+
+
+def xyz_layout(axes: list[BinAxis] | tuple[BinAxis, ...]) -> ImageLayout:
+    """The LDMX ``xyz`` image: x-y, x-z and y-z projections as 3 channels of an n x n image.
+
+    Channel ``xy`` has rows x and columns y, ``xz`` rows x and columns z, ``yz`` rows y and
+    columns z; each equals the sum of the 3-D ``histogramdd`` over the axis left out.
+    """
+    axes = tuple(axes)
+    if len(axes) != 3 or len({a.nbins for a in axes}) != 1:
+        msg = "the xyz format needs three axes with the same number of bins"
+        raise ValueError(msg)
+    n = axes[0].nbins
+    channels = 3
+    row, col = n * channels, channels
+    strides = np.array([[row, col, 0], [row, 0, col], [0, row, col]], np.int64)
+    names = tuple(f"{axes[i].name}{axes[j].name}" for i, j in ((0, 1), (0, 2), (1, 2)))
+    return ImageLayout(
+        axes, (n, n, channels), strides, np.arange(channels, dtype=np.int64),
+        ("u", "v", "projection"), names,
+    )
+
+
+@numba.njit(inline="always")
+def _locate(x, lo, hi, n, kind, origin, scale, edges, a):
+    """Bin of *x* on axis *a* (row *a* of the padded ``edges``), or a negative code.
+
+    The arithmetic guess is exact except within rounding of a bin boundary, where the
+    guess is checked against the real edges, so the result equals ``searchsorted``.
+    """
+    if not x >= lo:
+        return _NAN if x != x else _UNDER
+    if x >= hi:
+        return n - 1 if x == hi else _OVER
+    if kind == EXPLICIT:
+        left, right = 0, n
+        while right - left > 1:
+            mid = (left + right) >> 1
+            if x >= edges[a, mid]:
+                left = mid
+            else:
+                right = mid
+        return left
+    g = (x - origin) * scale if kind == UNIFORM else (math.log(x) - origin) * scale
+    b = int(g)
+    frac = g - b
+    if frac < _NEAR_EDGE or frac > 1.0 - _NEAR_EDGE or b >= n:
+        b = min(max(b, 0), n - 1)
+        while b > 0 and x < edges[a, b]:
+            b -= 1
+        while b < n - 1 and x >= edges[a, b + 1]:
+            b += 1
+    return b
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _fill(coords, offsets, edges, nbins, kinds, origins, scales, strides, chan_offsets,
+          weights, weighted, maxval, saturate, out, under, over, nans, clipped, inside):  # fmt: skip
+    n_axes = coords.shape[0]
+    n_out = strides.shape[0]
+    size = out.shape[1]
+    for ev in numba.prange(offsets.size - 1):
+        # Per-event copies: LLVM knows fresh arrays do not alias ``out``, so it keeps the
+        # axis parameters in registers instead of reloading them for every hit.
+        nb = nbins.copy()
+        kd = kinds.copy()
+        og = origins.copy()
+        sc = scales.copy()
+        st = strides.copy()
+        lo = np.empty(n_axes, np.float64)
+        hi = np.empty(n_axes, np.float64)
+        for a in range(n_axes):
+            lo[a] = edges[a, 0]
+            hi[a] = edges[a, nb[a]]
+        n_under = np.zeros(n_axes, np.int64)
+        n_over = np.zeros(n_axes, np.int64)
+        bins = np.empty(n_axes, np.int64)
+        n_nan = 0
+        n_clipped = 0
+        n_inside = 0
+        acc = np.zeros(size if weighted else 0, np.float64)
+        img = out[ev]
+        for h in range(offsets[ev], offsets[ev + 1]):
+            ok = True
+            has_nan = False
+            for a in range(n_axes):
+                b = _locate(np.float64(coords[a, h]), lo[a], hi[a], nb[a], kd[a], og[a],
+                            sc[a], edges, a)  # fmt: skip
+                if b >= 0:
+                    bins[a] = b
+                    continue
+                ok = False
+                if b == _UNDER:
+                    n_under[a] += 1
+                elif b == _OVER:
+                    n_over[a] += 1
+                else:
+                    has_nan = True
+            if not ok:
+                n_nan += has_nan
+                continue
+            n_inside += 1
+            for k in range(n_out):
+                idx = chan_offsets[k]
+                for a in range(n_axes):
+                    idx += bins[a] * st[k, a]
+                if weighted:
+                    acc[idx] += weights[h]
+                elif saturate:
+                    if img[idx] < maxval:
+                        img[idx] += 1
+                    else:
+                        n_clipped += 1
+                else:
+                    img[idx] += 1
+        if weighted:
+            for i in range(size):
+                img[i] = acc[i]
+        under[ev] = n_under
+        over[ev] = n_over
+        nans[ev] = n_nan
+        clipped[ev] = n_clipped
+        inside[ev] = n_inside
+
+
+@dataclass
+class BinStats:
+    """Per-axis hit statistics of a binning call, summed over its events."""
+
+    axis_names: tuple[str, ...]
+    hits: int = 0
+    underflow: np.ndarray = None  # type: ignore[assignment]
+    overflow: np.ndarray = None  # type: ignore[assignment]
+    nan: int = 0
+    clipped: int = 0
+    in_image: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.axis_names)
+        if self.underflow is None:
+            self.underflow = np.zeros(n, np.int64)
+        if self.overflow is None:
+            self.overflow = np.zeros(n, np.int64)
+
+    def __iadd__(self, other: BinStats) -> BinStats:
+        self.hits += other.hits
+        self.underflow = self.underflow + other.underflow
+        self.overflow = self.overflow + other.overflow
+        self.nan += other.nan
+        self.clipped += other.clipped
+        self.in_image += other.in_image
+        return self
+
+    def to_dict(self) -> dict:
+        return {
+            "hits": int(self.hits),
+            "in_image": int(self.in_image),
+            "nan": int(self.nan),
+            "clipped": int(self.clipped),
+            "underflow": dict(zip(self.axis_names, map(int, self.underflow))),
+            "overflow": dict(zip(self.axis_names, map(int, self.overflow))),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BinStats:
+        names = tuple(data["underflow"])
+        return cls(
+            names, data["hits"], np.array([data["underflow"][n] for n in names], np.int64),
+            np.array([data["overflow"][n] for n in names], np.int64),
+            data["nan"], data["clipped"], data["in_image"],
+        )
+
+
+def bin_events(
+    coords: np.ndarray,
+    offsets: np.ndarray,
+    layout: ImageLayout,
+    *,
+    weights: np.ndarray | None = None,
+    dtype: str | np.dtype = "uint16",
+) -> tuple[np.ndarray, BinStats]:
+    """Bin every event's hits into an image of ``layout``; return ``(images, stats)``.
+
+    ``coords`` is ``(n_axes, n_hits)`` in axis order, ``offsets`` the ``n_events + 1`` hit
+    offsets. ``weights`` (one per hit) makes a weighted image, which needs a float dtype.
+    """
+    dtype = np.dtype(dtype)
+    coords = np.asarray(coords)
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    n_axes = len(layout.axes)
+    if coords.ndim != 2 or coords.shape[0] != n_axes:
+        msg = f"coords must be (n_axes={n_axes}, n_hits), got shape {coords.shape}"
+        raise ValueError(msg)
+    n_hits = coords.shape[1]
+    if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 or offsets[-1] != n_hits:
+        msg = f"offsets must start at 0 and end at n_hits={n_hits}"
+        raise ValueError(msg)
+    weighted = weights is not None
+    if weighted:
+        weights = np.ascontiguousarray(weights)
+        if weights.shape != (n_hits,):
+            msg = f"weights must have one value per hit ({n_hits}), got shape {weights.shape}"
+            raise ValueError(msg)
+        if dtype.kind != "f":
+            msg = f"a weighted image needs a float dtype, not {dtype}"
+            raise ValueError(msg)
+    else:
+        weights = np.zeros(0, np.float64)
+    saturate = dtype.kind in "ui"
+    maxval = int(np.iinfo(dtype).max) if saturate else 0
+
+    width = max(a.nbins for a in layout.axes) + 1
+    edges = np.zeros((n_axes, width), np.float64)
+    for i, axis in enumerate(layout.axes):
+        edges[i, : axis.edges.size] = axis.edges
+    lookups = np.array([a.lookup() for a in layout.axes], np.float64).reshape(n_axes, 2)
+
+    n_events = offsets.size - 1
+    out = np.zeros((n_events, layout.size), dtype)
+    under = np.zeros((n_events, n_axes), np.int64)
+    over = np.zeros((n_events, n_axes), np.int64)
+    nans = np.zeros(n_events, np.int64)
+    clipped = np.zeros(n_events, np.int64)
+    inside = np.zeros(n_events, np.int64)
+    _fill(
+        coords, offsets, edges, np.array([a.nbins for a in layout.axes], np.int64),
+        np.array([a.kind for a in layout.axes], np.int64),
+        np.ascontiguousarray(lookups[:, 0]), np.ascontiguousarray(lookups[:, 1]),
+        layout.strides, layout.offsets, weights, weighted, maxval, saturate,
+        out, under, over, nans, clipped, inside,
+    )
+    stats = BinStats(
+        tuple(a.name for a in layout.axes), int(n_hits), under.sum(axis=0), over.sum(axis=0),
+        int(nans.sum()), int(clipped.sum()), int(inside.sum()),
+    )
+    return out.reshape((n_events, *layout.shape)), stats
+
+
+def downsample(images: np.ndarray, factors: tuple[int, ...], *, dtype=None) -> np.ndarray:
+    """Sum blocks of ``factors`` neighbouring bins of ``(n_events, *shape)`` images.
+
+    Equal to binning with the axis' edges decimated (``BinAxis.downsampled``), which is how a
+    build applies ``downsample``; this function serves images that are already binned.
+    """
+    shape = images.shape[1:]
+    if len(factors) != len(shape):
+        msg = f"need one factor per image axis ({len(shape)}), got {factors}"
+        raise ValueError(msg)
+    new_shape = [images.shape[0]]
+    for n, f in zip(shape, factors):
+        if f < 1 or n % f:
+            msg = f"axis of {n} bins is not divisible by {f}"
+            raise ValueError(msg)
+        new_shape += [n // f, f]
+    summed = images.reshape(new_shape).sum(axis=tuple(range(2, 2 * len(shape) + 1, 2)))
+    return summed.astype(dtype or images.dtype)
+
+
+def hit_counts(offsets: np.ndarray) -> np.ndarray:
+    """Hits per event from offsets."""
+    return np.diff(np.asarray(offsets, dtype=np.int64))
+

@@ -1,0 +1,419 @@
+"""The typed YAML config of one dataset build.
+
+``load(path, overrides)`` reads the file with ``yaml.safe_load``, applies ``--set key.sub=value``
+overrides, validates with pydantic (unknown keys are rejected with a suggestion) and resolves
+every relative path against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError, did_you_mean
+
+#: dtypes an image may be stored as; integer images count hits and saturate at their maximum.
+ImageDtype = Literal["uint8", "uint16", "uint32", "float32", "float64"]
+INTEGER_DTYPES = ("uint8", "uint16", "uint32")
+
+#: Aim for this many uncompressed bytes per image chunk when ``chunk_events: auto``. Measured
+#: in benchmarks/RESULTS.md: zstd-1 chunks of ~7 MB wrote at 245 MB/s, 115 KB chunks at 53 MB/s.
+AUTO_CHUNK_BYTES = 4 * 2**20
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ExampleData(_Model):
+    """Generate synthetic example files for a sample when its files do not exist yet."""
+
+    kind: Literal["ldmx-ecal"] = "ldmx-ecal"
+    signal: bool
+    n_files: Annotated[int, Field(gt=0)] = 100
+    events_per_file: Annotated[int, Field(gt=0)] = 500
+    seed: int = 0
+    directory: str
+
+
+class Sample(_Model):
+    """One labelled sample: files given by glob patterns or explicit paths."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")]
+    files: list[str]
+    label: int
+    metadata: dict[str, float | int | str | bool] = {}
+    generate: ExampleData | None = None
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("files")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            msg = "a sample needs at least one file or glob pattern"
+            raise ValueError(msg)
+        return value
+
+
+class Axis(_Model):
+    """One image axis: a hit field binned with uniform, log-spaced or explicit edges."""
+
+    field: str
+    bins: Annotated[int, Field(gt=0)] | None = None
+    range: tuple[float, float] | None = None
+    edges: list[float] | None = None
+    scale: Literal["linear", "log"] = "linear"
+    downsample: Annotated[int, Field(gt=0)] = 1
+    units: str = ""
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _edges_or_bins(self) -> Axis:
+        if self.edges is not None:
+            if self.bins is not None or self.range is not None:
+                msg = f"axis {self.field!r}: give either 'edges' or 'bins' with 'range', not both"
+                raise ValueError(msg)
+            if len(self.edges) < 2 or any(b <= a for a, b in zip(self.edges, self.edges[1:])):
+                msg = f"axis {self.field!r}: edges must be at least two increasing numbers"
+                raise ValueError(msg)
+            if self.scale != "linear":
+                msg = f"axis {self.field!r}: 'scale' applies to bins+range, not explicit edges"
+                raise ValueError(msg)
+            nbins = len(self.edges) - 1
+        else:
+            if self.bins is None or self.range is None:
+                msg = f"axis {self.field!r}: needs 'bins' and 'range' (or explicit 'edges')"
+                raise ValueError(msg)
+            lo, hi = self.range
+            if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+                msg = f"axis {self.field!r}: range {list(self.range)} must be finite and increasing"
+                raise ValueError(msg)
+            if self.scale == "log" and lo <= 0:
+                msg = f"axis {self.field!r}: a log-spaced axis needs a positive range start"
+                raise ValueError(msg)
+            nbins = self.bins
+        if nbins % self.downsample:
+            msg = f"axis {self.field!r}: {nbins} bins are not divisible by downsample={self.downsample}"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.field
+
+    @property
+    def nbins_out(self) -> int:
+        """Number of bins in the stored image, after downsampling."""
+        n = self.bins if self.edges is None else len(self.edges) - 1
+        return n // self.downsample
+
+
+class Image(_Model):
+    """How each event's hits become one image."""
+
+    axes: Annotated[list[Axis], Field(min_length=1, max_length=4)]
+    format: Literal["histogram", "xyz", "z_split"] = "histogram"
+    weight: str | None = None
+    dtype: ImageDtype | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Image:
+        labels = [a.label for a in self.axes]
+        if len(set(labels)) != len(labels):
+            msg = f"image axes need distinct names, got {labels}; set 'name' on repeated fields"
+            raise ValueError(msg)
+        if self.weight is not None and self.dtype in INTEGER_DTYPES:
+            msg = f"a weighted image (weight={self.weight!r}) needs a float dtype, not {self.dtype}"
+            raise ValueError(msg)
+        if self.format in ("xyz", "z_split"):
+            fields = [a.field for a in self.axes]
+            if len(self.axes) != 3:
+                msg = f"format {self.format!r} needs exactly three axes (x, y, z), got {fields}"
+                raise ValueError(msg)
+        if self.format == "xyz":
+            sizes = {a.nbins_out for a in self.axes}
+            if len(sizes) != 1:
+                msg = "format 'xyz' stacks three square projections: all axes need equal bins"
+                raise ValueError(msg)
+        return self
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        return "float32" if self.weight else "uint16"
+
+
+class Selection(_Model):
+    """Cuts written as expressions over field names, e.g. ``E > 0.5`` or ``nhits >= 10``."""
+
+    hits: str | None = None
+    events: str | None = None
+
+
+class Read(_Model):
+    """How input files are read: ``step_size`` entries per read (bounds worker memory)."""
+
+    step_size: Annotated[int, Field(gt=0)] = 20_000
+
+
+class Compressor(_Model):
+    name: Literal["zstd", "blosc-lz4", "none"] = "zstd"
+    level: Annotated[int, Field(ge=0, le=22)] = 1
+
+
+class Shuffle(_Model):
+    enabled: bool = True
+    seed: int = 42
+
+
+class Output(_Model):
+    path: str
+    split: dict[str, Annotated[float, Field(ge=0, le=1)]] = {"train": 0.8, "val": 0.1, "test": 0.1}
+    shuffle: Shuffle = Shuffle()
+    chunk_events: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
+    compressor: Compressor = Compressor()
+
+    @field_validator("shuffle", mode="before")
+    @classmethod
+    def _bool_shuffle(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @field_validator("split")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            msg = "output.split needs at least one split"
+            raise ValueError(msg)
+        for name in value:
+            if not name.isidentifier():
+                msg = f"split name {name!r} must be a plain identifier"
+                raise ValueError(msg)
+        total = sum(value.values())
+        if not math.isclose(total, 1.0, abs_tol=1e-9):
+            msg = f"split fractions must add up to 1, got {total:g} from {value}"
+            raise ValueError(msg)
+        return value
+
+
+class Cluster(_Model):
+    """Where the build runs: a LocalCluster (default) or an existing scheduler address."""
+
+    kind: Literal["local", "address"] = "local"
+    address: str | None = None
+    workers: Annotated[int, Field(gt=0)] | None = None
+    threads_per_worker: Annotated[int, Field(gt=0)] = 1
+    memory_limit: str = "auto"
+    dashboard_address: str = "127.0.0.1:8787"
+
+    @model_validator(mode="after")
+    def _address(self) -> Cluster:
+        if self.kind == "address" and not self.address:
+            msg = "cluster.kind 'address' needs cluster.address (e.g. tcp://127.0.0.1:8786)"
+            raise ValueError(msg)
+        return self
+
+
+class Config(_Model):
+    """A whole build: samples, fields, image, selection, output and cluster."""
+
+    name: str
+    samples: Annotated[list[Sample], Field(min_length=1)]
+    tree: str
+    hits: Annotated[dict[str, str], Field(min_length=1)]
+    event: dict[str, str] = {}
+    image: Image
+    selection: Selection = Selection()
+    read: Read = Read()
+    output: Output
+    cluster: Cluster = Cluster()
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Config:
+        names = [s.name for s in self.samples]
+        if len(set(names)) != len(names):
+            msg = f"sample names must be unique, got {names}"
+            raise ValueError(msg)
+        for axis in self.image.axes:
+            if axis.field not in self.hits:
+                msg = f"image axis field {axis.field!r} is not a hit field{did_you_mean(axis.field, self.hits)} (hit fields: {sorted(self.hits)})"
+                raise ValueError(msg)
+        if self.image.weight is not None and self.image.weight not in self.hits:
+            msg = f"image.weight {self.image.weight!r} is not a hit field{did_you_mean(self.image.weight, self.hits)}"
+            raise ValueError(msg)
+        reserved = {"image", "label", "sample", "source_file", "entry", "event", *self.output.split}
+        clash = reserved & set(self.event)
+        if clash:
+            msg = f"event field names {sorted(clash)} clash with store arrays {sorted(reserved)}"
+            raise ValueError(msg)
+        return self
+
+    def content_hash(self) -> str:
+        """Hash of everything that determines the store's content (not where it runs)."""
+        payload = self.model_dump(mode="json", exclude={"cluster"})
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``key.sub=value`` into its key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        msg = f"--set {text!r}: expected KEY.SUB=VALUE"
+        raise ConfigError(msg)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        msg = f"--set {text!r}: value is not valid YAML: {err}"
+        raise ConfigError(msg) from err
+    return [part.strip() for part in key.split(".")], value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to the raw config mapping (list items by integer index)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            where = ".".join(path[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    msg = f"--set {text!r}: {where!r} is not an index of a list of {len(node)}"
+                    raise ConfigError(msg)
+                index = int(part)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                msg = f"--set {text!r}: {'.'.join(path[:depth])!r} is a value, not a section"
+                raise ConfigError(msg)
+    return data
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        model = _first_model(annotation)
+    return model
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            choices = list(parent.model_fields) if parent else []
+            hint = did_you_mean(str(loc[-1]), choices)
+            lines.append(f"{source}: unknown key {where!r}{hint}")
+        else:
+            value = item.get("input")
+            shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+            lines.append(f"{source}: {where}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _resolve(path: str, base: Path) -> str:
+    expanded = os.path.expanduser(os.path.expandvars(path))
+    if "://" in expanded or os.path.isabs(expanded):
+        return expanded
+    return os.path.normpath(str(base / expanded))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    for sample in data.get("samples") or []:
+        if not isinstance(sample, dict):
+            continue
+        files = sample.get("files")
+        if isinstance(files, str):
+            sample["files"] = _resolve(files, base)
+        elif isinstance(files, list):
+            sample["files"] = [_resolve(f, base) if isinstance(f, str) else f for f in files]
+        gen = sample.get("generate")
+        if isinstance(gen, dict) and isinstance(gen.get("directory"), str):
+            gen["directory"] = _resolve(gen["directory"], base)
+    output = data.get("output")
+    if isinstance(output, dict) and isinstance(output.get("path"), str):
+        output["path"] = _resolve(output["path"], base)
+    return data
+
+
+def from_dict(data: dict[str, Any], *, base: str | Path = ".", source: str = "<config>") -> Config:
+    """Validate a config mapping; relative paths are taken relative to *base*."""
+    if not isinstance(data, dict):
+        msg = f"{source}: the config must be a YAML mapping, got {type(data).__name__}"
+        raise ConfigError(msg)
+    data = _resolve_paths(json.loads(json.dumps(data)), Path(base).resolve())
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override, validate and resolve the YAML config at *path*."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        msg = f"config file {str(path)!r} does not exist"
+        raise ConfigError(msg) from None
+    except OSError as err:
+        msg = f"config file {str(path)!r} cannot be read: {err}"
+        raise ConfigError(msg) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        msg = f"{path}: not valid YAML (only plain YAML is accepted, no Python tags): {err}"
+        raise ConfigError(msg) from None
+    data = apply_overrides(data if isinstance(data, dict) else {}, list(overrides)) if overrides else data
+    return from_dict(data, base=path.parent, source=str(path))

@@ -1,0 +1,188 @@
+"""The binning kernels against numpy.histogramdd, event by event."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hepdask.binning import (
+    BinAxis,
+    bin_events,
+    downsample,
+    histogram_layout,
+    xyz_layout,
+)
+
+
+def _events(rng, n_events, n_axes, mean_hits=30, spread=1.3):
+    counts = rng.poisson(mean_hits, n_events)
+    counts[::7] = 0  # empty events
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    coords = rng.uniform(-spread, spread, (n_axes, offsets[-1])).astype(np.float32)
+    return coords, offsets
+
+
+def _reference(coords, offsets, axes, weights=None):
+    out = []
+    for e in range(offsets.size - 1):
+        sl = slice(offsets[e], offsets[e + 1])
+        h, _ = np.histogramdd(
+            coords[:, sl].T.astype(np.float64),
+            bins=[a.edges for a in axes],
+            weights=None if weights is None else weights[sl],
+        )
+        out.append(h)
+    return np.array(out)
+
+
+AXIS_KINDS = {
+    "uniform": lambda name: BinAxis.uniform(name, 7, -1.0, 1.0),
+    "log": lambda name: BinAxis.log(name, 5, 0.05, 1.0),
+    "explicit": lambda name: BinAxis.explicit(name, [-1.0, -0.5, -0.1, 0.0, 0.3, 1.0]),
+}
+
+
+@pytest.mark.parametrize("n_axes", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", sorted(AXIS_KINDS))
+def test_counts_equal_histogramdd(n_axes, kind):
+    rng = np.random.default_rng(n_axes)
+    coords, offsets = _events(rng, 60, n_axes)
+    axes = [AXIS_KINDS[kind](f"a{i}") for i in range(n_axes)]
+    images, stats = bin_events(coords, offsets, histogram_layout(axes), dtype="uint32")
+    expected = _reference(coords, offsets, axes)
+    np.testing.assert_array_equal(images, expected)
+    assert images.shape == (60, *(a.nbins for a in axes))
+    assert stats.in_image == expected.sum()
+    assert stats.hits == coords.shape[1]
+
+
+def test_weighted_float_images_equal_histogramdd():
+    rng = np.random.default_rng(3)
+    coords, offsets = _events(rng, 40, 2)
+    weights = rng.exponential(2.0, coords.shape[1])
+    axes = [AXIS_KINDS["uniform"]("x"), AXIS_KINDS["explicit"]("y")]
+    images, _ = bin_events(coords, offsets, histogram_layout(axes), weights=weights, dtype="float32")
+    expected = _reference(coords, offsets, axes, weights).astype(np.float32)
+    np.testing.assert_array_equal(images, expected)
+    assert images.dtype == np.float32
+
+
+def test_values_on_edges_follow_histogramdd():
+    axis = BinAxis.uniform("x", 4, 0.0, 1.0)
+    values = np.concatenate([axis.edges, np.nextafter(axis.edges, -np.inf), [1.0000001]])
+    coords = values[None, :]
+    offsets = np.array([0, values.size])
+    images, stats = bin_events(coords, offsets, histogram_layout([axis]), dtype="uint16")
+    expected, _ = np.histogramdd(values[:, None], bins=[axis.edges])
+    np.testing.assert_array_equal(images[0], expected)
+    assert images[0, -1] >= 1  # the last edge belongs to the last bin
+    assert stats.underflow.tolist() == [1]  # nextafter(0, -inf)
+    assert stats.overflow.tolist() == [1]
+
+
+def test_nan_and_inf_are_defined():
+    axis_x = BinAxis.uniform("x", 2, 0.0, 1.0)
+    axis_y = BinAxis.uniform("y", 2, 0.0, 1.0)
+    x = np.array([0.1, np.nan, np.inf, -np.inf, 0.6, 0.2])
+    y = np.array([0.1, 0.5, 0.5, 0.5, np.nan, 0.7])
+    images, stats = bin_events(np.stack([x, y]), np.array([0, 6]), histogram_layout([axis_x, axis_y]))
+    assert images[0].tolist() == [[1, 1], [0, 0]]
+    assert stats.nan == 2
+    assert stats.overflow.tolist() == [1, 0]
+    assert stats.underflow.tolist() == [1, 0]
+    assert stats.in_image == 2
+
+
+def test_empty_input_and_empty_events():
+    layout = histogram_layout([BinAxis.uniform("x", 3, 0, 1)])
+    images, stats = bin_events(np.zeros((1, 0)), np.array([0, 0, 0]), layout)
+    assert images.shape == (2, 3)
+    assert not images.any()
+    assert stats.hits == 0
+    images, _ = bin_events(np.zeros((1, 0)), np.array([0]), layout)
+    assert images.shape == (0, 3)
+
+
+def test_integer_images_saturate_and_count_clipped_hits():
+    axis = BinAxis.uniform("x", 2, 0.0, 1.0)
+    x = np.full(300, 0.25)
+    images, stats = bin_events(x[None], np.array([0, 300]), histogram_layout([axis]), dtype="uint8")
+    assert images[0].tolist() == [255, 0]
+    assert stats.clipped == 300 - 255
+
+
+def test_xyz_projections_equal_histogramdd_sums():
+    rng = np.random.default_rng(5)
+    coords, offsets = _events(rng, 30, 3)
+    axes = [BinAxis.uniform(n, 6, -1.0, 1.0) for n in "xyz"]
+    layout = xyz_layout(axes)
+    images, _ = bin_events(coords, offsets, layout, dtype="uint16")
+    full = _reference(coords, offsets, axes)
+    assert images.shape == (30, 6, 6, 3)
+    assert layout.channel_names == ("xy", "xz", "yz")
+    np.testing.assert_array_equal(images[..., 0], full.sum(axis=3))
+    np.testing.assert_array_equal(images[..., 1], full.sum(axis=2))
+    np.testing.assert_array_equal(images[..., 2], full.sum(axis=1))
+
+
+def test_z_split_log_slices_equal_histogramdd():
+    rng = np.random.default_rng(6)
+    coords, offsets = _events(rng, 30, 3)
+    coords[2] = np.abs(coords[2]) + 0.01
+    axes = [
+        BinAxis.uniform("x", 8, -1, 1), BinAxis.uniform("y", 8, -1, 1), BinAxis.log("z", 4, 0.01, 1.5),
+    ]
+    images, _ = bin_events(coords, offsets, histogram_layout(axes), dtype="uint16")
+    np.testing.assert_array_equal(images, _reference(coords, offsets, axes))
+
+
+def test_downsampled_axis_equals_block_sum():
+    rng = np.random.default_rng(7)
+    coords, offsets = _events(rng, 25, 3)
+    axes = [BinAxis.uniform(n, 8, -1.0, 1.0) for n in "xyz"]
+    fine, _ = bin_events(coords, offsets, histogram_layout(axes), dtype="uint32")
+    coarse_axes = [a.downsampled(f) for a, f in zip(axes, (4, 2, 1))]
+    coarse, _ = bin_events(coords, offsets, histogram_layout(coarse_axes), dtype="uint32")
+    np.testing.assert_array_equal(coarse, downsample(fine, (4, 2, 1)))
+    assert coarse.shape == (25, 2, 4, 8)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"coords": np.zeros((2, 3))}, "n_axes=1"),
+        ({"offsets": np.array([0, 2])}, "offsets"),
+        ({"weights": np.ones(2)}, "one value per hit"),
+        ({"weights": np.ones(3), "dtype": "uint8"}, "float dtype"),
+    ],
+)
+def test_bad_arguments_are_refused(bad, match):
+    args = {"coords": np.zeros((1, 3)), "offsets": np.array([0, 3]), "weights": None, "dtype": "uint16"}
+    args.update(bad)
+    layout = histogram_layout([BinAxis.uniform("x", 2, 0, 1)])
+    with pytest.raises(ValueError, match=match):
+        bin_events(args["coords"], args["offsets"], layout, weights=args["weights"], dtype=args["dtype"])
+
+
+def test_kernels_run_without_jit():
+    """The kernels are plain Python too: the same results with NUMBA_DISABLE_JIT=1."""
+    code = (
+        "import numpy as np\n"
+        "from hepdask.binning import BinAxis, bin_events, histogram_layout\n"
+        "rng = np.random.default_rng(0)\n"
+        "c = rng.uniform(-1.2, 1.2, (2, 200)); off = np.array([0, 50, 50, 200])\n"
+        "axes = [BinAxis.uniform('x', 5, -1, 1), BinAxis.log('y', 3, 0.1, 1)]\n"
+        "img, st = bin_events(c, off, histogram_layout(axes), dtype='uint8')\n"
+        "for e in range(3):\n"
+        "    h, _ = np.histogramdd(c[:, off[e]:off[e + 1]].T, bins=[a.edges for a in axes])\n"
+        "    assert (h == img[e]).all()\n"
+        "print('ok', st.in_image)\n"
+    )
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
