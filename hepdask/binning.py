@@ -163,6 +163,33 @@ def _locate(x, lo, hi, n, kind, origin, scale, edges, a):
     return b
 
 
+#: Hits handled per block: the block's bin indices stay in L1 between the two passes.
+_BLOCK = 512
+
+
+@numba.njit(inline="always")
+def _guess_block(x, m, lo, hi, n, kind, origin, scale, edges, a, dst, stride, good):
+    """First pass over one axis of a block: ``dst[i] += bin * stride`` for every hit whose bin
+    the arithmetic guess gives for certain; ``good[i]`` is cleared for all others (outside the
+    range, NaN, or within rounding of an edge). Branch-free for uniform and log axes, so that
+    LLVM vectorises it."""
+    if kind == EXPLICIT:
+        for i in range(m):
+            b = _locate(np.float64(x[i]), lo, hi, n, kind, origin, scale, edges, a)
+            good[i] &= b >= 0
+            dst[i] += max(b, 0) * stride
+        return
+    for i in range(m):
+        v = np.float64(x[i])
+        inside = (v >= lo) & (v < hi)
+        v = v if inside else lo
+        g = (v - origin) * scale if kind == UNIFORM else (math.log(v) - origin) * scale
+        b = int(g)
+        frac = g - b
+        good[i] &= inside & (frac >= _NEAR_EDGE) & (frac <= 1.0 - _NEAR_EDGE) & (b < n)
+        dst[i] += b * stride
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _fill(coords, offsets, edges, nbins, kinds, origins, scales, strides, chan_offsets,
           weights, weighted, maxval, saturate, out, under, over, nans, clipped, inside):  # fmt: skip
@@ -170,64 +197,84 @@ def _fill(coords, offsets, edges, nbins, kinds, origins, scales, strides, chan_o
     n_out = strides.shape[0]
     size = out.shape[1]
     for ev in numba.prange(offsets.size - 1):
-        # Per-event copies: LLVM knows fresh arrays do not alias ``out``, so it keeps the
-        # axis parameters in registers instead of reloading them for every hit.
-        nb = nbins.copy()
-        kd = kinds.copy()
-        og = origins.copy()
-        sc = scales.copy()
-        st = strides.copy()
-        lo = np.empty(n_axes, np.float64)
-        hi = np.empty(n_axes, np.float64)
-        for a in range(n_axes):
-            lo[a] = edges[a, 0]
-            hi[a] = edges[a, nb[a]]
-        n_under = np.zeros(n_axes, np.int64)
-        n_over = np.zeros(n_axes, np.int64)
-        bins = np.empty(n_axes, np.int64)
+        first, last = offsets[ev], offsets[ev + 1]
+        block = min(_BLOCK, last - first)
+        flat = np.empty((n_out, block), np.int64)
+        bins = np.empty((n_axes if n_out > 1 else 0, block), np.int64)
+        good = np.empty(block, np.bool_)
+        bins_h = np.empty(n_axes, np.int64)
+        # A bin gets at most one count per hit: with fewer hits than maxval none can saturate.
+        check = saturate and last - first > maxval
         n_nan = 0
         n_clipped = 0
         n_inside = 0
         acc = np.zeros(size if weighted else 0, np.float64)
         img = out[ev]
-        for h in range(offsets[ev], offsets[ev + 1]):
-            ok = True
-            has_nan = False
+        for start in range(first, last, _BLOCK):
+            m = min(_BLOCK, last - start)
+            good[:m] = True
+            if n_out == 1:
+                flat[0, :m] = chan_offsets[0]
+            else:
+                bins[:, :m] = 0
             for a in range(n_axes):
-                b = _locate(np.float64(coords[a, h]), lo[a], hi[a], nb[a], kd[a], og[a],
-                            sc[a], edges, a)  # fmt: skip
-                if b >= 0:
-                    bins[a] = b
-                    continue
-                ok = False
-                if b == _UNDER:
-                    n_under[a] += 1
-                elif b == _OVER:
-                    n_over[a] += 1
-                else:
-                    has_nan = True
-            if not ok:
-                n_nan += has_nan
-                continue
-            n_inside += 1
-            for k in range(n_out):
-                idx = chan_offsets[k]
-                for a in range(n_axes):
-                    idx += bins[a] * st[k, a]
-                if weighted:
-                    acc[idx] += weights[h]
-                elif saturate:
-                    if img[idx] < maxval:
-                        img[idx] += 1
+                n = nbins[a]
+                dst = flat[0] if n_out == 1 else bins[a]
+                stride = strides[0, a] if n_out == 1 else 1
+                _guess_block(coords[a, start : start + m], m, edges[a, 0], edges[a, n], n,
+                             kinds[a], origins[a], scales[a], edges, a, dst, stride, good)  # fmt: skip
+            if n_out > 1:
+                for k in range(n_out):
+                    flat[k, :m] = chan_offsets[k]
+                    for a in range(n_axes):
+                        s = strides[k, a]
+                        if s != 0:
+                            for i in range(m):
+                                flat[k, i] += bins[a, i] * s
+            for i in range(m):
+                h = start + i
+                if not good[i]:
+                    # Second look at the few hits the guess was not sure of: exact bins, or
+                    # the statistics of a hit outside the image.
+                    ok = True
+                    has_nan = False
+                    for a in range(n_axes):
+                        n = nbins[a]
+                        b = _locate(np.float64(coords[a, h]), edges[a, 0], edges[a, n], n,
+                                    kinds[a], origins[a], scales[a], edges, a)  # fmt: skip
+                        if b >= 0:
+                            bins_h[a] = b
+                            continue
+                        ok = False
+                        if b == _UNDER:
+                            under[ev, a] += 1
+                        elif b == _OVER:
+                            over[ev, a] += 1
+                        else:
+                            has_nan = True
+                    if not ok:
+                        n_nan += has_nan
+                        continue
+                    for k in range(n_out):
+                        idx = chan_offsets[k]
+                        for a in range(n_axes):
+                            idx += bins_h[a] * strides[k, a]
+                        flat[k, i] = idx
+                n_inside += 1
+                for k in range(n_out):
+                    idx = flat[k, i]
+                    if weighted:
+                        acc[idx] += weights[h]
+                    elif check:
+                        if img[idx] < maxval:
+                            img[idx] += 1
+                        else:
+                            n_clipped += 1
                     else:
-                        n_clipped += 1
-                else:
-                    img[idx] += 1
+                        img[idx] += 1
         if weighted:
             for i in range(size):
                 img[i] = acc[i]
-        under[ev] = n_under
-        over[ev] = n_over
         nans[ev] = n_nan
         clipped[ev] = n_clipped
         inside[ev] = n_inside

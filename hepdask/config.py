@@ -191,6 +191,7 @@ class Output(_Model):
     shuffle: Shuffle = Shuffle()
     chunk_events: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     compressor: Compressor = Compressor()
+    overwrite: bool = False
 
     @field_validator("shuffle", mode="before")
     @classmethod

@@ -1,0 +1,447 @@
+"""Orchestration of one build on a Dask Client: plan, stage, assemble, finalize, report.
+
+This is the only module that knows the whole flow; each step's logic lives in the module of
+its stage (``sources``, ``selection``, ``binning``, ``store``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, binning, examples, selection, sources, store
+from .config import AUTO_CHUNK_BYTES, Config
+from .errors import BuildError, HepdaskError, StoreError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+
+
+class Bar:
+    """A rich progress display with named tasks; silent when disabled (tests, notebooks)."""
+
+    def __init__(self, *, enabled: bool, console=None) -> None:
+        self.enabled = enabled
+        self._progress = None
+        if enabled:
+            from rich.progress import (
+                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            )
+
+    def __enter__(self) -> Bar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def add(self, description: str, total: int):
+        return self._progress.add_task(description, total=total) if self._progress else None
+
+    def advance(self, task, n: int = 1) -> None:
+        if self._progress is not None and task is not None:
+            self._progress.advance(task, n)
+
+    def print(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            log.info(text)
+
+
+
+# --------------------------------------------------------------------------------------------
+# what a worker needs to process one partition
+
+
+def image_layout(config: Config) -> binning.ImageLayout:
+    """The binning layout the config's ``image`` section describes."""
+    axes = []
+    for spec in config.image.axes:
+        if spec.edges is not None:
+            axis = binning.BinAxis.explicit(spec.label, spec.edges, spec.units)
+        elif spec.scale == "log":
+            axis = binning.BinAxis.log(spec.label, spec.bins, *spec.range, spec.units)
+        else:
+            axis = binning.BinAxis.uniform(spec.label, spec.bins, *spec.range, spec.units)
+        axes.append(axis.downsampled(spec.downsample) if spec.downsample > 1 else axis)
+    if config.image.format == "xyz":
+        return binning.xyz_layout(axes)
+    return binning.histogram_layout(axes)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs to read, select, bin and stage a partition (picklable)."""
+
+    tree: str
+    hits: dict[str, str]
+    events: dict[str, str]
+    step_size: int
+    axis_fields: tuple[str, ...]
+    weight: str | None
+    dtype: str
+    layout: binning.ImageLayout
+    hit_cut: str | None
+    event_cut: str | None
+    staging: str
+
+    @classmethod
+    def from_config(cls, config: Config) -> Job:
+        return cls(
+            tree=config.tree, hits=dict(config.hits), events=dict(config.event),
+            step_size=config.read.step_size,
+            axis_fields=tuple(a.field for a in config.image.axes), weight=config.image.weight,
+            dtype=config.image.resolved_dtype, layout=image_layout(config),
+            hit_cut=config.selection.hits, event_cut=config.selection.events,
+            staging=str(store.staging_path(config.output.path)),
+        )
+
+
+def process_partition(partition: sources.Partition, job: Job) -> dict:
+    """Read, select, bin and stage one partition; return its staging record as JSON."""
+    done = store.load_staged(job.staging, partition.key)
+    if done is not None:
+        return done.to_json()
+    hit_cut = selection.hit_cut(job.hit_cut, job.hits)
+    event_cut = selection.event_cut(job.event_cut, job.events)
+    stats = binning.BinStats(tuple(a.name for a in job.layout.axes))
+    entries_read = 0
+    writer = store.PartitionWriter(job.staging, partition.key)
+    try:
+        for step in sources.read(partition, job.tree, job.hits, job.events, job.step_size):
+            entries_read += step.n_events
+            offsets, hits, events, entries = step.offsets, step.hits, step.events, step.entries
+            if hit_cut is not None:
+                mask = hit_cut(hits)
+                offsets = selection.apply_hit_mask(offsets, mask)
+                hits = {k: v[mask] for k, v in hits.items()}
+            if event_cut is not None:
+                keep = event_cut({**events, "nhits": np.diff(offsets)})
+                offsets, hit_mask = selection.select_events(offsets, keep)
+                hits = {k: v[hit_mask] for k, v in hits.items()}
+                events = {k: v[keep] for k, v in events.items()}
+                entries = entries[keep]
+            coords = np.stack([hits[f] for f in job.axis_fields]) if hits else np.zeros((len(job.axis_fields), 0))
+            weights = hits[job.weight] if job.weight else None
+            images, step_stats = binning.bin_events(coords, offsets, job.layout, weights=weights, dtype=job.dtype)
+            stats += step_stats
+            writer.append({"image": images, "entry": entries, **events})
+    except BaseException:
+        writer.abort()
+        raise
+    info = {"entries": entries_read, "stats": stats.to_dict(), **sources.file_info(partition.file)}
+    return writer.close(info).to_json()
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+
+
+@dataclass
+class BuildReport:
+    """What a build did; ``to_dict()`` is what the store records as its statistics."""
+
+    name: str
+    path: str
+    samples: dict[str, dict[str, int]] = field(default_factory=dict)
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    hits: dict[str, Any] = field(default_factory=dict)
+    image_shape: tuple[int, ...] = ()
+    image_dtype: str = ""
+    chunk_events: int = 0
+    n_partitions: int = 0
+    wall_seconds: float = 0.0
+    dashboard: str | None = None
+    dry_run: bool = False
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def events_written(self) -> int:
+        return sum(s["events"] for s in self.splits.values())
+
+    @property
+    def events_read(self) -> int:
+        return sum(s["read"] for s in self.samples.values())
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events_read / self.wall_seconds if self.wall_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "path": self.path, "samples": self.samples, "splits": self.splits,
+            "hits": self.hits, "image_shape": list(self.image_shape), "image_dtype": self.image_dtype,
+            "chunk_events": self.chunk_events, "partitions": self.n_partitions,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "events_per_second": round(self.events_per_second, 1),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# the build
+
+
+def _sample_specs(config: Config) -> list[tuple[str, int, list[str]]]:
+    return [(s.name, s.label, s.files) for s in config.samples]
+
+
+def _generate_examples(config: Config, progress: Callable | None, dry_run: bool) -> dict[str, int]:
+    """Write the example files a sample asks for (``generate:``) where they are missing."""
+    todo = {}
+    for sample in config.samples:
+        gen = sample.generate
+        if gen is None:
+            continue
+        missing = [
+            i for i in range(gen.n_files)
+            if not (Path(gen.directory) / f"{'signal' if gen.signal else 'background'}_{i:05d}.root").exists()
+        ]
+        todo[sample.name] = len(missing)
+        if missing and not dry_run:
+            log.info("generating %d example files for sample %r in %s", len(missing), sample.name, gen.directory)
+            examples.generate(
+                gen.directory, signal=gen.signal, n_files=gen.n_files,
+                events_per_file=gen.events_per_file, seed=gen.seed, progress=progress,
+            )
+    return todo
+
+
+def probe(config: Config, partitions: list[sources.Partition]) -> dict[str, int]:
+    """Open the first file of each sample on the client: tree and branches exist, entries."""
+    entries = {}
+    for sample in config.samples:
+        first = next((p for p in partitions if p.sample == sample.name), None)
+        if first is None:
+            continue
+        file, tree = sources.open_tree(first.file, config.tree)
+        with file:
+            sources.check_branches(tree, first.file, config.tree, config.hits, config.event)
+            entries[sample.name] = int(tree.num_entries)
+    return entries
+
+
+def chunk_events(config: Config, layout: binning.ImageLayout) -> int:
+    if config.output.chunk_events != "auto":
+        return int(config.output.chunk_events)
+    image_bytes = layout.size * np.dtype(config.image.resolved_dtype).itemsize
+    return max(1, AUTO_CHUNK_BYTES // image_bytes)
+
+
+def plan_report(config: Config, partitions, first_entries: dict[str, int], generated: dict[str, int]) -> BuildReport:
+    layout = image_layout(config)
+    report = BuildReport(config.name, config.output.path, dry_run=True)
+    report.image_shape = layout.shape
+    report.image_dtype = config.image.resolved_dtype
+    report.chunk_events = chunk_events(config, layout)
+    report.n_partitions = len(partitions)
+    image_bytes = layout.size * np.dtype(report.image_dtype).itemsize
+    estimate = 0
+    for sample in config.samples:
+        n_files = sum(1 for p in partitions if p.sample == sample.name)
+        events = first_entries.get(sample.name, 0) * n_files
+        estimate += events
+        report.samples[sample.name] = {"files": n_files, "label": sample.label, "estimated_events": events,
+                                       "files_to_generate": generated.get(sample.name, 0)}  # fmt: skip
+    report.plan = {
+        "estimated_events": estimate,
+        "estimated_uncompressed_bytes": estimate * image_bytes,
+        "note": "events estimated from the first file of each sample times its number of files",
+    }
+    return report
+
+
+def build_dataset(
+    config: Config,
+    *,
+    client=None,
+    dry_run: bool = False,
+    progress: bool = True,
+    console=None,
+) -> BuildReport:
+    """Build the store the config describes; return the report (the plan if *dry_run*)."""
+    started = time.perf_counter()
+    with Bar(enabled=progress and not dry_run, console=console) as bar:
+        total = sum(s.generate.n_files for s in config.samples if s.generate is not None)
+        task = bar.add("generate example files", total) if total and not dry_run else None
+        generated = _generate_examples(config, (lambda: bar.advance(task)) if task is not None else None, dry_run)
+        pending = {name for name, n in generated.items() if n and dry_run}
+        partitions = sources.plan([(s.name, s.label, s.files) for s in config.samples if s.name not in pending])
+        first_entries = probe(config, partitions)
+        if dry_run:
+            return plan_report(config, partitions, first_entries, generated)
+        _check_output(Path(config.output.path), overwrite=config.output.overwrite)
+        context = nullcontext(client) if client is not None else _connect(config)
+        with context as active:
+            return _run(config, partitions, active, bar, started)
+
+
+def _connect(config: Config):
+    from . import cluster
+
+    return cluster.connect(config.cluster)
+
+
+def _check_output(output: Path, *, overwrite: bool) -> None:
+    staging = store.staging_path(output)
+    if output.exists() or staging.exists():
+        if not overwrite:
+            state = "a complete store" if store.is_complete(output) else "an incomplete build"
+            where = output if output.exists() else staging
+            msg = f"output {str(where)!r} exists ({state}); pass --overwrite (output.overwrite=true) to replace it"
+            raise StoreError(msg)
+        shutil.rmtree(output, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(parents=True)
+
+
+def _gather(client, futures, bar, task) -> list:
+    """Results in submission order, advancing *task*; the first failure cancels the rest."""
+    from distributed import as_completed
+
+    for future in as_completed(futures):
+        if future.status == "error":
+            err = future.exception()
+            client.cancel(futures)
+            if isinstance(err, HepdaskError):
+                raise err
+            msg = f"task {future.key!r} failed: {type(err).__name__}: {err}"
+            raise BuildError(msg) from err
+        bar.advance(task)
+    return client.gather(futures)
+
+
+def _run(config: Config, partitions: list[sources.Partition], client, bar, started: float) -> BuildReport:
+    from . import cluster
+
+    job = Job.from_config(config)
+    layout = job.layout
+    report = BuildReport(config.name, config.output.path, dashboard=cluster.dashboard_link(client))
+    if report.dashboard:
+        bar.print(f"Dask dashboard: {report.dashboard}")
+    report.n_partitions = len(partitions)
+
+    stage_task = bar.add("read + bin", len(partitions))
+    futures = client.map(process_partition, partitions, job=job, key=[f"stage-{p.key}" for p in partitions])
+    staged = [store.Staged.from_json(r) for r in _gather(client, futures, bar, stage_task)]
+
+    counts = [s.n_events for s in staged]
+    plans = store.assign(counts, config.output.split, seed=config.output.shuffle.seed,
+                         shuffle=config.output.shuffle.enabled)  # fmt: skip
+    arrays, dims = _array_specs(config, layout, staged)
+    per_chunk = chunk_events(config, layout)
+    sample_names = [s.name for s in config.samples]
+    store.prepare(
+        config.output.path, {k: v.size for k, v in plans.items()}, arrays, dims, _coordinates(layout),
+        chunk_events=per_chunk, compressor=(config.output.compressor.name, config.output.compressor.level),
+        attrs={store.PREFIX + "building": True},
+        array_attrs={"label": {"flag_values": [s.label for s in config.samples], "flag_meanings": " ".join(sample_names)}},
+    )
+    constants = {
+        i: {"label": p.label, "sample": p.sample, "source_file": p.file} for i, p in enumerate(partitions)
+    }
+    writes = []
+    for split, plan in plans.items():
+        for start, stop in store.chunk_ranges(plan.size, per_chunk):
+            part, row = plan.part[start:stop], plan.row[start:stop]
+            used = {int(p): staged[int(p)] for p in np.unique(part)}
+            writes.append(client.submit(
+                store.write_chunk, config.output.path, split, start, stop, part, row, used,
+                {p: constants[p] for p in used}, job.staging, key=f"write-{split}-{start}",
+            ))
+    write_task = bar.add("write chunks", len(writes))
+    _gather(client, writes, bar, write_task)
+
+    report.image_shape, report.image_dtype, report.chunk_events = layout.shape, job.dtype, per_chunk
+    _fill_report(report, config, partitions, staged, plans)
+    manifest = [
+        {"path": p.file, "sample": p.sample, "label": p.label, "entries": s.info.get("entries", 0),
+         "selected": s.n_events, "size": s.info.get("size"), "mtime": s.info.get("mtime"), "status": "ok"}
+        for p, s in zip(partitions, staged)
+    ]  # fmt: skip
+    report.wall_seconds = time.perf_counter() - started
+    store.finalize(config.output.path, {
+        store.PREFIX + "statistics": report.to_dict(),
+        store.PREFIX + "version": __version__,
+        store.PREFIX + "config": config.to_yaml(),
+        store.PREFIX + "config_hash": config.content_hash(),
+        store.PREFIX + "manifest": manifest,
+        store.PREFIX + "splits": list(plans),
+        store.PREFIX + "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        store.PREFIX + "building": False,
+    })
+    shutil.rmtree(job.staging, ignore_errors=True)
+    return report
+
+
+def _array_specs(config: Config, layout: binning.ImageLayout, staged: list[store.Staged]):
+    arrays = {
+        "image": store.ArraySpec(config.image.resolved_dtype, layout.shape),
+        "label": store.ArraySpec("int32"),
+        "sample": store.ArraySpec("str"),
+        "source_file": store.ArraySpec("str"),
+        "entry": store.ArraySpec("int64"),
+    }
+    example = next((s for s in staged if s.n_events), None)
+    for name in config.event:
+        arrays[name] = example.arrays[name] if example else store.ArraySpec("float64")
+    dims = {name: () for name in arrays}
+    dims["image"] = layout.dims
+    return arrays, dims
+
+
+def _coordinates(layout: binning.ImageLayout) -> list[store.Coordinate]:
+    kinds = {binning.UNIFORM: "linear", binning.LOG: "log", binning.EXPLICIT: "explicit"}
+    if layout.channel_names:
+        n = layout.shape[0]
+        described = {"u": "rows: first axis of each projection", "v": "columns: second axis of each projection"}
+        coords = [store.Coordinate(d, np.arange(n, dtype=np.int64), {"description": described[d]}) for d in ("u", "v")]
+        axes_attrs = {a.name: {"edges": a.edges.tolist(), "units": a.units, "scale": kinds[a.kind]} for a in layout.axes}
+        coords.append(store.Coordinate("projection", np.array(layout.channel_names, dtype=object),
+                                       {"axes": axes_attrs}))  # fmt: skip
+        return coords
+    return [
+        store.Coordinate(a.name, a.centers, {"edges": a.edges.tolist(), "units": a.units, "scale": kinds[a.kind]})
+        for a in layout.axes
+    ]
+
+
+def _fill_report(report: BuildReport, config: Config, partitions, staged, plans) -> None:
+    stats = binning.BinStats(tuple(a.name for a in image_layout(config).axes))
+    for sample in config.samples:
+        report.samples[sample.name] = {"files": 0, "read": 0, "selected": 0}
+    for p, s in zip(partitions, staged):
+        entry = report.samples[p.sample]
+        entry["files"] += 1
+        entry["read"] += int(s.info.get("entries", 0))
+        entry["selected"] += s.n_events
+        if "stats" in s.info:
+            stats += binning.BinStats.from_dict(s.info["stats"])
+    index = {s.name: i for i, s in enumerate(config.samples)}
+    part_sample = np.array([index[p.sample] for p in partitions], np.int64)
+    for split, plan in plans.items():
+        by_sample = np.bincount(part_sample[plan.part], minlength=len(config.samples)) if plan.size else np.zeros(len(config.samples), int)
+        report.splits[split] = {"events": plan.size, **{s.name: int(n) for s, n in zip(config.samples, by_sample)}}
+    report.hits = stats.to_dict()
+

@@ -1,0 +1,176 @@
+"""The ``hepdask`` command: parses arguments, maps flags onto config keys and calls the API.
+
+Every error hepdask raises on purpose is printed as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import HepdaskError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hepdask", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hepdask {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build-dataset", help="build a Zarr image store from a YAML config")
+    build.add_argument("config", help="YAML config file")
+    build.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set output.chunk_events=1024 (repeatable)")
+    build.add_argument("--dry-run", action="store_true", help="print the resolved plan, write nothing")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing output (output.overwrite)")
+    build.add_argument("--workers", type=int, help="local worker processes (cluster.workers)")
+    build.add_argument("--address", help="connect to this Dask scheduler (cluster.kind=address)")
+    build.add_argument("--output", help="output store path (output.path)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    info = sub.add_parser("info", help="summarise a store: splits, shapes, classes, provenance")
+    info.add_argument("store")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+
+    example = sub.add_parser("make-example-data", help="write LDMX-like calorimeter example files")
+    example.add_argument("directory")
+    kind = example.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--signal", dest="signal", action="store_true")
+    kind.add_argument("--background", dest="signal", action="store_false")
+    example.add_argument("--files", type=int, default=10)
+    example.add_argument("--events", type=int, default=500, help="events per file")
+    example.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
+    if args.workers is not None:
+        overrides.append(f"cluster.workers={args.workers}")
+    if args.address:
+        overrides += ["cluster.kind=address", f"cluster.address={args.address}"]
+    if args.output:
+        overrides.append(f"output.path={json.dumps(args.output)}")
+    return overrides
+
+
+def _build(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .build import build_dataset
+    from .config import load
+
+    console = Console(stderr=False)
+    config = load(args.config, _flag_overrides(args))
+    report = build_dataset(config, dry_run=args.dry_run, progress=not args.no_progress and not args.json,
+                           console=console)  # fmt: skip
+    if args.json:
+        print(json.dumps(report.plan | report.to_dict() if args.dry_run else report.to_dict(), indent=2))
+    elif args.dry_run:
+        print_plan(config, report, console)
+    else:
+        print_build(report, console)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .store import store_info
+
+    info = store_info(args.store)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print_info(info, Console())
+    return 0
+
+
+def _example(args: argparse.Namespace) -> int:
+    from . import examples
+
+    paths = examples.generate(args.directory, signal=args.signal, n_files=args.files,
+                              events_per_file=args.events, seed=args.seed)  # fmt: skip
+    print(f"{len(paths)} files in {args.directory}")
+    return 0
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row))
+    return table
+
+
+def print_plan(config, report, console) -> None:
+    console.print(f"[bold]{config.name}[/]: dry run, nothing written")
+    rows = [(name, s["label"], s["files"], s["files_to_generate"], s["estimated_events"])
+            for name, s in report.samples.items()]  # fmt: skip
+    console.print(_table("samples", ["sample", "label", "files", "to generate", "events (est.)"], rows))
+    plan = report.plan
+    console.print(f"partitions: {report.n_partitions:,} (one per file, read {config.read.step_size:,} entries at a time)")
+    console.print(f"image: shape {tuple(report.image_shape)} {report.image_dtype}, {report.chunk_events:,} events per chunk")
+    console.print(f"estimated output: {plan['estimated_events']:,} events, "
+                  f"{plan['estimated_uncompressed_bytes'] / 2**20:,.1f} MiB uncompressed ({plan['note']})")
+    console.print(f"output: {config.output.path}")
+
+
+def print_build(report, console) -> None:
+    rows = [(name, s["files"], s["read"], s["selected"]) for name, s in report.samples.items()]
+    console.print(_table("samples", ["sample", "files", "events read", "selected"], rows))
+    names = list(report.samples)
+    rows = [(split, s["events"], *(s[n] for n in names)) for split, s in report.splits.items()]
+    console.print(_table("splits", ["split", "events", *names], rows))
+    hits = report.hits
+    axes = list(hits.get("underflow", {}))
+    rows = [(a, hits["underflow"][a], hits["overflow"][a]) for a in axes]
+    console.print(_table(
+        f"hits: {hits.get('hits', 0):,} after cuts, {hits.get('in_image', 0):,} in the image, "
+        f"{hits.get('nan', 0):,} NaN, {hits.get('clipped', 0):,} clipped", ["axis", "underflow", "overflow"], rows,
+    ))
+    console.print(f"wrote {report.events_written:,} events to {report.path} in {report.wall_seconds:.1f} s "
+                  f"({report.events_per_second:,.0f} events/s read)")
+
+
+def print_info(info: dict, console) -> None:
+    console.print(f"[bold]{info['path']}[/] (hepdask {info['version']}, created {info['created']})")
+    rows = [(split, s["events"], "x".join(map(str, s["image_shape"])), ",".join(s["image_dims"]), s["dtype"],
+             s["chunk_events"], " ".join(f"{k}:{v:,}" for k, v in s["labels"].items()))
+            for split, s in info["splits"].items()]  # fmt: skip
+    console.print(_table("splits", ["split", "events", "image", "dims", "dtype", "chunk", "labels"], rows))
+    rows = [(name, s["label"], s["files"], s["entries"], s["selected"]) for name, s in info["samples"].items()]
+    console.print(_table("provenance", ["sample", "label", "files", "entries", "selected"], rows))
+
+
+COMMANDS = {"build-dataset": _build, "info": _info, "make-example-data": _example}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        return COMMANDS[args.command](args)
+    except HepdaskError as err:
+        print(f"hepdask: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("hepdask: interrupted; the output is left without its completion marker", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

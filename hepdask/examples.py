@@ -1,0 +1,102 @@
+"""Synthetic LDMX-like electromagnetic-calorimeter files, for the demo and the tests.
+
+Each file holds a tree ``ecalHits`` with per-event jagged ``x, y, z`` (mm) and ``E`` (MeV),
+a hit counter ``nHits`` and ``eventNumber``. Hits sit on the cells of 34 silicon layers
+between z = 240 mm and z = 600 mm. Signal showers are narrow and start late; background
+showers are wide, start early and carry more hits, so a small CNN separates them well but
+not trivially (the distributions overlap).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import uproot
+
+TREE = "ecalHits"
+LAYERS_Z = np.linspace(240.0, 600.0, 34)
+CELL_MM = 5.0
+HALF_WIDTH_MM = 250.0
+
+
+@dataclass(frozen=True)
+class ShowerModel:
+    mean_hits: float
+    transverse_mm: float
+    depth_shape: float
+    depth_scale: float
+    energy_mev: float
+
+
+SIGNAL = ShowerModel(mean_hits=60, transverse_mm=9.0, depth_shape=5.0, depth_scale=2.6, energy_mev=6.0)
+BACKGROUND = ShowerModel(mean_hits=75, transverse_mm=24.0, depth_shape=2.2, depth_scale=3.2, energy_mev=4.0)
+
+
+def simulate(model: ShowerModel, n_events: int, rng: np.random.Generator) -> dict[str, ak.Array]:
+    """Hits of *n_events* showers drawn from *model*."""
+    counts = np.maximum(rng.poisson(model.mean_hits, n_events), 1)
+    n = int(counts.sum())
+    event_of_hit = np.repeat(np.arange(n_events), counts)
+    x0 = rng.normal(0.0, 20.0, n_events)[event_of_hit]
+    y0 = rng.normal(0.0, 20.0, n_events)[event_of_hit]
+    slope_x = rng.normal(0.0, 0.05, n_events)[event_of_hit]
+    slope_y = rng.normal(0.0, 0.05, n_events)[event_of_hit]
+    layer = np.minimum(rng.gamma(model.depth_shape, model.depth_scale, n).astype(int), LAYERS_Z.size - 1)
+    z = LAYERS_Z[layer]
+    radius = rng.exponential(model.transverse_mm, n)
+    phi = rng.uniform(0.0, 2 * np.pi, n)
+    depth = z - LAYERS_Z[0]
+    x = x0 + slope_x * depth + radius * np.cos(phi)
+    y = y0 + slope_y * depth + radius * np.sin(phi)
+    x = np.clip(np.round(x / CELL_MM) * CELL_MM, -HALF_WIDTH_MM, HALF_WIDTH_MM)
+    y = np.clip(np.round(y / CELL_MM) * CELL_MM, -HALF_WIDTH_MM, HALF_WIDTH_MM)
+    energy = rng.exponential(model.energy_mev, n) * np.exp(-radius / (4 * model.transverse_mm))
+    fields = {"x": x, "y": y, "z": z, "E": energy}
+    return {k: ak.unflatten(v.astype(np.float32), counts) for k, v in fields.items()}
+
+
+def write_file(path: str | os.PathLike, model: ShowerModel, n_events: int, seed: int, first_event: int = 0) -> None:
+    """Write one file of *n_events* showers; the same seed gives the same file."""
+    rng = np.random.default_rng(seed)
+    hits = simulate(model, n_events, rng)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with uproot.recreate(tmp) as file:
+        file.mktree(
+            TREE,
+            {"x": "var * float32", "y": "var * float32", "z": "var * float32", "E": "var * float32",
+             "eventNumber": "int64"},
+            counter_name=lambda _: "nHits",
+        )
+        file[TREE].extend({**hits, "eventNumber": np.arange(first_event, first_event + n_events, dtype=np.int64)})
+    tmp.replace(path)
+
+
+def generate(
+    directory: str | os.PathLike,
+    *,
+    signal: bool,
+    n_files: int,
+    events_per_file: int,
+    seed: int,
+    progress=None,
+) -> list[str]:
+    """Write ``n_files`` files into *directory* (skipping ones that exist); return their paths."""
+    model = SIGNAL if signal else BACKGROUND
+    prefix = "signal" if signal else "background"
+    directory = Path(directory)
+    paths = []
+    for i in range(n_files):
+        path = directory / f"{prefix}_{i:05d}.root"
+        if not path.exists():
+            file_seed = np.random.SeedSequence([seed, int(signal), i]).generate_state(1)[0]
+            write_file(path, model, events_per_file, int(file_seed), first_event=i * events_per_file)
+        paths.append(str(path))
+        if progress is not None:
+            progress()
+    return paths

@@ -1,0 +1,398 @@
+"""The Zarr v3 store: staging, assembly into splits, finalisation and reading.
+
+A build writes in three steps, as pangeo-forge does:
+
+1. ``stage``: each partition's events land in the staging area beside the store
+   (``<store>.hepdask-staging/<key>/``), one raw file per array, moved into place by an
+   atomic rename when the partition is complete, so a task that runs twice is harmless.
+2. ``assign`` + ``write_chunk``: a seeded permutation decides every event's split and
+   position; each task then fills exactly one chunk of every array of one split, so no two
+   tasks ever write into the same Zarr chunk.
+3. ``finalize``: coordinates, attributes and consolidated metadata, then the completion
+   marker ``hepdask:complete`` as the very last write, and the staging area is removed.
+
+Layout, per split group (``train``, ``val``, ``test``): ``image(event, <axes>)``,
+``label(event)``, ``sample(event)``, ``source_file(event)``, ``entry(event)``, one array per
+event field, and a coordinate per image axis (bin centres; edges and units in its attrs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from .errors import StoreError
+
+COMPLETE = "hepdask:complete"
+PREFIX = "hepdask:"
+STAGING_SUFFIX = ".hepdask-staging"
+META = "meta.json"
+
+
+def staging_path(store: str | Path) -> Path:
+    store = Path(store)
+    return store.with_name(store.name + STAGING_SUFFIX)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. staging
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """dtype and per-event shape of one staged array."""
+
+    dtype: str
+    shape: tuple[int, ...] = ()
+
+    @property
+    def itemsize(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass
+class Staged:
+    """What a finished partition left in the staging area."""
+
+    key: str
+    n_events: int
+    arrays: dict[str, ArraySpec]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        arrays = {k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in self.arrays.items()}
+        return {"key": self.key, "n_events": self.n_events, "arrays": arrays, "info": self.info}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Staged:
+        arrays = {k: ArraySpec(v["dtype"], tuple(v["shape"])) for k, v in data["arrays"].items()}
+        return cls(data["key"], int(data["n_events"]), arrays, data.get("info", {}))
+
+
+class PartitionWriter:
+    """Append a partition's events step by step; ``close(info)`` publishes them atomically.
+
+    The arrays' dtypes and per-event shapes are taken from the first step appended.
+    """
+
+    def __init__(self, staging: str | Path, key: str) -> None:
+        self.staging = Path(staging)
+        self.key = key
+        self.specs: dict[str, ArraySpec] = {}
+        self.tmp = self.staging / f".tmp-{key}-{uuid.uuid4().hex[:12]}"
+        self.tmp.mkdir(parents=True)
+        self._files: dict[str, Any] = {}
+        self.n_events = 0
+
+    def append(self, arrays: Mapping[str, np.ndarray]) -> None:
+        arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+        if not self.specs:
+            self.specs = {name: ArraySpec(str(a.dtype), a.shape[1:]) for name, a in arrays.items()}
+            self._files = {name: open(self.tmp / f"{name}.bin", "wb") for name in self.specs}
+        n = {a.shape[0] for a in arrays.values()}
+        if set(arrays) != set(self.specs) or len(n) != 1:
+            msg = f"staging {self.key}: arrays {sorted(arrays)} of lengths {sorted(n)} do not match {sorted(self.specs)}"
+            raise StoreError(msg)
+        for name, spec in self.specs.items():
+            array = arrays[name].astype(spec.dtype, copy=False)
+            if array.shape[1:] != spec.shape:
+                msg = f"staging {self.key}/{name}: got shape {array.shape}, expected (n, *{spec.shape})"
+                raise StoreError(msg)
+            self._files[name].write(array.tobytes())
+        self.n_events += n.pop()
+
+    def close(self, info: Mapping[str, Any]) -> Staged:
+        for f in self._files.values():
+            f.close()
+        staged = Staged(self.key, self.n_events, self.specs, dict(info))
+        (self.tmp / META).write_text(json.dumps(staged.to_json()))
+        final = self.staging / self.key
+        try:
+            self.tmp.rename(final)
+        except OSError:
+            # The same partition was already published by an earlier run of this task: both
+            # hold the same deterministic content, so keep the first and drop this copy.
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if not (final / META).exists():
+                raise
+        return staged
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def load_staged(staging: str | Path, key: str) -> Staged | None:
+    """The record of a published partition, or None."""
+    meta = Path(staging) / key / META
+    if not meta.exists():
+        return None
+    return Staged.from_json(json.loads(meta.read_text()))
+
+
+def _staged_array(staging: Path, staged: Staged, name: str) -> np.ndarray:
+    spec = staged.arrays[name]
+    if staged.n_events == 0:
+        return np.zeros((0, *spec.shape), spec.dtype)
+    return np.memmap(staging / staged.key / f"{name}.bin", dtype=spec.dtype, mode="r",
+                     shape=(staged.n_events, *spec.shape))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# 2. assignment of events to splits and positions
+
+
+@dataclass
+class SplitPlan:
+    """For each split: which staged partition and row feeds each stored event, in order."""
+
+    part: np.ndarray
+    row: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.part.size)
+
+
+def assign(counts: Iterable[int], split: Mapping[str, float], *, seed: int, shuffle: bool) -> dict[str, SplitPlan]:
+    """Seeded split assignment (and, with *shuffle*, a global order) of all staged events.
+
+    Events are numbered in partition order. A permutation drawn from *seed* is cut into
+    consecutive pieces of the split fractions; with *shuffle* each split keeps the permuted
+    order, so every chunk mixes samples, otherwise its events stay in source order.
+    """
+    counts = np.asarray(list(counts), dtype=np.int64)
+    total = int(counts.sum())
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    perm = np.random.default_rng(seed).permutation(total)
+    fractions = np.array(list(split.values()), dtype=np.float64)
+    bounds = np.round(np.concatenate([[0.0], np.cumsum(fractions)]) * total).astype(np.int64)
+    bounds[-1] = total
+    plans = {}
+    for i, name in enumerate(split):
+        ids = perm[bounds[i] : bounds[i + 1]]
+        if not shuffle:
+            ids = np.sort(ids)
+        part = np.searchsorted(starts, ids, side="right") - 1
+        plans[name] = SplitPlan(part.astype(np.int64), (ids - starts[part]).astype(np.int64))
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# 3. the Zarr arrays
+
+
+@dataclass(frozen=True)
+class Coordinate:
+    """A coordinate array of one image dimension."""
+
+    name: str
+    values: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def compressors(name: str, level: int):
+    if name == "none":
+        return None
+    if name == "zstd":
+        return ZstdCodec(level=level)
+    return BloscCodec(cname="lz4", clevel=level, shuffle="bitshuffle")
+
+
+def prepare(
+    path: str | Path,
+    sizes: Mapping[str, int],
+    arrays: Mapping[str, ArraySpec],
+    dims: Mapping[str, tuple[str, ...]],
+    coords: Iterable[Coordinate],
+    *,
+    chunk_events: int,
+    compressor: tuple[str, int],
+    attrs: Mapping[str, Any],
+    array_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Create the empty store: one group per split with every array and coordinate."""
+    array_attrs = array_attrs or {}
+    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=dict(attrs))
+    codec = compressors(*compressor)
+    coords = list(coords)
+    for split, n in sizes.items():
+        group = root.create_group(split)
+        for name, spec in arrays.items():
+            shape = (n, *spec.shape)
+            chunks = (max(1, min(chunk_events, n)), *spec.shape)
+            group.create_array(
+                name, shape=shape, chunks=chunks, dtype=_zarr_dtype(spec.dtype),
+                compressors=codec, dimension_names=["event", *dims[name]],
+                fill_value=_fill(spec.dtype), attributes=dict(array_attrs.get(name, {})),
+            )
+        for coord in coords:
+            array = group.create_array(
+                coord.name, shape=coord.values.shape, chunks=coord.values.shape,
+                dtype=_zarr_dtype(str(coord.values.dtype)), dimension_names=[coord.name],
+                attributes=coord.attrs, compressors=None,
+            )
+            array[...] = coord.values
+
+
+def _zarr_dtype(dtype: str):
+    return str if dtype in ("str", "<U0", "O") or dtype.startswith("<U") else dtype
+
+
+def _fill(dtype: str):
+    if dtype == "str" or dtype.startswith("<U"):
+        return ""
+    kind = np.dtype(dtype).kind
+    return np.nan if kind == "f" else 0
+
+
+def chunk_ranges(n: int, chunk_events: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_events, n)) for s in range(0, n, chunk_events)]
+
+
+def write_chunk(
+    path: str | Path,
+    split: str,
+    start: int,
+    stop: int,
+    part: np.ndarray,
+    row: np.ndarray,
+    staged: Mapping[int, Staged],
+    constants: Mapping[int, Mapping[str, Any]],
+    staging: str | Path,
+) -> int:
+    """Fill events ``[start, stop)`` of every array of *split* (exactly whole chunks).
+
+    ``part``/``row`` say which staged partition and row each event comes from;
+    ``constants`` holds per-partition values (label, sample, source file) that are not staged.
+    """
+    staging = Path(staging)
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    split_group = group[split]
+    n = stop - start
+    buffers: dict[str, np.ndarray] = {}
+    for name in split_group.array_keys():
+        array = split_group[name]
+        if array.metadata.dimension_names[0] != "event":
+            continue
+        chunk = array.chunks[0]
+        if start % chunk or (stop % chunk and stop != array.shape[0]):
+            msg = f"{path}/{split}/{name}: region [{start}, {stop}) is not aligned to chunks of {chunk}"
+            raise StoreError(msg)
+        buffers[name] = np.empty((n, *array.shape[1:]), dtype=object if array.dtype.kind in "OT" else array.dtype)
+    for p in np.unique(part):
+        where = np.flatnonzero(part == p)
+        rows = row[where]
+        record = staged[int(p)]
+        for name, buffer in buffers.items():
+            if name in record.arrays:
+                buffer[where] = _staged_array(staging, record, name)[rows]
+            else:
+                buffer[where] = constants[int(p)][name]
+    for name, buffer in buffers.items():
+        split_group[name][start:stop] = buffer
+    return n
+
+
+def finalize(path: str | Path, attrs: Mapping[str, Any]) -> None:
+    """Write the final attributes, consolidate metadata, then mark the store complete."""
+    root = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    root.attrs.update(dict(attrs))
+    with warnings.catch_warnings():
+        # Consolidated metadata is not in the Zarr v3 spec yet; xarray reads it, so we write it.
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(path), zarr_format=3)
+        root = zarr.open_group(str(path), mode="r+", zarr_format=3, use_consolidated=True)
+        root.attrs[COMPLETE] = True
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def is_complete(path: str | Path) -> bool:
+    try:
+        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
+        return False
+    return bool(root.attrs.get(COMPLETE, False))
+
+
+def open_root(path: str | Path, *, require_complete: bool = True):
+    """The root group of a store; an incomplete store is refused unless asked otherwise."""
+    path = Path(path)
+    if not path.exists():
+        msg = f"store {str(path)!r} does not exist"
+        raise StoreError(msg)
+    try:
+        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    except (zarr.errors.GroupNotFoundError, ValueError, KeyError) as err:
+        msg = f"{path} is not a hepdask Zarr store ({err})"
+        raise StoreError(msg) from None
+    if require_complete and not root.attrs.get(COMPLETE, False):
+        msg = f"store {str(path)!r} is incomplete (no {COMPLETE!r} marker): its build did not finish"
+        raise StoreError(msg)
+    return root
+
+
+def splits(path: str | Path) -> list[str]:
+    root = open_root(path)
+    return list(root.attrs.get(PREFIX + "splits", sorted(root.group_keys())))
+
+
+def open_dataset(path: str | Path, split: str = "train"):
+    """The split as a lazily loaded ``xarray.Dataset`` (refuses an incomplete store)."""
+    import xarray as xr
+
+    available = splits(path)
+    if split not in available:
+        msg = f"store {str(path)!r} has no split {split!r} (splits: {available})"
+        raise StoreError(msg)
+    return xr.open_zarr(str(path), group=split, consolidated=True)
+
+
+def store_info(path: str | Path) -> dict[str, Any]:
+    """A summary of a complete store: splits, shapes, classes and provenance."""
+    root = open_root(path)
+    attrs = dict(root.attrs)
+    info: dict[str, Any] = {
+        "path": str(path),
+        "version": attrs.get(PREFIX + "version"),
+        "created": attrs.get(PREFIX + "created"),
+        "config_hash": attrs.get(PREFIX + "config_hash"),
+        "splits": {},
+    }
+    for split in attrs.get(PREFIX + "splits", []):
+        group = root[split]
+        image = group["image"]
+        labels = group["label"][:]
+        values, counts = np.unique(labels, return_counts=True)
+        info["splits"][split] = {
+            "events": int(image.shape[0]),
+            "image_shape": list(image.shape[1:]),
+            "image_dims": list(image.metadata.dimension_names[1:]),
+            "dtype": str(image.dtype),
+            "chunk_events": int(image.chunks[0]),
+            "labels": {int(v): int(c) for v, c in zip(values, counts)},
+        }
+    manifest = attrs.get(PREFIX + "manifest", [])
+    by_sample: dict[str, dict[str, int]] = {}
+    for item in manifest:
+        entry = by_sample.setdefault(item["sample"], {"label": item["label"], "files": 0, "entries": 0, "selected": 0})
+        entry["files"] += 1
+        entry["entries"] += int(item.get("entries") or 0)
+        entry["selected"] += int(item.get("selected") or 0)
+    info["samples"] = by_sample
+    info["statistics"] = attrs.get(PREFIX + "statistics", {})
+    return info
