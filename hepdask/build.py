@@ -24,6 +24,11 @@ from .errors import BuildError, HepdaskError, StoreError
 
 log = logging.getLogger(__name__)
 
+#: At most this many uncompressed image bytes per write task.
+WRITE_TASK_BYTES = 256 * 2**20
+#: Aim for this many write tasks per worker, so that a slow task does not idle the others.
+TASKS_PER_WORKER = 4
+
 
 # --------------------------------------------------------------------------------------------
 # progress
@@ -361,13 +366,19 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     constants = {
         i: {"label": p.label, "sample": p.sample, "source_file": p.file} for i, p in enumerate(partitions)
     }
+    ranges = {split: store.chunk_ranges(plan.size, per_chunk) for split, plan in plans.items()}
+    chunk_bytes = per_chunk * arrays["image"].itemsize
+    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    group = _chunks_per_task(sum(map(len, ranges.values())), chunk_bytes, n_workers)
     writes = []
     for split, plan in plans.items():
-        for start, stop in store.chunk_ranges(plan.size, per_chunk):
+        for i in range(0, len(ranges[split]), group):
+            task_ranges = ranges[split][i : i + group]
+            start, stop = task_ranges[0][0], task_ranges[-1][1]
             part, row = plan.part[start:stop], plan.row[start:stop]
             used = {int(p): staged[int(p)] for p in np.unique(part)}
             writes.append(client.submit(
-                store.write_chunk, config.output.path, split, start, stop, part, row, used,
+                store.write_chunks, config.output.path, split, task_ranges, part, row, used,
                 {p: constants[p] for p in used}, job.staging, key=f"write-{split}-{start}",
             ))
     write_task = bar.add("write chunks", len(writes))
@@ -393,6 +404,14 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     })
     shutil.rmtree(job.staging, ignore_errors=True)
     return report
+
+
+def _chunks_per_task(n_chunks: int, chunk_bytes: int, n_workers: int) -> int:
+    """Consecutive chunks one write task fills: few enough tasks to reuse staged-file maps,
+    enough to keep every worker busy, and at most WRITE_TASK_BYTES of images per task."""
+    by_bytes = max(1, WRITE_TASK_BYTES // max(1, chunk_bytes))
+    by_balance = max(1, -(-n_chunks // (TASKS_PER_WORKER * n_workers)))
+    return min(by_bytes, by_balance)
 
 
 def _array_specs(config: Config, layout: binning.ImageLayout, staged: list[store.Staged]):

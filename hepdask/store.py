@@ -145,7 +145,7 @@ def _staged_array(staging: Path, staged: Staged, name: str) -> np.ndarray:
     spec = staged.arrays[name]
     if staged.n_events == 0:
         return np.zeros((0, *spec.shape), spec.dtype)
-    return np.memmap(staging / staged.key / f"{name}.bin", dtype=spec.dtype, mode="r",
+    return np.memmap(f"{staging}/{staged.key}/{name}.bin", dtype=spec.dtype, mode="r",
                      shape=(staged.n_events, *spec.shape))  # fmt: skip
 
 
@@ -261,48 +261,58 @@ def chunk_ranges(n: int, chunk_events: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_events, n)) for s in range(0, n, chunk_events)]
 
 
-def write_chunk(
+def write_chunks(
     path: str | Path,
     split: str,
-    start: int,
-    stop: int,
+    ranges: list[tuple[int, int]],
     part: np.ndarray,
     row: np.ndarray,
     staged: Mapping[int, Staged],
     constants: Mapping[int, Mapping[str, Any]],
     staging: str | Path,
 ) -> int:
-    """Fill events ``[start, stop)`` of every array of *split* (exactly whole chunks).
+    """Fill the consecutive event ranges *ranges* (each exactly whole chunks) of *split*.
 
-    ``part``/``row`` say which staged partition and row each event comes from;
-    ``constants`` holds per-partition values (label, sample, source file) that are not staged.
+    ``part``/``row`` say, for every event from ``ranges[0][0]`` on, which staged partition
+    and row it comes from; ``constants`` holds per-partition values (label, sample, source
+    file) that are not staged. Staged files are memory-mapped once per call.
     """
     staging = Path(staging)
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    split_group = group[split]
-    n = stop - start
-    buffers: dict[str, np.ndarray] = {}
-    for name in split_group.array_keys():
-        array = split_group[name]
-        if array.metadata.dimension_names[0] != "event":
-            continue
-        chunk = array.chunks[0]
-        if start % chunk or (stop % chunk and stop != array.shape[0]):
-            msg = f"{path}/{split}/{name}: region [{start}, {stop}) is not aligned to chunks of {chunk}"
-            raise StoreError(msg)
-        buffers[name] = np.empty((n, *array.shape[1:]), dtype=object if array.dtype.kind in "OT" else array.dtype)
-    for p in np.unique(part):
-        where = np.flatnonzero(part == p)
-        rows = row[where]
-        record = staged[int(p)]
-        for name, buffer in buffers.items():
-            if name in record.arrays:
-                buffer[where] = _staged_array(staging, record, name)[rows]
-            else:
-                buffer[where] = constants[int(p)][name]
-    for name, buffer in buffers.items():
-        split_group[name][start:stop] = buffer
-    return n
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)[split]
+    targets = {}
+    for name in group.array_keys():
+        array = group[name]
+        if array.metadata.dimension_names[0] == "event":
+            targets[name] = array
+    maps: dict[tuple[int, str], np.ndarray] = {}
+    origin = ranges[0][0]
+    written = 0
+    for start, stop in ranges:
+        for name, array in targets.items():
+            chunk = array.chunks[0]
+            if start % chunk or (stop % chunk and stop != array.shape[0]):
+                msg = f"{path}/{split}/{name}: region [{start}, {stop}) is not aligned to chunks of {chunk}"
+                raise StoreError(msg)
+        parts = part[start - origin : stop - origin]
+        rows = row[start - origin : stop - origin]
+        order = np.argsort(parts, kind="stable")
+        bounds = np.flatnonzero(np.diff(parts[order])) + 1
+        for name, array in targets.items():
+            kind_object = array.dtype.kind in "OT"
+            buffer = np.empty((stop - start, *array.shape[1:]), dtype=object if kind_object else array.dtype)
+            for where in np.split(order, bounds):
+                p = int(parts[where[0]])
+                record = staged[p]
+                if name in record.arrays:
+                    key = (p, name)
+                    if key not in maps:
+                        maps[key] = _staged_array(staging, record, name)
+                    buffer[where] = maps[key][rows[where]]
+                else:
+                    buffer[where] = constants[p][name]
+            array[start:stop] = buffer
+        written += stop - start
+    return written
 
 
 def finalize(path: str | Path, attrs: Mapping[str, Any]) -> None:
