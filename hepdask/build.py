@@ -437,7 +437,7 @@ def _coordinates(layout: binning.ImageLayout) -> list[store.Coordinate]:
         described = {"u": "rows: first axis of each projection", "v": "columns: second axis of each projection"}
         coords = [store.Coordinate(d, np.arange(n, dtype=np.int64), {"description": described[d]}) for d in ("u", "v")]
         axes_attrs = {a.name: {"edges": a.edges.tolist(), "units": a.units, "scale": kinds[a.kind]} for a in layout.axes}
-        coords.append(store.Coordinate("projection", np.array(layout.channel_names, dtype=object),
+        coords.append(store.Coordinate("projection", np.array(layout.channel_names),
                                        {"axes": axes_attrs}))  # fmt: skip
         return coords
     return [

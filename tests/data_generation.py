@@ -1,0 +1,74 @@
+"""Small seeded input files for the tests, written with uproot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import uproot
+import yaml
+
+from hepdask import examples
+
+
+def ldmx_files(directory: Path, *, n_files: int = 4, events: int = 40) -> dict[str, list[str]]:
+    """Signal and background LDMX-like files (example generator, small)."""
+    return {
+        "signal": examples.generate(directory, signal=True, n_files=n_files, events_per_file=events, seed=11),
+        "background": examples.generate(directory, signal=False, n_files=n_files, events_per_file=events, seed=12),
+    }
+
+
+def demo_config(data: Path, output: Path, **changes) -> dict:
+    """A small config over :func:`ldmx_files` (as a mapping, to dump or to change)."""
+    config = {
+        "name": "test",
+        "samples": [
+            {"name": "signal", "label": 1, "files": str(data / "signal_*.root")},
+            {"name": "background", "label": 0, "files": [str(data / "background_*.root")]},
+        ],
+        "tree": "ecalHits",
+        "hits": {"x": "x", "y": "y", "z": "z", "E": "E"},
+        "event": {"eventNumber": "eventNumber"},
+        "selection": {"hits": "E > 0.5", "events": "nhits >= 3"},
+        "image": {
+            "axes": [
+                {"field": "z", "bins": 17, "range": [235, 605], "units": "mm"},
+                {"field": "x", "bins": 16, "range": [-80, 80], "units": "mm"},
+            ],
+            "weight": "E",
+            "dtype": "float32",
+        },
+        "read": {"step_size": 15},
+        "output": {"path": str(output), "chunk_events": 16, "shuffle": {"enabled": True, "seed": 3}},
+        "cluster": {"workers": 2},
+    }
+    for key, value in changes.items():
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def flat_branch_file(path: Path) -> str:
+    """A file whose 'x' is one value per event instead of one per hit."""
+    branches = {name: np.arange(5, dtype=np.float32) for name in ("x", "y", "z", "E")}
+    branches["eventNumber"] = np.arange(5)
+    with uproot.recreate(path) as file:
+        file.mktree("ecalHits", {k: v.dtype for k, v in branches.items()})
+        file["ecalHits"].extend(branches)
+    return str(path)
+
+
+def wrong_tree_file(path: Path) -> str:
+    with uproot.recreate(path) as file:
+        file.mktree("ecalHitz", {"x": np.float32})
+        file["ecalHitz"].extend({"x": np.arange(3, dtype=np.float32)})
+    return str(path)

@@ -1,0 +1,271 @@
+"""End-to-end builds on small generated ROOT files, checked event by event."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uproot
+import xarray as xr
+import zarr
+
+import hepdask
+from hepdask import build, store
+from hepdask.cli import main as cli
+from hepdask.config import from_dict
+
+from .data_generation import demo_config, flat_branch_file, write_config, wrong_tree_file
+
+
+def chunk_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every chunk file of every split (root metadata holds times, so it is left out)."""
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*")) if f.is_file() and "/c/" in f.as_posix()
+    }
+
+
+@pytest.fixture(scope="module")
+def built(ldmx_data, client, tmp_path_factory):
+    data, _ = ldmx_data
+    out = tmp_path_factory.mktemp("built") / "store.zarr"
+    config = from_dict(demo_config(data, out))
+    report = hepdask.build_dataset(config, client=client, progress=False)
+    return config, report, out
+
+
+def test_every_image_equals_histogramdd_of_its_source_hits(built):
+    config, report, out = built
+    root = zarr.open_group(str(out), mode="r")
+    assert root.attrs["hepdask:complete"] is True
+    labels = {s.name: s.label for s in config.samples}
+    sources: dict[str, dict] = {}
+    checked = 0
+    for split in ("train", "val", "test"):
+        ds = xr.open_zarr(str(out), group=split).load()
+        edges = [np.asarray(ds[dim].attrs["edges"]) for dim in ("z", "x")]
+        images = ds.image.values
+        for i in range(ds.sizes["event"]):
+            path = str(ds.source_file.values[i])
+            if path not in sources:
+                sources[path] = uproot.open(path)["ecalHits"].arrays(library="np")
+            hits = sources[path]
+            entry = int(ds.entry.values[i])
+            z, x, energy = hits["z"][entry], hits["x"][entry], hits["E"][entry]
+            keep = energy > 0.5
+            expected, _ = np.histogramdd(
+                np.stack([z[keep], x[keep]], axis=1).astype(np.float64), bins=edges, weights=energy[keep]
+            )
+            np.testing.assert_array_equal(images[i], expected.astype(np.float32))
+            assert int(ds.eventNumber.values[i]) == int(hits["eventNumber"][entry])
+            sample = str(ds.sample.values[i])
+            assert int(ds.label.values[i]) == labels[sample]
+            assert Path(path).name.startswith(sample)
+            checked += 1
+    assert checked == report.events_written
+    assert report.events_written == sum(s["selected"] for s in report.samples.values())
+
+
+def test_selection_and_statistics_are_reported(built):
+    config, report, out = built
+    for sample in report.samples.values():
+        assert sample["files"] == 4
+        assert sample["read"] == 160
+        assert 0 < sample["selected"] <= 160
+    assert report.hits["in_image"] <= report.hits["hits"]
+    assert set(report.hits["underflow"]) == {"z", "x"}
+    stats = zarr.open_group(str(out), mode="r").attrs["hepdask:statistics"]
+    assert stats["splits"] == report.splits
+
+
+def test_store_layout_and_provenance(built):
+    config, report, out = built
+    root = zarr.open_group(str(out), mode="r")
+    attrs = root.attrs
+    assert attrs["hepdask:version"] == hepdask.__version__
+    assert attrs["hepdask:config_hash"] == config.content_hash()
+    assert hepdask.config.Config.model_validate(__import__("yaml").safe_load(attrs["hepdask:config"])) == config
+    manifest = attrs["hepdask:manifest"]
+    assert len(manifest) == 8
+    assert all(m["status"] == "ok" and m["entries"] == 40 and m["size"] > 0 for m in manifest)
+    train = xr.open_zarr(str(out), group="train")
+    assert train.image.dims == ("event", "z", "x")
+    assert train.z.attrs["units"] == "mm"
+    assert len(train.z.attrs["edges"]) == 18
+    assert train.image.encoding["chunks"] == (16, 17, 16)
+    total = sum(xr.open_zarr(str(out), group=s).sizes["event"] for s in ("train", "val", "test"))
+    assert train.sizes["event"] == round(0.8 * total)
+    assert not store.staging_path(out).exists()
+
+
+def test_shuffle_mixes_samples_in_every_chunk(built):
+    _, _, out = built
+    samples = xr.open_zarr(str(out), group="train").sample.values
+    chunks = [samples[i : i + 16] for i in range(0, len(samples) - 15, 16)]
+    assert all(len(set(chunk)) == 2 for chunk in chunks)
+
+
+def test_same_inputs_give_identical_chunks_with_one_and_two_workers(built, ldmx_data, tmp_path):
+    _, _, out = built
+    data, _ = ldmx_data
+    one_worker = from_dict(demo_config(data, tmp_path / "one.zarr", **{"cluster.workers": 1}))
+    hepdask.build_dataset(one_worker, progress=False)
+    first, second = chunk_hashes(out), chunk_hashes(tmp_path / "one.zarr")
+    assert len(first) > 20
+    assert first == second
+
+
+def test_unshuffled_split_keeps_source_order(ldmx_data, client, tmp_path):
+    data, _ = ldmx_data
+    config = from_dict(demo_config(data, tmp_path / "s.zarr", **{"output.shuffle": False}))
+    hepdask.build_dataset(config, client=client, progress=False)
+    ds = xr.open_zarr(str(tmp_path / "s.zarr"), group="train")
+    keys = list(zip(ds.source_file.values.tolist(), ds.entry.values.tolist()))
+    order = {s: i for i, s in enumerate(sorted({k[0] for k in keys}, key=lambda f: ("background" in f, f)))}
+    assert keys == sorted(keys, key=lambda k: (order[k[0]], k[1]))
+
+
+@pytest.mark.parametrize("fmt", ["xyz", "z_split"])
+def test_ldmx_formats_build(ldmx_data, client, tmp_path, fmt):
+    data, _ = ldmx_data
+    axes = [
+        {"field": "x", "bins": 8, "range": [-80, 80]},
+        {"field": "y", "bins": 8, "range": [-80, 80]},
+        {"field": "z", "bins": 8 if fmt == "xyz" else 4, "range": [235, 605] if fmt == "xyz" else [240, 700],
+         **({} if fmt == "xyz" else {"scale": "log"})},
+    ]  # fmt: skip
+    config = from_dict(demo_config(data, tmp_path / "f.zarr", **{"image.axes": axes, "image.format": fmt,
+                                                                 "image.weight": None, "image.dtype": "uint8"}))  # fmt: skip
+    hepdask.build_dataset(config, client=client, progress=False)
+    ds = hepdask.open_dataset(tmp_path / "f.zarr", "val")
+    if fmt == "xyz":
+        assert ds.image.dims == ("event", "u", "v", "projection")
+        assert ds.projection.values.tolist() == ["xy", "xz", "yz"]
+        assert ds.image.shape[1:] == (8, 8, 3)
+        totals = ds.image.values.sum(axis=(1, 2)).astype(int)
+        assert (totals[:, 0] == totals[:, 1]).all() and (totals[:, 1] == totals[:, 2]).all()
+    else:
+        assert ds.image.dims == ("event", "x", "y", "z")
+        assert ds.z.attrs["scale"] == "log"
+
+
+def test_dry_run_writes_nothing(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "out.zarr"))
+    assert cli(["build-dataset", str(path), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["partitions"] == 8
+    assert plan["estimated_events"] == 320
+    assert plan["image_shape"] == [17, 16]
+    assert not (tmp_path / "out.zarr").exists()
+    assert not store.staging_path(tmp_path / "out.zarr").exists()
+
+
+def test_cli_build_and_info(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "out.zarr"))
+    assert cli(["build-dataset", str(path), "--workers", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "events/s" in out
+    assert cli(["info", str(tmp_path / "out.zarr"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["splits"]) == {"train", "val", "test"}
+    assert info["samples"]["signal"]["files"] == 4
+    assert info["splits"]["train"]["image_shape"] == [17, 16]
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: one clear line, exit status 2, no store that looks complete
+
+
+def _run_bad(tmp_path, capsys, config: dict, *extra: str) -> str:
+    path = write_config(tmp_path / "bad.yaml", config)
+    code = cli(["build-dataset", str(path), "--no-progress", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("hepdask: error:")
+    assert not store.is_complete(Path(config["output"]["path"]))
+    return err
+
+
+def test_glob_matching_nothing(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["samples"][0]["files"] = str(data / "nothing_*.root")
+    err = _run_bad(tmp_path, capsys, config)
+    assert "sample 'signal'" in err and "nothing_*.root" in err and "matches no file" in err
+
+
+def test_missing_file(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["samples"][1]["files"] = [str(data / "gone.root")]
+    err = _run_bad(tmp_path, capsys, config)
+    assert "gone.root" in err and "does not exist" in err
+
+
+def test_file_that_is_not_root(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    bogus = tmp_path / "bogus.root"
+    bogus.write_text("this is not a ROOT file\n" * 50)
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["samples"][1]["files"] = [str(bogus)]
+    err = _run_bad(tmp_path, capsys, config)
+    assert "bogus.root" in err and "cannot read" in err
+
+
+def test_missing_tree_suggests_close_match(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["samples"][1]["files"] = [wrong_tree_file(tmp_path / "tree.root")]
+    err = _run_bad(tmp_path, capsys, config)
+    assert "tree.root" in err and "no tree 'ecalHits'" in err and "did you mean 'ecalHitz'" in err
+
+
+def test_missing_branch_suggests_close_match(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["hits"]["E"] = "Energy"
+    err = _run_bad(tmp_path, capsys, config)
+    assert "branch 'Energy' not in tree 'ecalHits'" in err and "signal_00000.root" in err
+
+
+def test_flat_branch_where_jagged_is_needed(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["samples"] = [{"name": "flat", "label": 0, "files": flat_branch_file(tmp_path / "flat.root")}]
+    err = _run_bad(tmp_path, capsys, config)
+    assert "flat.root" in err and "has one value per event" in err and "needs a jagged branch" in err
+
+
+def test_bad_file_found_by_a_worker_fails_the_build(ldmx_data, tmp_path, capsys):
+    """The first file of each sample is probed on the client; a bad later one fails on a worker."""
+    data, files = ldmx_data
+    bogus = tmp_path / "late.root"
+    bogus.write_bytes(b"\0" * 4096)
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["samples"][0]["files"] = [*files["signal"], str(bogus)]
+    err = _run_bad(tmp_path, capsys, config, "--workers", "1")
+    assert "late.root" in err
+
+
+def test_config_typo_is_named_with_suggestion(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["output"]["chunk_event"] = 10
+    err = _run_bad(tmp_path, capsys, config)
+    assert "output.chunk_event" in err and "did you mean 'chunk_events'" in err
+
+
+def test_existing_output_needs_overwrite(built, ldmx_data, tmp_path, capsys):
+    _, _, out = built
+    data, _ = ldmx_data
+    before = chunk_hashes(out)
+    path = write_config(tmp_path / "c.yaml", demo_config(data, out))
+    assert cli(["build-dataset", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--overwrite" in err and "a complete store" in err
+    assert chunk_hashes(out) == before
