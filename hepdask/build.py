@@ -265,13 +265,16 @@ def plan_report(config: Config, partitions, first_entries: dict[str, int], gener
     for sample in config.samples:
         n_files = sum(1 for p in partitions if p.sample == sample.name)
         events = first_entries.get(sample.name, 0) * n_files
+        if generated.get(sample.name) and sample.generate is not None:
+            n_files = sample.generate.n_files
+            events = n_files * sample.generate.events_per_file
         estimate += events
         report.samples[sample.name] = {"files": n_files, "label": sample.label, "estimated_events": events,
                                        "files_to_generate": generated.get(sample.name, 0)}  # fmt: skip
     report.plan = {
         "estimated_events": estimate,
         "estimated_uncompressed_bytes": estimate * image_bytes,
-        "note": "events estimated from the first file of each sample times its number of files",
+        "note": "events estimated from the first file of each sample (or its generator) times its number of files",
     }
     return report
 

@@ -59,7 +59,10 @@ def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     close = difflib.get_close_matches(name, choices, n=n, cutoff=0.6)
     if not close:
         lowered = name.lower()
-        close = [c for c in choices if lowered in c.lower() or c.lower().endswith(lowered)][:n]
+        close = [
+            c for c in choices
+            if lowered in c.lower() or lowered.startswith(c.lower()) or c.lower().endswith(lowered)
+        ][:n]
     if not close:
         return ""
     return "; did you mean " + " or ".join(repr(c) for c in close) + "?"

@@ -1,0 +1,110 @@
+"""Loading, validating and overriding configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hepdask.config import apply_overrides, from_dict, load
+from hepdask.errors import ConfigError
+
+from .data_generation import demo_config, write_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def _config(tmp_path, **changes):
+    return demo_config(tmp_path / "data", tmp_path / "out.zarr", **changes)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    config = load(path)
+    assert Path(config.output.path).is_absolute()
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    raw = _config(tmp_path)
+    raw["samples"][0]["files"] = "data/*.root"
+    raw["output"]["path"] = "../out/x.zarr"
+    (tmp_path / "sub").mkdir()
+    config = load(write_config(tmp_path / "sub" / "c.yaml", raw))
+    assert config.samples[0].files == [str(tmp_path / "sub" / "data" / "*.root")]
+    assert config.output.path == str(tmp_path / "out" / "x.zarr")
+
+
+def test_unknown_key_is_rejected_with_a_suggestion(tmp_path):
+    raw = _config(tmp_path)
+    raw["image"]["axes"][0]["bin"] = 3
+    raw["selektion"] = {}
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw, source="c.yaml")
+    text = str(err.value)
+    assert "c.yaml: unknown key 'image.axes.0.bin'; did you mean 'bins'?" in text
+    assert "unknown key 'selektion'; did you mean 'selection'?" in text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"image.dtype": "uint8"}, "needs a float dtype"),
+        ({"output.split": {"train": 0.5, "val": 0.1}}, "add up to 1"),
+        ({"output.chunk_events": "lots"}, "output.chunk_events"),
+        ({"image.axes": [{"field": "z", "bins": 4}]}, "needs 'bins' and 'range'"),
+        ({"image.axes": [{"field": "z", "bins": 4, "range": [0, 1], "downsample": 3}]}, "not divisible"),
+        ({"image.axes": [{"field": "q", "bins": 4, "range": [0, 1]}]}, "is not a hit field"),
+        ({"image.axes": [{"field": "z", "bins": 4, "range": [0, 1], "scale": "log"},
+                         {"field": "x", "bins": 4, "range": [0, 1]}]}, "positive range start"),  # fmt: skip
+        ({"image.format": "xyz"}, "exactly three axes"),
+        ({"event": {"label": "eventNumber"}}, "clash"),
+        ({"cluster": {"kind": "address"}}, "needs cluster.address"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(_config(tmp_path, **change))
+
+
+def test_overrides_set_nested_keys_and_list_items(tmp_path):
+    path = write_config(tmp_path / "c.yaml", _config(tmp_path))
+    config = load(path, ["output.chunk_events=7", "samples.1.label=5", "read.step_size=100",
+                         "image.axes.0.bins=3", "output.shuffle.enabled=false"])  # fmt: skip
+    assert config.output.chunk_events == 7
+    assert config.samples[1].label == 5
+    assert config.read.step_size == 100
+    assert config.image.axes[0].bins == 3
+    assert config.output.shuffle.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("noequals", "KEY.SUB=VALUE"), ("samples.9.label=1", "not an index"), ("name.sub=1", "is a value")],
+)
+def test_bad_overrides_are_explained(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(_config(tmp_path), [override])
+
+
+def test_python_tags_are_refused_without_side_effects(tmp_path):
+    marker = tmp_path / "pwned"
+    text = f"name: !!python/object/apply:os.system ['touch {marker}']\n"
+    path = tmp_path / "evil.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(path)
+    assert not marker.exists()
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.yaml")
+
+
+def test_content_hash_ignores_the_cluster(tmp_path):
+    a = from_dict(_config(tmp_path))
+    b = from_dict(_config(tmp_path, **{"cluster": {"workers": 1}}))
+    c = from_dict(_config(tmp_path, **{"output.chunk_events": 3}))
+    assert a.content_hash() == b.content_hash() != c.content_hash()
+    assert yaml.safe_load(a.to_yaml())["name"] == "test"

@@ -1,0 +1,63 @@
+"""Cut expressions: parsed with ast, evaluated on arrays, never with eval."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hepdask.errors import SelectionError
+from hepdask.selection import Cut, apply_hit_mask, event_cut, select_events
+
+VALUES = {"E": np.array([0.1, 0.6, 2.0, np.nan]), "x": np.array([-3.0, 0.0, 4.0, 1.0])}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("E > 0.5", [False, True, True, False]),
+        ("E > 0.5 and x > 1", [False, False, True, False]),
+        ("E < 0.5 or not x < 1", [True, False, True, True]),
+        ("-1 < x <= 1", [False, True, False, True]),
+        ("abs(x) >= 3", [True, False, True, False]),
+        ("sqrt(E * 4) > 2", [False, False, True, False]),
+        ("x % 2 == 0", [False, True, True, False]),
+        ("(E + 1) / 2 > 0.7", [False, True, True, False]),
+    ],
+)
+def test_cuts_evaluate_on_arrays(text, expected):
+    assert Cut(text, VALUES, "t")(VALUES).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("E >", "cannot parse"),
+        ("Energy > 1", "unknown field 'Energy'.*did you mean 'E'"),
+        ("__import__('os').system('true')", "may be called"),
+        ("E.real > 1", "Attribute is not allowed"),
+        ("x[0] > 1", "Subscript is not allowed"),
+        ("E > 'a'", "only numbers"),
+        ("x ** 2 > 1", "Pow is not allowed"),
+        ("x in (1, 2)", "In is not allowed"),
+    ],
+)
+def test_unsafe_or_wrong_cuts_are_refused(text, message):
+    with pytest.raises(SelectionError, match=message):
+        Cut(text, VALUES, "selection.hits")
+
+
+def test_event_cut_knows_nhits():
+    cut = event_cut("nhits >= 2 and eventNumber > 0", ["eventNumber"])
+    assert cut({"nhits": np.array([1, 2, 3]), "eventNumber": np.array([5, 0, 5])}).tolist() == [False, False, True]
+
+
+def test_hit_mask_and_event_selection_keep_offsets_consistent():
+    offsets = np.array([0, 2, 2, 5])
+    mask = np.array([True, False, True, True, False])
+    assert apply_hit_mask(offsets, mask).tolist() == [0, 1, 1, 3]
+    new_offsets, hit_mask = select_events(offsets, np.array([True, False, True]))
+    assert new_offsets.tolist() == [0, 2, 5]
+    assert hit_mask.tolist() == [True, True, True, True, True]
+    new_offsets, hit_mask = select_events(offsets, np.array([False, True, True]))
+    assert new_offsets.tolist() == [0, 0, 3]
+    assert hit_mask.tolist() == [False, False, True, True, True]
