@@ -168,116 +168,125 @@ _BLOCK = 512
 
 
 @numba.njit(inline="always")
-def _guess_block(x, m, lo, hi, n, kind, origin, scale, edges, a, dst, stride, good):
-    """First pass over one axis of a block: ``dst[i] += bin * stride`` for every hit whose bin
-    the arithmetic guess gives for certain; ``good[i]`` is cleared for all others (outside the
-    range, NaN, or within rounding of an edge). Branch-free for uniform and log axes, so that
-    LLVM vectorises it."""
-    if kind == EXPLICIT:
-        for i in range(m):
-            b = _locate(np.float64(x[i]), lo, hi, n, kind, origin, scale, edges, a)
-            good[i] &= b >= 0
-            dst[i] += max(b, 0) * stride
-        return
-    for i in range(m):
-        v = np.float64(x[i])
-        inside = (v >= lo) & (v < hi)
-        v = v if inside else lo
-        g = (v - origin) * scale if kind == UNIFORM else (math.log(v) - origin) * scale
-        b = int(g)
-        frac = g - b
-        good[i] &= inside & (frac >= _NEAR_EDGE) & (frac <= 1.0 - _NEAR_EDGE) & (b < n)
-        dst[i] += b * stride
+def _exact_bins(coords, h, edges, nbins, kinds, origins, scales, bins, i, under, over):
+    """Exact bins of hit *h* into column *i* of ``bins``; 0 if the hit is in the image,
+    else ``_NAN`` or ``_UNDER`` (per-axis under/overflow is counted here)."""
+    code = 0
+    for a in range(coords.shape[0]):
+        n = nbins[a]
+        b = _locate(np.float64(coords[a, h]), edges[a, 0], edges[a, n], n, kinds[a], origins[a],
+                    scales[a], edges, a)  # fmt: skip
+        if b >= 0:
+            bins[a, i] = b
+        elif b == _UNDER:
+            under[a] += 1
+            code = min(code, _UNDER)  # outside the image; NaN (-3) wins
+        elif b == _OVER:
+            over[a] += 1
+            code = min(code, _UNDER)  # outside the image; NaN (-3) wins
+        else:
+            code = _NAN
+    return code
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _fill(coords, offsets, edges, nbins, kinds, origins, scales, strides, chan_offsets,
-          weights, weighted, maxval, saturate, out, under, over, nans, clipped, inside):  # fmt: skip
-    n_axes = coords.shape[0]
-    n_out = strides.shape[0]
-    size = out.shape[1]
-    for ev in numba.prange(offsets.size - 1):
-        first, last = offsets[ev], offsets[ev + 1]
-        block = min(_BLOCK, last - first)
-        flat = np.empty((n_out, block), np.int64)
-        bins = np.empty((n_axes if n_out > 1 else 0, block), np.int64)
-        good = np.empty(block, np.bool_)
-        bins_h = np.empty(n_axes, np.int64)
-        # A bin gets at most one count per hit: with fewer hits than maxval none can saturate.
-        check = saturate and last - first > maxval
-        n_nan = 0
-        n_clipped = 0
-        n_inside = 0
-        acc = np.zeros(size if weighted else 0, np.float64)
-        img = out[ev]
-        for start in range(first, last, _BLOCK):
-            m = min(_BLOCK, last - start)
-            good[:m] = True
-            if n_out == 1:
-                flat[0, :m] = chan_offsets[0]
-            else:
-                bins[:, :m] = 0
-            for a in range(n_axes):
-                n = nbins[a]
-                dst = flat[0] if n_out == 1 else bins[a]
-                stride = strides[0, a] if n_out == 1 else 1
-                _guess_block(coords[a, start : start + m], m, edges[a, 0], edges[a, n], n,
-                             kinds[a], origins[a], scales[a], edges, a, dst, stride, good)  # fmt: skip
-            if n_out > 1:
-                for k in range(n_out):
-                    flat[k, :m] = chan_offsets[k]
-                    for a in range(n_axes):
-                        s = strides[k, a]
-                        if s != 0:
-                            for i in range(m):
-                                flat[k, i] += bins[a, i] * s
-            for i in range(m):
-                h = start + i
-                if not good[i]:
-                    # Second look at the few hits the guess was not sure of: exact bins, or
-                    # the statistics of a hit outside the image.
-                    ok = True
-                    has_nan = False
-                    for a in range(n_axes):
-                        n = nbins[a]
-                        b = _locate(np.float64(coords[a, h]), edges[a, 0], edges[a, n], n,
-                                    kinds[a], origins[a], scales[a], edges, a)  # fmt: skip
-                        if b >= 0:
-                            bins_h[a] = b
-                            continue
-                        ok = False
-                        if b == _UNDER:
-                            under[ev, a] += 1
-                        elif b == _OVER:
-                            over[ev, a] += 1
-                        else:
-                            has_nan = True
-                    if not ok:
-                        n_nan += has_nan
+def _make_fill(index):
+    """The binning kernel computing flat bin indices as *index* (np.int32 when the image is
+    small enough: twice the SIMD lanes of int64)."""
+    zero = index(0)
+    bad = index(np.iinfo(index).min)
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def fill(coords, offsets, edges, nbins, kinds, origins, scales, strides, key_strides,
+             chan_offsets, weights, weighted, maxval, saturate, out, under, over, nans,
+             clipped, inside):  # fmt: skip
+        n_axes = coords.shape[0]
+        n_out = strides.shape[0]
+        size = out.shape[1]
+        for ev in numba.prange(offsets.size - 1):
+            first, last = offsets[ev], offsets[ev + 1]
+            block = min(_BLOCK, last - first)
+            # keys[i]: the flat index of hit i (of output 0), negative when the first pass
+            # could not place the hit for certain; bins[a, i]: its bin on axis a.
+            keys = np.empty(block, index)
+            bins = np.empty((n_axes, block), index)
+            # A bin gets at most one count per hit: with no more hits than maxval, none
+            # can saturate and the check is skipped.
+            check = saturate and last - first > maxval
+            n_nan = 0
+            n_clipped = 0
+            n_inside = 0
+            acc = np.zeros(size if weighted else 0, np.float64)
+            img = out[ev]
+            for start in range(first, last, _BLOCK):
+                m = min(_BLOCK, last - start)
+                keys[:m] = chan_offsets[0] if n_out == 1 else 0
+                # First pass, one axis at a time over the block: branch-free for uniform
+                # and log axes, so that LLVM vectorises it.
+                for a in range(n_axes):
+                    x = coords[a, start : start + m]
+                    row = bins[a]
+                    n = nbins[a]
+                    lo, hi = edges[a, 0], edges[a, n]
+                    kind, origin, scale = kinds[a], origins[a], scales[a]
+                    stride = index(key_strides[a])
+                    if kind == EXPLICIT:
+                        for i in range(m):
+                            b = _locate(np.float64(x[i]), lo, hi, n, kind, origin, scale, edges, a)
+                            row[i] = index(max(b, 0))
+                            keys[i] = (keys[i] + row[i] * stride) | (zero if b >= 0 else bad)
                         continue
-                    for k in range(n_out):
-                        idx = chan_offsets[k]
+                    for i in range(m):
+                        v = np.float64(x[i])
+                        ok = (v >= lo) & (v < hi)
+                        v = v if ok else lo
+                        g = (v - origin) * scale if kind == UNIFORM else (math.log(v) - origin) * scale
+                        b = index(g)
+                        frac = g - b
+                        # Within rounding of an edge (or past the last bin): not certain.
+                        ok &= (frac >= _NEAR_EDGE) & (frac <= 1.0 - _NEAR_EDGE) & (b < n)
+                        row[i] = b
+                        keys[i] = (keys[i] + b * stride) | (zero if ok else bad)
+                # Second pass: fill the image; the few uncertain hits are located exactly.
+                for i in range(m):
+                    key = keys[i]
+                    h = start + i
+                    if key < 0:
+                        code = _exact_bins(coords, h, edges, nbins, kinds, origins, scales,
+                                           bins, i, under[ev], over[ev])  # fmt: skip
+                        if code < 0:
+                            n_nan += code == _NAN
+                            continue
+                        key = chan_offsets[0]
                         for a in range(n_axes):
-                            idx += bins_h[a] * strides[k, a]
-                        flat[k, i] = idx
-                n_inside += 1
-                for k in range(n_out):
-                    idx = flat[k, i]
-                    if weighted:
-                        acc[idx] += weights[h]
-                    elif check:
-                        if img[idx] < maxval:
-                            img[idx] += 1
+                            key += bins[a, i] * strides[0, a]
+                    n_inside += 1
+                    for k in range(n_out):
+                        idx = key
+                        if k > 0:
+                            idx = chan_offsets[k]
+                            for a in range(n_axes):
+                                idx += bins[a, i] * strides[k, a]
+                        if weighted:
+                            acc[idx] += weights[h]
+                        elif check:
+                            if img[idx] < maxval:
+                                img[idx] += 1
+                            else:
+                                n_clipped += 1
                         else:
-                            n_clipped += 1
-                    else:
-                        img[idx] += 1
-        if weighted:
-            for i in range(size):
-                img[i] = acc[i]
-        nans[ev] = n_nan
-        clipped[ev] = n_clipped
-        inside[ev] = n_inside
+                            img[idx] += 1
+            if weighted:
+                for i in range(size):
+                    img[i] = acc[i]
+            nans[ev] = n_nan
+            clipped[ev] = n_clipped
+            inside[ev] = n_inside
+
+    return fill
+
+
+_fill32 = _make_fill(np.int32)
+_fill64 = _make_fill(np.int64)
 
 
 @dataclass
@@ -379,12 +388,19 @@ def bin_events(
     nans = np.zeros(n_events, np.int64)
     clipped = np.zeros(n_events, np.int64)
     inside = np.zeros(n_events, np.int64)
-    _fill(
+    small = layout.size < 2**31 and max(a.nbins for a in layout.axes) < 2**31
+    index = np.int32 if small else np.int64
+    fill = _fill32 if small else _fill64
+    strides = layout.strides.astype(index)
+    # The first pass accumulates output 0's flat index when there is one output, else
+    # only whether the hit was placed (the outputs are summed from the bins in the second).
+    key_strides = strides[0] if strides.shape[0] == 1 else np.zeros(n_axes, index)
+    fill(
         coords, offsets, edges, np.array([a.nbins for a in layout.axes], np.int64),
         np.array([a.kind for a in layout.axes], np.int64),
         np.ascontiguousarray(lookups[:, 0]), np.ascontiguousarray(lookups[:, 1]),
-        layout.strides, layout.offsets, weights, weighted, maxval, saturate,
-        out, under, over, nans, clipped, inside,
+        strides, key_strides, layout.offsets.astype(index), weights, weighted, maxval,
+        saturate, out, under, over, nans, clipped, inside,
     )
     stats = BinStats(
         tuple(a.name for a in layout.axes), int(n_hits), under.sum(axis=0), over.sum(axis=0),

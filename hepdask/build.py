@@ -42,7 +42,11 @@ class Bar:
         self._progress = None
         if enabled:
             from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
                 TimeRemainingColumn,
             )
 
@@ -270,7 +274,7 @@ def plan_report(config: Config, partitions, first_entries: dict[str, int], gener
             events = n_files * sample.generate.events_per_file
         estimate += events
         report.samples[sample.name] = {"files": n_files, "label": sample.label, "estimated_events": events,
-                                       "files_to_generate": generated.get(sample.name, 0)}  # fmt: skip
+                                       "files_to_generate": generated.get(sample.name, 0)}
     report.plan = {
         "estimated_events": estimate,
         "estimated_uncompressed_bytes": estimate * image_bytes,
@@ -356,7 +360,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
 
     counts = [s.n_events for s in staged]
     plans = store.assign(counts, config.output.split, seed=config.output.shuffle.seed,
-                         shuffle=config.output.shuffle.enabled)  # fmt: skip
+                         shuffle=config.output.shuffle.enabled)
     arrays, dims = _array_specs(config, layout, staged)
     per_chunk = chunk_events(config, layout)
     sample_names = [s.name for s in config.samples]
@@ -393,7 +397,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         {"path": p.file, "sample": p.sample, "label": p.label, "entries": s.info.get("entries", 0),
          "selected": s.n_events, "size": s.info.get("size"), "mtime": s.info.get("mtime"), "status": "ok"}
         for p, s in zip(partitions, staged)
-    ]  # fmt: skip
+    ]
     report.wall_seconds = time.perf_counter() - started
     store.finalize(config.output.path, {
         store.PREFIX + "statistics": report.to_dict(),
@@ -428,7 +432,7 @@ def _array_specs(config: Config, layout: binning.ImageLayout, staged: list[store
     example = next((s for s in staged if s.n_events), None)
     for name in config.event:
         arrays[name] = example.arrays[name] if example else store.ArraySpec("float64")
-    dims = {name: () for name in arrays}
+    dims = dict.fromkeys(arrays, ())
     dims["image"] = layout.dims
     return arrays, dims
 
@@ -441,7 +445,7 @@ def _coordinates(layout: binning.ImageLayout) -> list[store.Coordinate]:
         coords = [store.Coordinate(d, np.arange(n, dtype=np.int64), {"description": described[d]}) for d in ("u", "v")]
         axes_attrs = {a.name: {"edges": a.edges.tolist(), "units": a.units, "scale": kinds[a.kind]} for a in layout.axes}
         coords.append(store.Coordinate("projection", np.array(layout.channel_names),
-                                       {"axes": axes_attrs}))  # fmt: skip
+                                       {"axes": axes_attrs}))
         return coords
     return [
         store.Coordinate(a.name, a.centers, {"edges": a.edges.tolist(), "units": a.units, "scale": kinds[a.kind]})

@@ -72,7 +72,7 @@ def _build(args: argparse.Namespace) -> int:
     console = Console(stderr=False)
     config = load(args.config, _flag_overrides(args))
     report = build_dataset(config, dry_run=args.dry_run, progress=not args.no_progress and not args.json,
-                           console=console)  # fmt: skip
+                           console=console)
     if args.json:
         print(json.dumps(report.plan | report.to_dict() if args.dry_run else report.to_dict(), indent=2))
     elif args.dry_run:
@@ -99,7 +99,7 @@ def _example(args: argparse.Namespace) -> int:
     from . import examples
 
     paths = examples.generate(args.directory, signal=args.signal, n_files=args.files,
-                              events_per_file=args.events, seed=args.seed)  # fmt: skip
+                              events_per_file=args.events, seed=args.seed)
     print(f"{len(paths)} files in {args.directory}")
     return 0
 
@@ -118,7 +118,7 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence]):
 def print_plan(config, report, console) -> None:
     console.print(f"[bold]{config.name}[/]: dry run, nothing written")
     rows = [(name, s["label"], s["files"], s["files_to_generate"], s["estimated_events"])
-            for name, s in report.samples.items()]  # fmt: skip
+            for name, s in report.samples.items()]
     console.print(_table("samples", ["sample", "label", "files", "to generate", "events (est.)"], rows))
     plan = report.plan
     console.print(f"partitions: {report.n_partitions:,} (one per file, read {config.read.step_size:,} entries at a time)")
@@ -149,7 +149,7 @@ def print_info(info: dict, console) -> None:
     console.print(f"[bold]{info['path']}[/] (hepdask {info['version']}, created {info['created']})")
     rows = [(split, s["events"], "x".join(map(str, s["image_shape"])), ",".join(s["image_dims"]), s["dtype"],
              s["chunk_events"], " ".join(f"{k}:{v:,}" for k, v in s["labels"].items()))
-            for split, s in info["splits"].items()]  # fmt: skip
+            for split, s in info["splits"].items()]
     console.print(_table("splits", ["split", "events", "image", "dims", "dtype", "chunk", "labels"], rows))
     rows = [(name, s["label"], s["files"], s["entries"], s["selected"]) for name, s in info["samples"].items()]
     console.print(_table("provenance", ["sample", "label", "files", "entries", "selected"], rows))
@@ -161,7 +161,7 @@ COMMANDS = {"build-dataset": _build, "info": _info, "make-example-data": _exampl
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
     except HepdaskError as err:

@@ -146,7 +146,7 @@ def _staged_array(staging: Path, staged: Staged, name: str) -> np.ndarray:
     if staged.n_events == 0:
         return np.zeros((0, *spec.shape), spec.dtype)
     return np.memmap(f"{staging}/{staged.key}/{name}.bin", dtype=spec.dtype, mode="r",
-                     shape=(staged.n_events, *spec.shape))  # fmt: skip
+                     shape=(staged.n_events, *spec.shape))
 
 
 # --------------------------------------------------------------------------------------------

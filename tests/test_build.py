@@ -13,7 +13,7 @@ import xarray as xr
 import zarr
 
 import hepdask
-from hepdask import build, store
+from hepdask import store
 from hepdask.cli import main as cli
 from hepdask.config import from_dict
 
@@ -70,7 +70,7 @@ def test_every_image_equals_histogramdd_of_its_source_hits(built):
 
 
 def test_selection_and_statistics_are_reported(built):
-    config, report, out = built
+    _config, report, out = built
     for sample in report.samples.values():
         assert sample["files"] == 4
         assert sample["read"] == 160
@@ -82,7 +82,7 @@ def test_selection_and_statistics_are_reported(built):
 
 
 def test_store_layout_and_provenance(built):
-    config, report, out = built
+    config, _report, out = built
     root = zarr.open_group(str(out), mode="r")
     attrs = root.attrs
     assert attrs["hepdask:version"] == hepdask.__version__
@@ -136,9 +136,9 @@ def test_ldmx_formats_build(ldmx_data, client, tmp_path, fmt):
         {"field": "y", "bins": 8, "range": [-80, 80]},
         {"field": "z", "bins": 8 if fmt == "xyz" else 4, "range": [235, 605] if fmt == "xyz" else [240, 700],
          **({} if fmt == "xyz" else {"scale": "log"})},
-    ]  # fmt: skip
+    ]
     config = from_dict(demo_config(data, tmp_path / "f.zarr", **{"image.axes": axes, "image.format": fmt,
-                                                                 "image.weight": None, "image.dtype": "uint8"}))  # fmt: skip
+                                                                 "image.weight": None, "image.dtype": "uint8"}))
     hepdask.build_dataset(config, client=client, progress=False)
     ds = hepdask.open_dataset(tmp_path / "f.zarr", "val")
     if fmt == "xyz":

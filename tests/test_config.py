@@ -56,7 +56,7 @@ def test_unknown_key_is_rejected_with_a_suggestion(tmp_path):
         ({"image.axes": [{"field": "z", "bins": 4, "range": [0, 1], "downsample": 3}]}, "not divisible"),
         ({"image.axes": [{"field": "q", "bins": 4, "range": [0, 1]}]}, "is not a hit field"),
         ({"image.axes": [{"field": "z", "bins": 4, "range": [0, 1], "scale": "log"},
-                         {"field": "x", "bins": 4, "range": [0, 1]}]}, "positive range start"),  # fmt: skip
+                         {"field": "x", "bins": 4, "range": [0, 1]}]}, "positive range start"),
         ({"image.format": "xyz"}, "exactly three axes"),
         ({"event": {"label": "eventNumber"}}, "clash"),
         ({"cluster": {"kind": "address"}}, "needs cluster.address"),
@@ -70,7 +70,7 @@ def test_invalid_values_name_the_key(tmp_path, change, message):
 def test_overrides_set_nested_keys_and_list_items(tmp_path):
     path = write_config(tmp_path / "c.yaml", _config(tmp_path))
     config = load(path, ["output.chunk_events=7", "samples.1.label=5", "read.step_size=100",
-                         "image.axes.0.bins=3", "output.shuffle.enabled=false"])  # fmt: skip
+                         "image.axes.0.bins=3", "output.shuffle.enabled=false"])
     assert config.output.chunk_events == 7
     assert config.samples[1].label == 5
     assert config.read.step_size == 100
@@ -104,7 +104,7 @@ def test_missing_config_file(tmp_path):
 
 def test_content_hash_ignores_the_cluster(tmp_path):
     a = from_dict(_config(tmp_path))
-    b = from_dict(_config(tmp_path, **{"cluster": {"workers": 1}}))
+    b = from_dict(_config(tmp_path, cluster={"workers": 1}))
     c = from_dict(_config(tmp_path, **{"output.chunk_events": 3}))
     assert a.content_hash() == b.content_hash() != c.content_hash()
     assert yaml.safe_load(a.to_yaml())["name"] == "test"
