@@ -21,12 +21,12 @@ One run, on the same input files (the demo's generated ROOT files) and the same 
     dataset ``--scale`` times larger (more files, generated into the work dir) to check that
     the peak is bounded by the partition/step size, not by the dataset size.
 
-Before every measured build the workers are restarted (so one build's freed-but-retained
-memory does not show up in the next one's peak) and warmed up: every worker processes one
+Every measurement gets a fresh LocalCluster (so one build's freed-but-retained memory does
+not show up in the next one's peak), warmed up before timing: every worker processes one
 partition (numba compilation, imports), then a tiny 2-file build runs on the cluster.
 
     python benchmarks/bench_build.py [--config configs/demo.yaml] [--workers 2]
-        [--shuffle/--no-shuffle] [--scale 2] [--work-dir benchmarks/_work]
+        [--shuffle/--no-shuffle] [--scale 2 [4 ...]] [--repeat 1] [--work-dir benchmarks/_work]
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,7 @@ def partitions(config):
 
 def _sampler_start(dask_worker, interval: float) -> None:
     import threading
+    import time
 
     import psutil
 
@@ -132,10 +135,12 @@ def _sampler_start(dask_worker, interval: float) -> None:
         while not stop.is_set():
             mem = proc.memory_info()
             values = {"rss": mem.rss, "anon": mem.rss - mem.shared, "fds": proc.num_fds()}
+            now = time.perf_counter()
             for name in (phase(), "all"):
-                peak = peaks.setdefault(name, {"rss": 0, "anon": 0, "fds": 0})
+                peak = peaks.setdefault(name, {"rss": 0, "anon": 0, "fds": 0, "first": now})
                 for key, value in values.items():
                     peak[key] = max(peak[key], value)
+                peak["last"] = now
             state["samples"] += 1
             stop.wait(interval)
 
@@ -180,13 +185,23 @@ def _warm_worker(partition, job, staging: str) -> int:
     return result["n_events"]
 
 
-def restart_and_warm(client, config_path: Path, work_dir: Path, config, args) -> None:
-    """Fresh worker processes, warmed up: one partition each, then a tiny 2-file build."""
+@contextmanager
+def warm_cluster(config_path: Path, work_dir: Path, config, args) -> Iterator:
+    """A fresh LocalCluster as a build starts it, warmed up: one partition per worker, then a
+    tiny 2-file build. Fresh worker processes keep one measurement's retained memory out of
+    the next one's peak."""
+    from hepdask import cluster
+
+    with cluster.connect(config.cluster) as client:
+        client.wait_for_workers(args.workers)
+        warm_up(client, config_path, work_dir, config, args)
+        yield client
+
+
+def warm_up(client, config_path: Path, work_dir: Path, config, args) -> None:
     import hepdask
     from hepdask import build
 
-    client.restart()
-    client.wait_for_workers(args.workers)
     parts = partitions(config)
     job = build.Job.from_config(config)
     client.run(lambda dask_worker: _warm_worker(parts[0], job, f"{work_dir}/warm-{dask_worker.name}.staging"))
@@ -323,10 +338,37 @@ def step_bytes(config, read: dict, events_per_partition: float) -> dict:
             "images": step_events * image}  # fmt: skip
 
 
+def merge_memory(memories: list[dict]) -> dict:
+    """Per worker, the largest of each peak over several runs (phase spans from the first)."""
+    merged = json.loads(json.dumps(memories[0]))
+    for memory in memories[1:]:
+        for worker, m in memory.items():
+            target = merged.setdefault(worker, m)
+            target["baseline_rss"] = max(target["baseline_rss"], m["baseline_rss"])
+            target["baseline_anon"] = max(target["baseline_anon"], m["baseline_anon"])
+            for phase, peak in m["peaks"].items():
+                into = target["peaks"].setdefault(phase, dict(peak))
+                for key in ("rss", "anon", "fds"):
+                    into[key] = max(into[key], peak[key])
+    return merged
+
+
+def phase_seconds(build: dict) -> dict[str, float]:
+    """Wall time of the stage (read + bin + stage) and write phases, from the RSS samples."""
+    out = {}
+    for phase in ("stage", "write"):
+        spans = [m["peaks"][phase] for m in build["memory"].values() if phase in m["peaks"]]
+        if spans:
+            out[phase] = max(s["last"] for s in spans) - min(s["first"] for s in spans)
+    return out
+
+
 def fmt_rate(result: dict) -> str:
     eps = result["events"] / result["seconds"]
     mbs = f"{result['bytes'] / MB / result['seconds']:8.1f}" if "bytes" in result else "       -"
-    return f"{result['events']:>9,d}  {result['seconds']:8.2f}  {eps:>10,.0f}  {mbs}"
+    runs = result.get("all_seconds", [])
+    runs = f"  (runs: {', '.join(f'{t:.2f}' for t in runs)} s)" if len(runs) > 1 else ""
+    return f"{result['events']:>9,d}  {result['seconds']:8.2f}  {eps:>10,.0f}  {mbs}{runs}"
 
 
 def print_tables(results: dict, args) -> list[str]:
@@ -337,7 +379,8 @@ def print_tables(results: dict, args) -> list[str]:
     say(f"{'(1) uproot read, ' + str(len(read['branches'])) + ' branches, ' + str(read['tasks']) + ' tasks':<44} {fmt_rate(read)}")
     say(f"{'(2) Zarr write, ' + write['compressor'] + ', ' + str(write['tasks']) + ' tasks':<44} {fmt_rate(write)}")
     for name, b in builds.items():
-        say(f"{'(3) build ' + name:<44} {fmt_rate(b)}")
+        phases = "  ".join(f"{k} {v:.1f} s" for k, v in phase_seconds(b).items())
+        say(f"{'(3) build ' + name:<44} {fmt_rate(b)}   ({phases})")
     slower = min(read["events"] / read["seconds"], write["events"] / write["seconds"])
     say("")
     for name, b in builds.items():
@@ -355,16 +398,23 @@ def print_tables(results: dict, args) -> list[str]:
         f"{step['events_per_partition']:.0f} entries, so a step is {step['step_events']:.0f} entries = "
         f"{step['input'] / MiB:.2f} MiB of input branches + {step['images'] / MiB:.2f} MiB of images")
     say("")
-    say(f"{'peak worker memory (MiB)':<30} {'worker':<9} {'files':>6} {'baseline':>9} {'peak RSS':>9} "
-        f"{'stage RSS':>9} {'write RSS':>9} {'peak anon':>9} {'stage anon':>10} {'write anon':>10} {'max fds':>7}")
+    say("peak worker memory, MiB: RSS as Dask's nanny measures it (includes file-backed pages, i.e. the "
+        "staged files that write tasks memory-map), and anon = RSS - shared; base = before the build")
+    head = ("build", "worker", "files", "base RSS", "peak RSS", "stage RSS", "write RSS",
+            "base anon", "stage anon", "write anon", "max fds")  # fmt: skip
+    widths = (16, 9, 6, 9, 9, 9, 9, 9, 10, 10, 7)
+    say(" ".join(f"{h:<{w}}" if i < 2 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(head, widths))))
     for name, b in builds.items():
         for worker, m in b["memory"].items():
-            p = m["peaks"]
-            get = lambda phase, key: p.get(phase, {}).get(key, 0) / MiB  # noqa: E731
-            say(f"{name:<30} {worker:<9} {b['partitions']:>6} {m['baseline_rss'] / MiB:>9.0f} {get('all', 'rss'):>9.0f} "
-                f"{get('stage', 'rss'):>9.0f} {get('write', 'rss'):>9.0f} {get('all', 'anon'):>9.0f} "
-                f"{get('stage', 'anon'):>10.0f} {get('write', 'anon'):>10.0f} {int(p.get('all', {}).get('fds', 0)):>7}")
-    say("RSS includes file-backed pages (the staged files the write tasks memory-map); anon = RSS - shared.")
+            peaks = m["peaks"]
+
+            def get(phase, key, peaks=peaks):
+                return peaks.get(phase, {}).get(key, 0) / MiB
+
+            row = (name.replace(" shuffle ", " shuf "), worker, b["partitions"], m["baseline_rss"] / MiB,
+                   get("all", "rss"), get("stage", "rss"), get("write", "rss"), m["baseline_anon"] / MiB,
+                   get("stage", "anon"), get("write", "anon"), get("all", "fds") * MiB)  # fmt: skip
+            say(" ".join(f"{v:<{w}}" if i < 2 else f"{v:>{w}.0f}" for i, (v, w) in enumerate(zip(row, widths))))
     for line in lines:
         print(line)
     return lines
@@ -380,8 +430,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=False,
                         help="global shuffle in the main and the scaled build (default off); "
                              "a 1x build with the other setting always runs too")  # fmt: skip
-    parser.add_argument("--scale", type=int, default=2, help="the larger dataset has this many times the files")
+    parser.add_argument("--scale", type=int, nargs="+", default=[2],
+                        help="build larger datasets with this many times the files (e.g. --scale 2 4)")  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=HERE / "_work")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each 1x measurement this many times (fresh cluster each) and keep the fastest; "
+                             "other processes on the machine make single runs noisy")  # fmt: skip
     parser.add_argument("--interval", type=float, default=0.02, help="seconds between RSS samples")
     return parser.parse_args(argv)
 
@@ -397,40 +451,40 @@ def main(argv=None) -> dict:
 
     config = load_config(config_path, work, "build.zarr", workers=args.workers, shuffle=args.shuffle)
     other = load_config(config_path, work, "build-other.zarr", workers=args.workers, shuffle=not args.shuffle)
-    big_extra = scaled_overrides(config, work / f"data-x{args.scale}", args.scale)
-    big = load_config(config_path, work, f"build-x{args.scale}.zarr", workers=args.workers, shuffle=args.shuffle,
-                      extra=big_extra)  # fmt: skip
+    bigs = {
+        scale: load_config(config_path, work, f"build-x{scale}.zarr", workers=args.workers, shuffle=args.shuffle,
+                           extra=scaled_overrides(config, work / f"data-x{scale}", scale))
+        for scale in args.scale
+    }  # fmt: skip
     t0 = time.perf_counter()
-    ensure_inputs(config)
-    ensure_inputs(big)
-    print(f"inputs ready ({time.perf_counter() - t0:.1f} s, not timed): {len(partitions(config))} files, "
-          f"{len(partitions(big))} files for the {args.scale}x dataset")  # fmt: skip
-
-    from hepdask import cluster
+    for c in (config, *bigs.values()):
+        ensure_inputs(c)
+    print(f"inputs ready ({time.perf_counter() - t0:.1f} s, not timed): {len(partitions(config))} files; "
+          + ", ".join(f"{len(partitions(c))} files for {s}x" for s, c in bigs.items()))  # fmt: skip
 
     results: dict = {"builds": {}}
-    with cluster.connect(config.cluster) as client:
-        client.wait_for_workers(args.workers)
-        restart_and_warm(client, config_path, work, config, args)
-        results["read"] = bench_read(client, config)
-        print(f"(1) read   {fmt_rate(results['read'])}")
 
-        restart_and_warm(client, config_path, work, config, args)
-        results["builds"][main_name] = bench_build(client, config, args.interval)
-        print(f"(3) build  {fmt_rate(results['builds'][main_name])}  [{main_name}]")
+    def measure(label: str, run, repeat: int = args.repeat) -> dict:
+        """The fastest of *repeat* runs, each on a fresh warm cluster; memory peaks: the max."""
+        runs = []
+        for _ in range(repeat):
+            with warm_cluster(config_path, work, config, args) as client:
+                load = os.getloadavg()[0]
+                runs.append({**run(client), "load_before": load})
+            print(f"{label:<30} {fmt_rate(runs[-1])}   (1-min load before: {load:.1f})")
+        best = min(runs, key=lambda r: r["seconds"])
+        best["all_seconds"] = [round(r["seconds"], 3) for r in runs]
+        if "memory" in best:
+            best["memory"] = merge_memory([best["memory"], *(r["memory"] for r in runs if r is not best)])
+        return best
 
-        restart_and_warm(client, config_path, work, config, args)
-        results["write"] = bench_write(client, config, Path(config.output.path), work / "write-only.zarr")
-        print(f"(2) write  {fmt_rate(results['write'])}")
-
-        restart_and_warm(client, config_path, work, config, args)
-        results["builds"][other_name] = bench_build(client, other, args.interval)
-        print(f"(3) build  {fmt_rate(results['builds'][other_name])}  [{other_name}]")
-
-        big_name = f"{args.scale}x shuffle {'on' if args.shuffle else 'off'}"
-        restart_and_warm(client, config_path, work, config, args)
-        results["builds"][big_name] = bench_build(client, big, args.interval)
-        print(f"(3) build  {fmt_rate(results['builds'][big_name])}  [{big_name}]")
+    results["read"] = measure("(1) read", lambda client: bench_read(client, config))
+    results["builds"][main_name] = measure(f"(3) build {main_name}", lambda client: bench_build(client, config, args.interval))
+    results["write"] = measure("(2) write", lambda client: bench_write(client, config, Path(config.output.path), work / "write-only.zarr"))
+    results["builds"][other_name] = measure(f"(3) build {other_name}", lambda client: bench_build(client, other, args.interval))
+    for scale, big in bigs.items():
+        big_name = f"{scale}x shuffle {'on' if args.shuffle else 'off'}"
+        results["builds"][big_name] = measure(f"(3) build {big_name}", lambda client, big=big: bench_build(client, big, args.interval), 1)
 
     per_partition = results["read"]["events"] / results["read"]["tasks"]
     results["step"] = {"config_step_size": config.read.step_size, "events_per_partition": per_partition,

@@ -164,10 +164,13 @@ def _locate(x, lo, hi, n, kind, origin, scale, edges, a):
 
 
 #: Hits handled per block: the block's bin indices stay in L1 between the two passes.
+#: Each block is binned in two passes: a branch-free (vectorised) guess of every hit's flat
+#: index, axis by axis, then a tight scatter-add; hits the guess is not sure of (outside the
+#: range, NaN, within rounding of an edge, explicit edges) are located exactly in between.
 _BLOCK = 512
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True)
 def _exact_bins(coords, h, edges, nbins, kinds, origins, scales, bins, i, under, over):
     """Exact bins of hit *h* into column *i* of ``bins``; 0 if the hit is in the image,
     else ``_NAN`` or ``_UNDER`` (per-axis under/overflow is counted here)."""
@@ -189,6 +192,32 @@ def _exact_bins(coords, h, edges, nbins, kinds, origins, scales, bins, i, under,
     return code
 
 
+@numba.njit(inline="always")
+def _flat(bins, i, k, key, strides, chan_offsets):
+    """Flat index of hit *i* in output *k*: its *key* when the image has one output."""
+    if strides.shape[0] == 1:
+        return key
+    idx = chan_offsets[k]
+    for a in range(bins.shape[0]):
+        idx += bins[a, i] * strides[k, a]
+    return idx
+
+
+@numba.njit(inline="always")
+def _count(img, bins, i, key, strides, chan_offsets, check, maxval):
+    """Count hit *i* in every output of ``img``; return how many counts did not fit."""
+    n_clipped = 0
+    for k in range(strides.shape[0]):
+        idx = _flat(bins, i, k, key, strides, chan_offsets)
+        if not check:
+            img[idx] += 1
+        elif img[idx] < maxval:
+            img[idx] += 1
+        else:
+            n_clipped += 1
+    return n_clipped
+
+
 def _make_fill(index):
     """The binning kernel computing flat bin indices as *index* (np.int32 when the image is
     small enough: twice the SIMD lanes of int64)."""
@@ -208,10 +237,11 @@ def _make_fill(index):
             # keys[i]: the flat index of hit i (of output 0), negative when the first pass
             # could not place the hit for certain; bins[a, i]: its bin on axis a.
             keys = np.empty(block, index)
+            unsure = np.empty(block, np.int64)
             bins = np.empty((n_axes, block), index)
-            # A bin gets at most one count per hit: with no more hits than maxval, none
-            # can saturate and the check is skipped.
-            check = saturate and last - first > maxval
+            # A bin gets at most one count per hit and output: with no more counts than
+            # maxval none can saturate, and the check is skipped.
+            check = saturate and (last - first) * n_out > maxval
             n_nan = 0
             n_clipped = 0
             n_inside = 0
@@ -235,46 +265,64 @@ def _make_fill(index):
                             row[i] = index(max(b, 0))
                             keys[i] = (keys[i] + row[i] * stride) | (zero if b >= 0 else bad)
                         continue
-                    for i in range(m):
+                    if kind == UNIFORM:
+                        for i in range(m):
+                            v = np.float64(x[i])
+                            ok = (v >= lo) & (v < hi)
+                            g = ((v if ok else lo) - origin) * scale
+                            b = index(g)
+                            frac = g - b
+                            # Within rounding of an edge (or past the last bin): not certain.
+                            ok &= (frac >= _NEAR_EDGE) & (frac <= 1.0 - _NEAR_EDGE) & (b < n)
+                            row[i] = b
+                            keys[i] = (keys[i] + b * stride) | (zero if ok else bad)
+                        continue
+                    for i in range(m):  # LOG
                         v = np.float64(x[i])
                         ok = (v >= lo) & (v < hi)
-                        v = v if ok else lo
-                        g = (v - origin) * scale if kind == UNIFORM else (math.log(v) - origin) * scale
+                        g = (math.log(v if ok else lo) - origin) * scale
                         b = index(g)
                         frac = g - b
-                        # Within rounding of an edge (or past the last bin): not certain.
                         ok &= (frac >= _NEAR_EDGE) & (frac <= 1.0 - _NEAR_EDGE) & (b < n)
                         row[i] = b
                         keys[i] = (keys[i] + b * stride) | (zero if ok else bad)
-                # Second pass: fill the image; the few uncertain hits are located exactly.
+                # The few hits the first pass was not sure of: their exact bins, or their
+                # statistics if they are not in the image (the key stays negative).
+                n_unsure = 0
                 for i in range(m):
-                    key = keys[i]
-                    h = start + i
-                    if key < 0:
-                        code = _exact_bins(coords, h, edges, nbins, kinds, origins, scales,
-                                           bins, i, under[ev], over[ev])  # fmt: skip
-                        if code < 0:
-                            n_nan += code == _NAN
-                            continue
-                        key = chan_offsets[0]
+                    unsure[n_unsure] = i
+                    n_unsure += keys[i] < 0
+                n_inside += m
+                for j in range(n_unsure):
+                    i = unsure[j]
+                    code = _exact_bins(coords, start + i, edges, nbins, kinds, origins, scales,
+                                       bins, i, under[ev], over[ev])  # fmt: skip
+                    if code < 0:
+                        n_inside -= 1
+                        n_nan += code == _NAN
+                        continue
+                    key = chan_offsets[0] if n_out == 1 else 0
+                    if n_out == 1:
                         for a in range(n_axes):
                             key += bins[a, i] * strides[0, a]
-                    n_inside += 1
-                    for k in range(n_out):
-                        idx = key
-                        if k > 0:
-                            idx = chan_offsets[k]
-                            for a in range(n_axes):
-                                idx += bins[a, i] * strides[k, a]
-                        if weighted:
-                            acc[idx] += weights[h]
-                        elif check:
-                            if img[idx] < maxval:
-                                img[idx] += 1
-                            else:
-                                n_clipped += 1
-                        else:
-                            img[idx] += 1
+                    keys[i] = key
+                # Second pass, in the hits' order (weighted sums must be histogramdd's).
+                if weighted:
+                    for i in range(m):
+                        if keys[i] >= 0:
+                            for k in range(n_out):
+                                idx = _flat(bins, i, k, keys[i], strides, chan_offsets)
+                                acc[idx] += weights[start + i]
+                elif n_out == 1 and not check:
+                    for i in range(m):
+                        key = keys[i]
+                        if key >= 0:
+                            img[key] += 1
+                else:
+                    for i in range(m):
+                        if keys[i] >= 0:
+                            n_clipped += _count(img, bins, i, keys[i], strides, chan_offsets,
+                                                check, maxval)  # fmt: skip
             if weighted:
                 for i in range(size):
                     img[i] = acc[i]
@@ -285,6 +333,8 @@ def _make_fill(index):
     return fill
 
 
+# Both share one on-disk cache index; their signatures differ (the strides' dtype is
+# *index*), so neither loads the other's machine code.
 _fill32 = _make_fill(np.int32)
 _fill64 = _make_fill(np.int64)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__, binning, examples, selection, sources, store
 from .config import AUTO_CHUNK_BYTES, Config
-from .errors import BuildError, HepdaskError, StoreError
+from .errors import BuildError, HepdaskError, InputFileError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class Bar:
 
     def __init__(self, *, enabled: bool, console=None) -> None:
         self.enabled = enabled
+        self.console = console
         self._progress = None
         if enabled:
             from rich.progress import (
@@ -72,8 +73,11 @@ class Bar:
             self._progress.advance(task, n)
 
     def print(self, text: str) -> None:
+        """Tell the user (on the console when there is one, else in the log)."""
         if self._progress is not None:
             self._progress.console.print(text)
+        elif self.console is not None:
+            self.console.print(text)
         else:
             log.info(text)
 
@@ -114,6 +118,7 @@ class Job:
     hit_cut: str | None
     event_cut: str | None
     staging: str
+    on_bad_file: str
 
     @classmethod
     def from_config(cls, config: Config) -> Job:
@@ -124,14 +129,38 @@ class Job:
             dtype=config.image.resolved_dtype, layout=image_layout(config),
             hit_cut=config.selection.hits, event_cut=config.selection.events,
             staging=str(store.staging_path(config.output.path)),
+            on_bad_file=config.read.on_bad_file,
         )
 
 
 def process_partition(partition: sources.Partition, job: Job) -> dict:
-    """Read, select, bin and stage one partition; return its staging record as JSON."""
+    """Stage one partition (or reuse its staged copy if its file is unchanged).
+
+    Returns the staging record as JSON, or, under ``on_bad_file: skip``, ``{"key", "bad"}``
+    for a file that cannot be read.
+    """
     done = store.load_staged(job.staging, partition.key)
     if done is not None:
-        return done.to_json()
+        if _unchanged(done, partition):
+            return done.to_json()
+        store.discard_staged(job.staging, partition.key)
+    try:
+        return _stage(partition, job).to_json()
+    except InputFileError as err:
+        if job.on_bad_file != "skip":
+            raise
+        return {"key": partition.key, "bad": sources.describe_failure(err)}
+
+
+def _unchanged(done: store.Staged, partition: sources.Partition) -> bool:
+    try:
+        current = sources.file_info(partition.file)
+    except OSError:
+        return False
+    return all(done.info.get(k) == v for k, v in current.items())
+
+
+def _stage(partition: sources.Partition, job: Job) -> store.Staged:
     hit_cut = selection.hit_cut(job.hit_cut, job.hits)
     event_cut = selection.event_cut(job.event_cut, job.events)
     stats = binning.BinStats(tuple(a.name for a in job.layout.axes))
@@ -156,11 +185,11 @@ def process_partition(partition: sources.Partition, job: Job) -> dict:
             images, step_stats = binning.bin_events(coords, offsets, job.layout, weights=weights, dtype=job.dtype)
             stats += step_stats
             writer.append({"image": images, "entry": entries, **events})
+        info = {"entries": entries_read, "stats": stats.to_dict(), **sources.file_info(partition.file)}
     except BaseException:
         writer.abort()
         raise
-    info = {"entries": entries_read, "stats": stats.to_dict(), **sources.file_info(partition.file)}
-    return writer.close(info).to_json()
+    return writer.close(info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +213,7 @@ class BuildReport:
     dashboard: str | None = None
     dry_run: bool = False
     plan: dict[str, Any] = field(default_factory=dict)
+    bad_files: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def events_written(self) -> int:
@@ -204,6 +234,7 @@ class BuildReport:
             "chunk_events": self.chunk_events, "partitions": self.n_partitions,
             "wall_seconds": round(self.wall_seconds, 3),
             "events_per_second": round(self.events_per_second, 1),
+            "bad_files": self.bad_files,
         }
 
 
@@ -236,17 +267,30 @@ def _generate_examples(config: Config, progress: Callable | None, dry_run: bool)
     return todo
 
 
+#: Under ``on_bad_file: skip``, the probe tries up to this many files of a sample.
+PROBE_FILES = 10
+
+
 def probe(config: Config, partitions: list[sources.Partition]) -> dict[str, int]:
-    """Open the first file of each sample on the client: tree and branches exist, entries."""
+    """Open a file of each sample on the client: tree and branches exist; its entries.
+
+    Under ``skip`` a bad file is passed over (up to PROBE_FILES), so only an error that
+    every tried file shares, such as a misspelt branch, stops the build here.
+    """
+    tries = PROBE_FILES if config.read.on_bad_file == "skip" else 1
     entries = {}
     for sample in config.samples:
-        first = next((p for p in partitions if p.sample == sample.name), None)
-        if first is None:
-            continue
-        file, tree = sources.open_tree(first.file, config.tree)
-        with file:
-            sources.check_branches(tree, first.file, config.tree, config.hits, config.event)
-            entries[sample.name] = int(tree.num_entries)
+        candidates = [p for p in partitions if p.sample == sample.name][:tries]
+        for i, partition in enumerate(candidates):
+            try:
+                file, tree = sources.open_tree(partition.file, config.tree)
+                with file:
+                    sources.check_branches(tree, partition.file, config.tree, config.hits, config.event)
+                    entries[sample.name] = int(tree.num_entries)
+                break
+            except InputFileError:
+                if i == len(candidates) - 1:
+                    raise
     return entries
 
 
@@ -298,11 +342,15 @@ def build_dataset(
         task = bar.add("generate example files", total) if total and not dry_run else None
         generated = _generate_examples(config, (lambda: bar.advance(task)) if task is not None else None, dry_run)
         pending = {name for name, n in generated.items() if n and dry_run}
-        partitions = sources.plan([(s.name, s.label, s.files) for s in config.samples if s.name not in pending])
+        skip = config.read.on_bad_file == "skip"
+        partitions = sources.plan(
+            [(s.name, s.label, s.files) for s in config.samples if s.name not in pending], must_exist=not skip,
+        )
         first_entries = probe(config, partitions)
         if dry_run:
             return plan_report(config, partitions, first_entries, generated)
-        _check_output(Path(config.output.path), overwrite=config.output.overwrite)
+        if _prepare_output(config):
+            bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
         context = nullcontext(client) if client is not None else _connect(config)
         with context as active:
             return _run(config, partitions, active, bar, started)
@@ -314,18 +362,74 @@ def _connect(config: Config):
     return cluster.connect(config.cluster)
 
 
-def _check_output(output: Path, *, overwrite: bool) -> None:
+def _prepare_output(config: Config) -> bool:
+    """Make room for the build; return True when an interrupted build of the same config resumes.
+
+    A complete store is only replaced with ``overwrite``. A staging area left by a killed
+    build of the same config (same content hash) is kept and its finished partitions are
+    reused; one of another config is refused, never mixed.
+    """
+    output = Path(config.output.path)
     staging = store.staging_path(output)
-    if output.exists() or staging.exists():
-        if not overwrite:
-            state = "a complete store" if store.is_complete(output) else "an incomplete build"
-            where = output if output.exists() else staging
-            msg = f"output {str(where)!r} exists ({state}); pass --overwrite (output.overwrite=true) to replace it"
-            raise StoreError(msg)
+    if config.output.overwrite:
         shutil.rmtree(output, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
+    elif store.is_complete(output):
+        msg = f"output {str(output)!r} exists (a complete store); pass --overwrite (output.overwrite=true) to replace it"
+        raise StoreError(msg)
+    elif staging.exists():
+        record = store.read_build_record(staging)
+        if record is None or record.get("config_hash") != config.content_hash():
+            msg = (
+                f"{str(staging)!r} holds an interrupted build of a different config; "
+                "pass --overwrite (output.overwrite=true) to discard it and start over"
+            )
+            raise StoreError(msg)
+        store.clean_staging(staging)
+        shutil.rmtree(output, ignore_errors=True)
+        return True
+    elif output.exists():
+        msg = (
+            f"output {str(output)!r} exists (an incomplete store with nothing to resume); "
+            "pass --overwrite (output.overwrite=true) to replace it"
+        )
+        raise StoreError(msg)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir(parents=True)
+    store.write_build_record(staging, {"config_hash": config.content_hash(), "version": __version__})
+    return False
+
+
+def _raise_task_error(future, err: BaseException) -> None:
+    if isinstance(err, HepdaskError):
+        raise err
+    msg = f"task {future.key!r} failed: {type(err).__name__}: {err}"
+    raise BuildError(msg) from err
+
+
+def _stage_all(client, partitions: list[sources.Partition], job: Job, bar) -> list[dict]:
+    """Stage every partition; under ``skip``, a partition whose worker died on every retry
+    (a "poison" file) is reported as bad instead of failing the build."""
+    from distributed import KilledWorker, as_completed
+
+    task = bar.add("read + bin", len(partitions))
+    futures = client.map(process_partition, partitions, job=job, key=[f"stage-{p.key}" for p in partitions])
+    position = {f.key: i for i, f in enumerate(futures)}
+    results: list[dict] = [{} for _ in partitions]
+    for future in as_completed(futures):
+        i = position[future.key]
+        if future.status == "error":
+            err = future.exception()
+            if job.on_bad_file == "skip" and isinstance(err, KilledWorker):
+                message = f"{partitions[i].file}: every worker that read it died (a crash or out of memory)"
+                results[i] = {"key": partitions[i].key, "bad": {"exception": "KilledWorker", "message": message}}
+            else:
+                client.cancel(futures)
+                _raise_task_error(future, err)
+        else:
+            results[i] = future.result()
+        bar.advance(task)
+    return results
 
 
 def _gather(client, futures, bar, task) -> list:
@@ -336,10 +440,7 @@ def _gather(client, futures, bar, task) -> list:
         if future.status == "error":
             err = future.exception()
             client.cancel(futures)
-            if isinstance(err, HepdaskError):
-                raise err
-            msg = f"task {future.key!r} failed: {type(err).__name__}: {err}"
-            raise BuildError(msg) from err
+            _raise_task_error(future, err)
         bar.advance(task)
     return client.gather(futures)
 
@@ -354,9 +455,12 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         bar.print(f"Dask dashboard: {report.dashboard}")
     report.n_partitions = len(partitions)
 
-    stage_task = bar.add("read + bin", len(partitions))
-    futures = client.map(process_partition, partitions, job=job, key=[f"stage-{p.key}" for p in partitions])
-    staged = [store.Staged.from_json(r) for r in _gather(client, futures, bar, stage_task)]
+    results = _stage_all(client, partitions, job, bar)
+    report.bad_files = [
+        {"path": p.file, "sample": p.sample, **r["bad"]} for p, r in zip(partitions, results) if "bad" in r
+    ]
+    _check_bad_fraction(config, report.bad_files, len(partitions))
+    staged = [store.Staged(r["key"], 0, {}) if "bad" in r else store.Staged.from_json(r) for r in results]
 
     counts = [s.n_events for s in staged]
     plans = store.assign(counts, config.output.split, seed=config.output.shuffle.seed,
@@ -393,9 +497,12 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
 
     report.image_shape, report.image_dtype, report.chunk_events = layout.shape, job.dtype, per_chunk
     _fill_report(report, config, partitions, staged, plans)
+    bad = {b["path"]: b for b in report.bad_files}
     manifest = [
         {"path": p.file, "sample": p.sample, "label": p.label, "entries": s.info.get("entries", 0),
-         "selected": s.n_events, "size": s.info.get("size"), "mtime": s.info.get("mtime"), "status": "ok"}
+         "selected": s.n_events, "size": s.info.get("size"), "mtime": s.info.get("mtime"),
+         "status": "bad" if p.file in bad else "ok",
+         **({"exception": bad[p.file]["exception"], "message": bad[p.file]["message"]} if p.file in bad else {})}
         for p, s in zip(partitions, staged)
     ]
     report.wall_seconds = time.perf_counter() - started
@@ -411,6 +518,19 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     })
     shutil.rmtree(job.staging, ignore_errors=True)
     return report
+
+
+def _check_bad_fraction(config: Config, bad_files: list[dict], n_files: int) -> None:
+    if not bad_files or len(bad_files) <= config.read.max_bad_fraction * n_files:
+        return
+    listing = "; ".join(f"{b['path']} ({b['exception']})" for b in bad_files[:10])
+    more = f" and {len(bad_files) - 10} more" if len(bad_files) > 10 else ""
+    msg = (
+        f"{len(bad_files)} of {n_files} input files are bad, more than read.max_bad_fraction="
+        f"{config.read.max_bad_fraction:g}: {listing}{more}. The store is not finalised; "
+        "the good partitions stay staged for a re-run"
+    )
+    raise BuildError(msg)
 
 
 def _chunks_per_task(n_chunks: int, chunk_bytes: int, n_workers: int) -> int:

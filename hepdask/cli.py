@@ -15,6 +15,7 @@ from . import __version__
 from .errors import HepdaskError
 
 EXIT_USER_ERROR = 2
+EXIT_VERIFY_FAILED = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="summarise a store: splits, shapes, classes, provenance")
     info.add_argument("store")
     info.add_argument("--json", action="store_true", help="print as JSON")
+
+    verify = sub.add_parser("verify", help="check a store: complete, no missing chunks, no leftovers")
+    verify.add_argument("store")
 
     example = sub.add_parser("make-example-data", help="write LDMX-like calorimeter example files")
     example.add_argument("directory")
@@ -92,6 +96,18 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
     else:
         print_info(info, Console())
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .store import verify
+
+    problems = verify(args.store)
+    for problem in problems:
+        print(f"{args.store}: {problem}")
+    if problems:
+        return EXIT_VERIFY_FAILED
+    print(f"{args.store}: ok")
     return 0
 
 
@@ -155,7 +171,7 @@ def print_info(info: dict, console) -> None:
     console.print(_table("provenance", ["sample", "label", "files", "entries", "selected"], rows))
 
 
-COMMANDS = {"build-dataset": _build, "info": _info, "make-example-data": _example}
+COMMANDS = {"build-dataset": _build, "info": _info, "verify": _verify, "make-example-data": _example}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

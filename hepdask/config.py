@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +34,8 @@ INTEGER_DTYPES = ("uint8", "uint16", "uint32")
 #: Aim for this many uncompressed bytes per image chunk when ``chunk_events: auto``. Measured
 #: in benchmarks/RESULTS.md: zstd-1 chunks of ~7 MB wrote at 245 MB/s, 115 KB chunks at 53 MB/s.
 AUTO_CHUNK_BYTES = 4 * 2**20
+
+_ARRAY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Model(BaseModel):
@@ -170,9 +173,17 @@ class Selection(_Model):
 
 
 class Read(_Model):
-    """How input files are read: ``step_size`` entries per read (bounds worker memory)."""
+    """How input files are read, and what a bad input file does to the build.
+
+    ``step_size`` entries are read at a time (this bounds a worker's memory). With
+    ``on_bad_file: skip``, a file that cannot be read (see ``sources.BAD_FILE_ERRORS``) or
+    that kills its worker on every retry is left out and listed in the report; if more than
+    ``max_bad_fraction`` of the files are bad, the build stops without finalising.
+    """
 
     step_size: Annotated[int, Field(gt=0)] = 20_000
+    on_bad_file: Literal["fail", "skip"] = "fail"
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
 
 
 class Compressor(_Model):
@@ -215,6 +226,16 @@ class Output(_Model):
         return value
 
 
+class Tls(_Model):
+    """Dask TLS: ``temporary`` makes a self-signed certificate for a LocalCluster; for an
+    existing scheduler give the files (as dask's ``Security`` takes them)."""
+
+    temporary: bool = False
+    ca_file: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
 class Cluster(_Model):
     """Where the build runs: a LocalCluster (default) or an existing scheduler address."""
 
@@ -224,6 +245,7 @@ class Cluster(_Model):
     threads_per_worker: Annotated[int, Field(gt=0)] = 1
     memory_limit: str = "auto"
     dashboard_address: str = "127.0.0.1:8787"
+    tls: Tls | None = None
 
     @model_validator(mode="after")
     def _address(self) -> Cluster:
@@ -260,6 +282,10 @@ class Config(_Model):
         if self.image.weight is not None and self.image.weight not in self.hits:
             msg = f"image.weight {self.image.weight!r} is not a hit field{did_you_mean(self.image.weight, self.hits)}"
             raise ValueError(msg)
+        for name in self.event:
+            if not _ARRAY_NAME.match(name):
+                msg = f"event field name {name!r} must be a plain identifier (it names a stored array)"
+                raise ValueError(msg)
         reserved = {"image", "label", "sample", "source_file", "entry", "event", *self.output.split}
         clash = reserved & set(self.event)
         if clash:
@@ -268,8 +294,15 @@ class Config(_Model):
         return self
 
     def content_hash(self) -> str:
-        """Hash of everything that determines the store's content (not where it runs)."""
-        payload = self.model_dump(mode="json", exclude={"cluster"})
+        """Hash of everything that determines the staged partitions and the store's content.
+
+        Where the build runs, whether it may overwrite, and the bad-file policy are left
+        out: a build resumed with ``--overwrite`` off or ``skip`` on reuses what was staged.
+        """
+        payload = self.model_dump(
+            mode="json",
+            exclude={"cluster": True, "output": {"overwrite"}, "read": {"on_bad_file", "max_bad_fraction"}},
+        )
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

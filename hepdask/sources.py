@@ -56,8 +56,12 @@ class Step:
         return int(self.entries.size)
 
 
-def expand(sample_name: str, patterns: list[str]) -> list[str]:
-    """The sorted files of a sample; a pattern that matches nothing is an error."""
+def expand(sample_name: str, patterns: list[str], *, must_exist: bool = True) -> list[str]:
+    """The sorted files of a sample; a pattern that matches nothing is an error.
+
+    With ``must_exist=False`` a listed file that does not exist is kept: its partition then
+    fails on a worker and the bad-file policy decides.
+    """
     files: list[str] = []
     seen: set[str] = set()
     for pattern in patterns:
@@ -67,7 +71,7 @@ def expand(sample_name: str, patterns: list[str]) -> list[str]:
                 msg = f"sample {sample_name!r}: pattern {pattern!r} matches no file"
                 raise MissingInputError(msg)
         else:
-            if not os.path.exists(pattern):
+            if must_exist and not os.path.exists(pattern):
                 msg = f"sample {sample_name!r}: file {pattern!r} does not exist"
                 raise MissingInputError(msg)
             matched = [pattern]
@@ -78,11 +82,11 @@ def expand(sample_name: str, patterns: list[str]) -> list[str]:
     return files
 
 
-def plan(samples: list[tuple[str, int, list[str]]]) -> list[Partition]:
+def plan(samples: list[tuple[str, int, list[str]]], *, must_exist: bool = True) -> list[Partition]:
     """Partitions for ``(name, label, patterns)`` samples: one per file, in a stable order."""
     partitions: list[Partition] = []
     for name, label, patterns in samples:
-        for path in expand(name, patterns):
+        for path in expand(name, patterns, must_exist=must_exist):
             partitions.append(Partition(len(partitions), name, label, path))
     return partitions
 
@@ -248,6 +252,14 @@ def read(
 
 
 def file_info(path: str) -> dict:
-    """Size and modification time, recorded in the manifest to detect changed inputs."""
+    """Path, size and modification time, recorded to detect changed inputs."""
     stat = Path(path).stat()
-    return {"size": stat.st_size, "mtime": stat.st_mtime}
+    return {"path": path, "size": stat.st_size, "mtime": stat.st_mtime}
+
+
+def describe_failure(err: BaseException) -> dict[str, str]:
+    """The report entry of a bad file, with uproot's read-error report names."""
+    cause = err.__cause__ if isinstance(err, InputFileError) and err.__cause__ is not None else err
+    kind = type(cause)
+    name = kind.__name__ if kind.__module__ in ("builtins", "hepdask.errors") else f"{kind.__module__}.{kind.__name__}"
+    return {"exception": name, "message": str(err)}

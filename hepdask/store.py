@@ -133,6 +133,32 @@ class PartitionWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+BUILD_RECORD = "build.json"
+
+
+def write_build_record(staging: str | Path, record: Mapping[str, Any]) -> None:
+    """What the staging area belongs to (the config hash), so a resumed build can check it."""
+    (Path(staging) / BUILD_RECORD).write_text(json.dumps(dict(record)))
+
+
+def read_build_record(staging: str | Path) -> dict | None:
+    path = Path(staging) / BUILD_RECORD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def clean_staging(staging: str | Path) -> None:
+    """Remove what killed tasks left half-written (their ``.tmp-*`` directories)."""
+    for tmp in Path(staging).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def discard_staged(staging: str | Path, key: str) -> None:
+    shutil.rmtree(Path(staging) / key, ignore_errors=True)
+
+
 def load_staged(staging: str | Path, key: str) -> Staged | None:
     """The record of a published partition, or None."""
     meta = Path(staging) / key / META
@@ -406,3 +432,98 @@ def store_info(path: str | Path) -> dict[str, Any]:
     info["samples"] = by_sample
     info["statistics"] = attrs.get(PREFIX + "statistics", {})
     return info
+
+
+def verify(path: str | Path) -> list[str]:
+    """Everything wrong with a store, as sentences; an empty list means it is sound.
+
+    Checks: the completion marker; that every chunk of every array exists (a missing chunk
+    would silently read back as the fill value); leftover temporary files (zarr's
+    ``*.partial``, a staging area); metadata that no longer matches the arrays.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [f"{path} does not exist"]
+    problems: list[str] = []
+    leftovers = sorted(str(p.relative_to(path)) for p in path.rglob("*.partial"))
+    if leftovers:
+        problems.append(f"temporary files left by an interrupted write: {', '.join(leftovers[:5])}")
+    if staging_path(path).exists():
+        problems.append(f"staging area {staging_path(path)} is still there (an interrupted or failed build)")
+    try:
+        root = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
+    except (zarr.errors.GroupNotFoundError, ValueError, KeyError) as err:
+        return [*problems, f"{path} is not a Zarr v3 group ({err})"]
+    attrs = dict(root.attrs)
+    if not attrs.get(COMPLETE, False):
+        problems.append(f"no {COMPLETE!r} marker: the build did not finish")
+    problems += _verify_metadata(path, root, attrs)
+    for split in attrs.get(PREFIX + "splits", []):
+        if split not in root.group_keys():
+            problems.append(f"split {split!r} is listed but has no group")
+            continue
+        for name in root[split].array_keys():
+            missing = _missing_chunks(path, root[split][name])
+            if missing:
+                problems.append(f"{split}/{name}: {len(missing)} chunk(s) missing, e.g. {missing[0]}")
+    return problems
+
+
+def _missing_chunks(path: Path, array) -> list[str]:
+    grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks)]
+    encoding = array.metadata.chunk_key_encoding
+    missing = []
+    for coords in np.ndindex(*(len(g) for g in grid)):
+        key = f"{array.path}/{encoding.encode_chunk_key(coords)}"
+        if not (path / key).is_file():
+            missing.append(key)
+    return missing
+
+
+def _verify_metadata(path: Path, root, attrs: dict) -> list[str]:
+    problems = []
+    try:
+        consolidated = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=True).metadata.consolidated_metadata
+    except ValueError:
+        consolidated = None
+    if consolidated is None:
+        problems.append("no consolidated metadata (xarray would read it slowly)")
+    else:
+        for key, meta in consolidated.flattened_metadata.items():
+            on_disk = path / key / "zarr.json"
+            try:
+                actual = json.loads(on_disk.read_text())
+            except (OSError, ValueError):
+                problems.append(f"stale metadata: {key} is in the consolidated metadata but not on disk")
+                continue
+            recorded = meta.to_dict()
+            for field_name in ("shape", "data_type", "attributes"):
+                if field_name in actual and _normal(actual.get(field_name)) != _normal(recorded.get(field_name)):
+                    problems.append(f"stale metadata: {key} {field_name} differs from the consolidated metadata")
+    statistics = attrs.get(PREFIX + "statistics", {})
+    for split, numbers in statistics.get("splits", {}).items():
+        try:
+            n = root[split]["image"].shape[0]
+        except KeyError:
+            problems.append(f"stale metadata: statistics name split {split!r}, which has no image array")
+            continue
+        if numbers.get("events") != n:
+            problems.append(f"stale metadata: statistics say {split} has {numbers.get('events')} events, the store {n}")
+    config_text = attrs.get(PREFIX + "config")
+    if config_text is not None:
+        import yaml
+
+        from .config import from_dict
+
+        try:
+            recorded_hash = from_dict(yaml.safe_load(config_text), base=path.parent).content_hash()
+        except Exception as err:  # noqa: BLE001 - any failure here is a finding, reported as such
+            problems.append(f"stale metadata: the recorded config no longer validates ({type(err).__name__})")
+        else:
+            if recorded_hash != attrs.get(PREFIX + "config_hash"):
+                problems.append("stale metadata: hepdask:config_hash does not match hepdask:config")
+    return problems
+
+
+def _normal(value):
+    return json.loads(json.dumps(value, default=str))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import uproot
 import yaml
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from hepdask import examples
 
@@ -72,3 +73,54 @@ def wrong_tree_file(path: Path) -> str:
         file.mktree("ecalHitz", {"x": np.float32})
         file["ecalHitz"].extend({"x": np.arange(3, dtype=np.float32)})
     return str(path)
+
+
+def truncated_file(source: str, path: Path) -> str:
+    """The first half of a good file."""
+    data = Path(source).read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+def not_root_file(path: Path) -> str:
+    path.write_text("x,y,z,E\n1,2,3,4\n" * 200)
+    return str(path)
+
+
+def corrupted_basket_file(source: str, path: Path) -> str:
+    """A good file with garbage written into the compressed payload of a basket of 'x'."""
+    data = bytearray(Path(source).read_bytes())
+    branch = uproot.open(source)["ecalHits"]["x"]
+    seek = int(branch.member("fBasketSeek")[0])
+    start = seek + 100
+    data[start : start + 64] = bytes(range(64))
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+def tree_missing_file(path: Path) -> str:
+    return wrong_tree_file(path)
+
+
+class PoisonFiles(WorkerPlugin):
+    """A worker plugin that kills its worker process whenever a task opens a 'poison' file.
+
+    Registered plugins are installed on restarted workers too, so the file kills its
+    worker on every retry, as a file that exhausts memory or crashes a library would.
+    """
+
+    name = "hepdask-test-poison"
+
+    def setup(self, worker) -> None:
+        import os
+
+        from hepdask import sources
+
+        original = sources.read
+
+        def read(partition, *args, **kwargs):
+            if "poison" in Path(partition.file).name:
+                os._exit(1)
+            return original(partition, *args, **kwargs)
+
+        sources.read = read

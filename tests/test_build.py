@@ -269,3 +269,17 @@ def test_existing_output_needs_overwrite(built, ldmx_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(out) in err and "--overwrite" in err and "a complete store" in err
     assert chunk_hashes(out) == before
+
+
+def test_local_cluster_over_tls_binds_to_loopback(ldmx_data, tmp_path):
+    """cluster.tls.temporary encrypts scheduler and worker traffic; everything stays on 127.0.0.1."""
+    from hepdask.cluster import connect
+
+    data, _ = ldmx_data
+    config = from_dict(demo_config(data, tmp_path / "tls.zarr", cluster={"workers": 1, "tls": {"temporary": True},
+                                                                        "dashboard_address": "127.0.0.1:0"}))
+    with connect(config.cluster) as client:
+        assert client.scheduler.address.startswith("tls://127.0.0.1:")
+        assert all(addr.startswith("tls://127.0.0.1:") for addr in client.scheduler_info()["workers"])
+        report = hepdask.build_dataset(config, client=client, progress=False)
+    assert report.events_written > 0

@@ -1,0 +1,300 @@
+"""Bad files, resumed builds, dying workers and damaged stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dask
+import pytest
+import zarr
+
+import hepdask
+from hepdask import examples, store
+from hepdask.cli import main as cli
+from hepdask.config import from_dict
+from hepdask.errors import BuildError, StoreError
+
+from .data_generation import (
+    PoisonFiles,
+    corrupted_basket_file,
+    demo_config,
+    not_root_file,
+    tree_missing_file,
+    truncated_file,
+    write_config,
+)
+from .test_build import chunk_hashes
+
+
+def _config(files: dict[str, list[str]], out: Path, **changes) -> dict:
+    raw = demo_config(Path("unused"), out, **changes)
+    raw["samples"][0]["files"] = files["signal"]
+    raw["samples"][1]["files"] = files["background"]
+    return raw
+
+
+def _staged_count(staging: Path) -> int:
+    return sum(1 for p in staging.glob("p*") if (p / store.META).exists()) if staging.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory):
+    """200 small files, 100 per sample."""
+    directory = tmp_path_factory.mktemp("many")
+    return {
+        "signal": examples.generate(directory, signal=True, n_files=100, events_per_file=12, seed=5),
+        "background": examples.generate(directory, signal=False, n_files=100, events_per_file=12, seed=6),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(many_files, tmp_path_factory):
+    """The 200 files with 6 of them replaced by bad ones of every kind; and the 194 good ones."""
+    directory = tmp_path_factory.mktemp("bad")
+    signal, background = list(many_files["signal"]), list(many_files["background"])
+    replacements = {
+        ("signal", 3): truncated_file(signal[3], directory / "truncated.root"),
+        ("signal", 40): not_root_file(directory / "text.root"),
+        ("signal", 77): corrupted_basket_file(signal[77], directory / "corrupt.root"),
+        ("background", 10): tree_missing_file(directory / "notree.root"),
+        ("background", 55): str(directory / "vanished.root"),
+        ("background", 90): truncated_file(background[90], directory / "truncated2.root"),
+    }
+    with_bad = {"signal": list(signal), "background": list(background)}
+    good = {"signal": list(signal), "background": list(background)}
+    for (sample, i), path in replacements.items():
+        with_bad[sample][i] = path
+    for sample, i in sorted(replacements, reverse=True):
+        del good[sample][i]
+    return with_bad, good, sorted(replacements.values())
+
+
+@pytest.mark.slow
+def test_bad_files_are_skipped_and_reported(bad_inputs, client, tmp_path):
+    with_bad, good, bad_paths = bad_inputs
+    skip = from_dict(_config(with_bad, tmp_path / "skip.zarr", **{"read.on_bad_file": "skip"}))
+    report = hepdask.build_dataset(skip, client=client, progress=False)
+    clean = from_dict(_config(good, tmp_path / "clean.zarr"))
+    hepdask.build_dataset(clean, client=client, progress=False)
+
+    assert chunk_hashes(tmp_path / "skip.zarr") == chunk_hashes(tmp_path / "clean.zarr")
+    reported = {b["path"]: b for b in report.bad_files}
+    assert sorted(reported) == bad_paths
+    causes = {Path(p).name: b["exception"] for p, b in reported.items()}
+    assert causes["truncated.root"] == "OSError"
+    assert causes["text.root"] == "ValueError"
+    assert causes["corrupt.root"] in {"zlib.error", "uproot.deserialization.DeserializationError"}
+    assert causes["notree.root"] == "BranchError"
+    assert causes["vanished.root"] == "FileNotFoundError"
+    assert all(b["message"].startswith(b["path"]) for b in reported.values())
+    manifest = zarr.open_group(str(tmp_path / "skip.zarr"), mode="r").attrs["hepdask:manifest"]
+    assert sorted(m["path"] for m in manifest if m["status"] == "bad") == bad_paths
+
+
+@pytest.mark.slow
+def test_too_many_bad_files_stop_before_finalising(bad_inputs, tmp_path, capsys):
+    with_bad, _, _ = bad_inputs
+    raw = _config(with_bad, tmp_path / "o.zarr", **{"read.on_bad_file": "skip", "read.max_bad_fraction": 0.02})
+    path = write_config(tmp_path / "c.yaml", raw)
+    assert cli(["build-dataset", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "6 of 200 input files are bad" in err
+    assert "max_bad_fraction=0.02" in err
+    assert not store.is_complete(tmp_path / "o.zarr")
+
+
+@pytest.fixture(scope="module")
+def bigger_files(tmp_path_factory):
+    """Enough work that a build takes a few seconds on 2 workers."""
+    directory = tmp_path_factory.mktemp("bigger")
+    return {
+        "signal": examples.generate(directory, signal=True, n_files=30, events_per_file=800, seed=8),
+        "background": examples.generate(directory, signal=False, n_files=30, events_per_file=800, seed=9),
+    }
+
+
+@pytest.fixture(scope="module")
+def bigger_clean(bigger_files, client, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bigclean") / "clean.zarr"
+    hepdask.build_dataset(from_dict(_config(bigger_files, out, **{"output.chunk_events": 256})), client=client,
+                          progress=False)
+    return out
+
+
+def _kill_workers_at(client, staging: Path, total: int, fractions: list[float], killed: list) -> None:
+    for fraction in fractions:
+        deadline = time.monotonic() + 120
+        while _staged_count(staging) < fraction * total and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pids = client.run(os.getpid)
+        victim = sorted(pids.values())[0]
+        os.kill(victim, signal.SIGKILL)
+        killed.append((fraction, _staged_count(staging), victim))
+
+
+@pytest.mark.slow
+def test_killed_workers_do_not_change_the_store(bigger_files, bigger_clean, tmp_path):
+    from distributed import Client, LocalCluster
+
+    out = tmp_path / "killed.zarr"
+    config = from_dict(_config(bigger_files, out, **{"output.chunk_events": 256}))
+    killed: list = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.run(lambda: __import__("hepdask.build"))
+        killer = threading.Thread(target=_kill_workers_at,
+                                  args=(client, store.staging_path(out), 60, [0.3, 0.6], killed))
+        killer.start()
+        hepdask.build_dataset(config, client=client, progress=False)
+        killer.join()
+    assert len(killed) == 2, killed
+    assert all(staged < 60 for _, staged, _ in killed), f"the kills came after staging ended: {killed}"
+    assert chunk_hashes(out) == chunk_hashes(bigger_clean)
+    assert store.verify(out) == []
+    assert not store.staging_path(out).exists()
+
+
+@pytest.mark.slow
+def test_poison_file_is_reported_after_its_retries(ldmx_data, tmp_path):
+    from distributed import Client, LocalCluster
+
+    data, files = ldmx_data
+    poison = tmp_path / "poison.root"
+    poison.write_bytes(Path(files["signal"][0]).read_bytes())
+    raw = demo_config(data, tmp_path / "p.zarr", **{"read.on_bad_file": "skip", "read.max_bad_fraction": 0.5})
+    raw["samples"][0]["files"] = [*files["signal"], str(poison)]
+    settings = {"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}
+    with dask.config.set(settings), \
+            LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(PoisonFiles())
+        report = hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    assert [b["path"] for b in report.bad_files] == [str(poison)]
+    assert report.bad_files[0]["exception"] == "KilledWorker"
+    assert store.is_complete(tmp_path / "p.zarr")
+    assert report.samples["signal"]["selected"] > 0
+
+
+@pytest.mark.slow
+def test_sigkilled_build_resumes_to_an_identical_store(bigger_files, bigger_clean, tmp_path):
+    out = tmp_path / "resumed.zarr"
+    path = write_config(tmp_path / "c.yaml", _config(bigger_files, out, **{"output.chunk_events": 256}))
+    command = [sys.executable, "-m", "hepdask.cli", "build-dataset", str(path), "--no-progress", "--workers", "2"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    staging = store.staging_path(out)
+    deadline = time.monotonic() + 180
+    while _staged_count(staging) < 30 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, process.stderr.read().decode()
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    staged_before = _staged_count(staging)
+    assert 0 < staged_before < 60
+    assert not store.is_complete(out)
+
+    rerun = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stdout
+    assert chunk_hashes(out) == chunk_hashes(bigger_clean)
+    assert store.verify(out) == []
+
+
+def test_resume_refuses_another_config_and_rebuilds_changed_files(ldmx_data, client, tmp_path):
+    data, files = ldmx_data
+    late_bad = tmp_path / "late.root"
+    late_bad.write_text("not root")
+    raw = demo_config(data, tmp_path / "r.zarr")
+    raw["samples"][0]["files"] = [*files["signal"], str(late_bad)]
+    with pytest.raises(hepdask.HepdaskError, match="late.root"):
+        hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    staging = store.staging_path(tmp_path / "r.zarr")
+    assert _staged_count(staging) > 0
+
+    changed = json.loads(json.dumps(raw))
+    changed["output"]["chunk_events"] = 5
+    with pytest.raises(StoreError, match="different config"):
+        hepdask.build_dataset(from_dict(changed), client=client, progress=False)
+
+    touched = files["background"][1]
+    os.utime(touched, (time.time() + 60, time.time() + 60))
+    raw["read"]["on_bad_file"] = "skip"
+    raw["read"]["max_bad_fraction"] = 0.5
+    report = hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    assert [b["path"] for b in report.bad_files] == [str(late_bad)]
+    manifest = {m["path"]: m for m in zarr.open_group(str(tmp_path / "r.zarr"), mode="r").attrs["hepdask:manifest"]}
+    assert manifest[touched]["mtime"] == os.stat(touched).st_mtime
+    assert store.verify(tmp_path / "r.zarr") == []
+
+
+def test_a_failed_build_is_not_complete(ldmx_data, client, tmp_path):
+    data, files = ldmx_data
+    raw = demo_config(data, tmp_path / "f.zarr", **{"read.on_bad_file": "skip", "read.max_bad_fraction": 0.0})
+    raw["samples"][0]["files"] = [*files["signal"], str(tmp_path / "missing.root")]
+    with pytest.raises(BuildError, match="1 of 9 input files are bad"):
+        hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    assert not store.is_complete(tmp_path / "f.zarr")
+    with pytest.raises(StoreError, match="does not exist"):
+        hepdask.open_dataset(tmp_path / "f.zarr", "train")
+
+
+# ------------------------------------------------------------------------------------------
+# hepdask verify on deliberately damaged stores
+
+
+@pytest.fixture
+def sound_store(ldmx_data, client, tmp_path):
+    data, _ = ldmx_data
+    out = tmp_path / "v.zarr"
+    hepdask.build_dataset(from_dict(demo_config(data, out)), client=client, progress=False)
+    assert store.verify(out) == []
+    return out
+
+
+def _edit_json(path: Path, change) -> None:
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _verify_cli(path: Path, capsys) -> str:
+    code = cli(["verify", str(path)])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    return out
+
+
+def test_verify_catches_a_missing_marker(sound_store, capsys):
+    _edit_json(sound_store / "zarr.json", lambda m: m["attributes"].pop("hepdask:complete"))
+    assert "no 'hepdask:complete' marker" in _verify_cli(sound_store, capsys)
+    with pytest.raises(StoreError, match="incomplete"):
+        hepdask.open_dataset(sound_store, "train")
+    assert cli(["info", str(sound_store)]) == 2
+
+
+def test_verify_catches_a_missing_chunk(sound_store, capsys):
+    chunk = next((sound_store / "train" / "image" / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.unlink()
+    assert "train/image: 1 chunk(s) missing" in _verify_cli(sound_store, capsys)
+
+
+def test_verify_catches_leftover_temporary_files(sound_store, capsys):
+    (sound_store / "val" / "image" / "c" / "0.3f2a.partial").write_bytes(b"half a chunk")
+    assert "temporary files left by an interrupted write" in _verify_cli(sound_store, capsys)
+
+
+def test_verify_catches_stale_metadata(sound_store, capsys):
+    _edit_json(sound_store / "test" / "label" / "zarr.json", lambda m: m["attributes"].update(flag_values=[7, 8]))
+    _edit_json(sound_store / "zarr.json", lambda m: m["attributes"]["hepdask:statistics"]["splits"]["val"]
+               .update(events=1))
+    out = _verify_cli(sound_store, capsys)
+    assert "stale metadata: test/label attributes differ" in out
+    assert "statistics say val has 1 events" in out
