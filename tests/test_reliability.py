@@ -134,7 +134,7 @@ def _kill_workers_at(client, staging: Path, total: int, fractions: list[float], 
         while _staged_count(staging) < fraction * total and time.monotonic() < deadline:
             time.sleep(0.01)
         pids = client.run(os.getpid)
-        victim = sorted(pids.values())[0]
+        victim = min(pids.values())
         os.kill(victim, signal.SIGKILL)
         killed.append((fraction, _staged_count(staging), victim))
 
@@ -212,7 +212,7 @@ def test_resume_refuses_another_config_and_rebuilds_changed_files(ldmx_data, cli
     late_bad.write_text("not root")
     raw = demo_config(data, tmp_path / "r.zarr")
     raw["samples"][0]["files"] = [*files["signal"], str(late_bad)]
-    with pytest.raises(hepdask.HepdaskError, match="late.root"):
+    with pytest.raises(hepdask.HepdaskError, match=r"late\.root"):
         hepdask.build_dataset(from_dict(raw), client=client, progress=False)
     staging = store.staging_path(tmp_path / "r.zarr")
     assert _staged_count(staging) > 0
