@@ -19,6 +19,7 @@ event field, and a coordinate per image axis (bin centres; edges and units in it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 import warnings
@@ -167,12 +168,37 @@ def load_staged(staging: str | Path, key: str) -> Staged | None:
     return Staged.from_json(json.loads(meta.read_text()))
 
 
-def _staged_array(staging: Path, staged: Staged, name: str) -> np.ndarray:
+def read_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray) -> np.ndarray:
+    """Rows *rows* of a staged array, read with ``preadv`` one contiguous run at a time.
+
+    The file is opened for this call only: a write task touching thousands of partitions
+    holds no file descriptors and no memory maps (which would count in the worker's RSS).
+    """
     spec = staged.arrays[name]
-    if staged.n_events == 0:
-        return np.zeros((0, *spec.shape), spec.dtype)
-    return np.memmap(f"{staging}/{staged.key}/{name}.bin", dtype=spec.dtype, mode="r",
-                     shape=(staged.n_events, *spec.shape))
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    size = spec.itemsize
+    buffer = bytearray(rows.size * size)
+    view = memoryview(buffer)
+    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+    starts = np.concatenate([[0], breaks]).astype(np.int64)
+    stops = np.concatenate([breaks, [rows.size]]).astype(np.int64)
+    path = f"{staging}/{staged.key}/{name}.bin"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for a, b in zip(starts.tolist(), stops.tolist()):
+            want = (b - a) * size
+            got = os.preadv(fd, [view[a * size : b * size]], int(ordered[a]) * size)
+            if got != want:
+                msg = f"staged file {path} is truncated: wanted {want} bytes at row {ordered[a]}, got {got}"
+                raise StoreError(msg)
+    finally:
+        os.close(fd)
+    values = np.frombuffer(buffer, dtype=spec.dtype).reshape(rows.size, *spec.shape)
+    out = np.empty_like(values)
+    out[order] = values
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +327,7 @@ def write_chunks(
 
     ``part``/``row`` say, for every event from ``ranges[0][0]`` on, which staged partition
     and row it comes from; ``constants`` holds per-partition values (label, sample, source
-    file) that are not staged. Staged files are memory-mapped once per call.
+    file) that are not staged.
     """
     staging = Path(staging)
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)[split]
@@ -310,7 +336,6 @@ def write_chunks(
         array = group[name]
         if array.metadata.dimension_names[0] == "event":
             targets[name] = array
-    maps: dict[tuple[int, str], np.ndarray] = {}
     origin = ranges[0][0]
     written = 0
     for start, stop in ranges:
@@ -330,10 +355,7 @@ def write_chunks(
                 p = int(parts[where[0]])
                 record = staged[p]
                 if name in record.arrays:
-                    key = (p, name)
-                    if key not in maps:
-                        maps[key] = _staged_array(staging, record, name)
-                    buffer[where] = maps[key][rows[where]]
+                    buffer[where] = read_rows(staging, record, name, rows[where])
                 else:
                     buffer[where] = constants[p][name]
             array[start:stop] = buffer
