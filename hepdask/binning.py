@@ -209,9 +209,7 @@ def _count(img, bins, i, key, strides, chan_offsets, check, maxval):
     n_clipped = 0
     for k in range(strides.shape[0]):
         idx = _flat(bins, i, k, key, strides, chan_offsets)
-        if not check:
-            img[idx] += 1
-        elif img[idx] < maxval:
+        if not check or img[idx] < maxval:
             img[idx] += 1
         else:
             n_clipped += 1
