@@ -40,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("store")
     info.add_argument("--json", action="store_true", help="print as JSON")
 
+    train = sub.add_parser("train", help="train a model on a store (MirroredStrategy) and evaluate it")
+    train.add_argument("config", help="YAML training config")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set fit.epochs=10 (repeatable)")
+    train.add_argument("--overwrite", action="store_true", help="replace a finished run (overwrite)")
+    devices = train.add_mutually_exclusive_group()
+    devices.add_argument("--MirroredStrategy", dest="mirrored", nargs="*", metavar="DEVICE",
+                         help="mirror over these devices (all visible GPUs if none are named)")
+    devices.add_argument("--OneDeviceStrategy", dest="one_device", metavar="DEVICE", help="train on one device")
+    train.add_argument("--epochs", type=int, help="fit.epochs")
+
     verify = sub.add_parser("verify", help="check a store: complete, no missing chunks, no leftovers")
     verify.add_argument("store")
 
@@ -96,6 +107,33 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
     else:
         print_info(info, Console())
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_train
+    from .train import fit
+
+    overrides = list(args.overrides)
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    if args.epochs is not None:
+        overrides.append(f"fit.epochs={args.epochs}")
+    if args.mirrored is not None:
+        overrides.append("strategy.kind=mirrored")
+        overrides.append(f"strategy.devices={json.dumps(args.mirrored or None)}")
+    if args.one_device:
+        overrides += ["strategy.kind=one_device", f"strategy.devices={json.dumps([args.one_device])}"]
+    config = load_train(args.config, overrides)
+    result = fit(config)
+    m = result.metrics
+    print(f"trained {config.model.name} on {result.replicas} replica(s); outputs in {result.output}")
+    if "auc" in m:
+        print(f"test: AUC {m['auc']:.3f}, accuracy {m['accuracy_at_best_threshold']:.3f} at threshold "
+              f"{m['best_threshold']:.3f} (signal acceptance {m['signal_acceptance']:.3f}, "
+              f"background rejection {m['background_rejection']:.3f})")
+    else:
+        print(f"test: accuracy {m['accuracy']:.3f}")
     return 0
 
 
@@ -171,7 +209,7 @@ def print_info(info: dict, console) -> None:
     console.print(_table("provenance", ["sample", "label", "files", "entries", "selected"], rows))
 
 
-COMMANDS = {"build-dataset": _build, "info": _info, "verify": _verify, "make-example-data": _example}
+COMMANDS = {"build-dataset": _build, "info": _info, "train": _train, "verify": _verify, "make-example-data": _example}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -356,8 +356,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: Any = Config
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    model: Any = root
     for part in loc:
         if isinstance(part, int) or model is None:
             continue
@@ -379,13 +379,14 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe(err: ValidationError, source: str) -> str:
+def _describe(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
+    root = root or Config
     lines = []
     for item in err.errors():
         loc = tuple(item["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
-            parent = _model_at(loc[:-1])
+            parent = _model_at(loc[:-1], root)
             choices = list(parent.model_fields) if parent else []
             hint = did_you_mean(str(loc[-1]), choices)
             lines.append(f"{source}: unknown key {where!r}{hint}")
@@ -433,9 +434,7 @@ def from_dict(data: dict[str, Any], *, base: str | Path = ".", source: str = "<c
         raise ConfigError(_describe(err, source)) from None
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read, override, validate and resolve the YAML config at *path*."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -449,5 +448,93 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     except yaml.YAMLError as err:
         msg = f"{path}: not valid YAML (only plain YAML is accepted, no Python tags): {err}"
         raise ConfigError(msg) from None
-    data = apply_overrides(data if isinstance(data, dict) else {}, list(overrides)) if overrides else data
+    if not isinstance(data, dict):
+        msg = f"{path}: the config must be a YAML mapping, got {type(data).__name__}"
+        raise ConfigError(msg)
+    return data
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override, validate and resolve the YAML config at *path*."""
+    path = Path(path)
+    data = _read_yaml(path)
+    data = apply_overrides(data, list(overrides)) if overrides else data
     return from_dict(data, base=path.parent, source=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+class TrainData(_Model):
+    """What a training reads from the store, and how."""
+
+    fields: tuple[str, str] = ("image", "label")
+    extra_inputs: list[str] = []
+    batch_size: Annotated[int, Field(gt=0)] = 256
+    shuffle_buffer: Annotated[int, Field(gt=0)] | None = None
+    transforms: list[Literal["log1p", "divide_by_max", "add_channel_axis", "channels_first_to_last"]] = []
+    seed: int = 42
+    steps_per_epoch: Annotated[int, Field(gt=0)] | None = None
+
+
+class Model(_Model):
+    """A model of the zoo: ``ldmx_convnet`` (2 conv + 2 dense, the LDMX study), ``vgg``
+    (the KM3NeT muon/neutrino study's VGG-like CNN) or ``resnet`` (a small ResNet)."""
+
+    name: Literal["ldmx_convnet", "vgg", "resnet"] = "ldmx_convnet"
+    dims: Literal[2, 3] = 2
+    filters: Annotated[int, Field(gt=0)] = 32
+    dense: Annotated[int, Field(gt=0)] = 128
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    classes: Annotated[int, Field(ge=2)] = 2
+
+
+class Fit(_Model):
+    epochs: Annotated[int, Field(gt=0)] = 5
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+
+
+class Strategy(_Model):
+    """``mirrored`` over all visible GPUs (or ``devices``), ``one_device`` on ``devices[0]``.
+    ``logical_cpus: N`` splits the CPU into N logical devices (a real N-replica
+    MirroredStrategy on a machine without GPUs, as the tests use)."""
+
+    kind: Literal["mirrored", "one_device"] = "mirrored"
+    devices: list[str] | None = None
+    logical_cpus: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _devices(self) -> Strategy:
+        if self.kind == "one_device" and self.devices is not None and len(self.devices) != 1:
+            msg = f"strategy one_device takes one device, got {self.devices}"
+            raise ValueError(msg)
+        return self
+
+
+class TrainConfig(_Model):
+    """A training run on a store."""
+
+    name: str
+    store: str
+    output: str
+    data: TrainData = TrainData()
+    model: Model = Model()
+    fit: Fit = Fit()
+    strategy: Strategy = Strategy()
+    overwrite: bool = False
+
+
+def load_train(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read and validate a training config; ``store`` and ``output`` are relative to it."""
+    path = Path(path)
+    data = _read_yaml(path)
+    data = apply_overrides(data, list(overrides)) if overrides else data
+    base = path.parent.resolve()
+    for key in ("store", "output"):
+        if isinstance(data.get(key), str):
+            data[key] = _resolve(data[key], base)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, str(path), TrainConfig)) from None

@@ -2,9 +2,9 @@
 
 Each file holds a tree ``ecalHits`` with per-event jagged ``x, y, z`` (mm) and ``E`` (MeV),
 a hit counter ``nHits`` and ``eventNumber``. Hits sit on the cells of 34 silicon layers
-between z = 240 mm and z = 600 mm. Signal showers are narrow and start late; background
-showers are wide, start early and carry more hits, so a small CNN separates them well but
-not trivially (the distributions overlap).
+between z = 240 mm and z = 600 mm. Signal showers are a little narrower and deeper than
+background showers; the distributions overlap, so a small CNN separates them well but not
+perfectly.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ class ShowerModel:
     energy_mev: float
 
 
-SIGNAL = ShowerModel(mean_hits=60, transverse_mm=9.0, depth_shape=5.0, depth_scale=2.6, energy_mev=6.0)
-BACKGROUND = ShowerModel(mean_hits=75, transverse_mm=24.0, depth_shape=2.2, depth_scale=3.2, energy_mev=4.0)
+#: The two samples overlap: alone, the mean transverse hit radius separates them with an AUC of
+#: about 0.82 and the mean depth with about 0.75, so a CNN has something to learn.
+SIGNAL = ShowerModel(mean_hits=62, transverse_mm=13.0, depth_shape=4.0, depth_scale=2.8, energy_mev=5.0)
+BACKGROUND = ShowerModel(mean_hits=65, transverse_mm=15.5, depth_shape=3.5, depth_scale=3.0, energy_mev=4.6)
 
 
 def simulate(model: ShowerModel, n_events: int, rng: np.random.Generator) -> dict[str, ak.Array]:

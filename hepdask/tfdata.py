@@ -1,0 +1,281 @@
+"""Stream a hepdask store into ``tf.data``: whole chunks, read in parallel, never the whole array.
+
+Two layers, as xbatcher separates them:
+
+* a pure planner (``chunk_order``, ``EpochPlan``): which chunks, in which order, for which
+  input pipeline, per epoch, seeded. It needs no TensorFlow and is tested without it.
+* a thin adapter (``tf_dataset``, ``distributed_dataset``): chunk indices from the planner →
+  parallel ``tf.numpy_function`` chunk reads → unbatch → bounded shuffle buffer → transforms →
+  batch → prefetch.
+
+Under ``tf.distribute``, ``distributed_dataset`` builds the input with
+``strategy.distribute_datasets_from_function``: each input pipeline (``InputContext``) reads its
+own chunks, batches at the per-replica batch size, and tf.distribute hands consecutive batches to
+the replicas, so no event is read twice in an epoch. A last, partial batch is handled as
+tf.distribute documents (replicas may receive smaller or empty batches) unless
+``drop_remainder`` is set.
+
+TensorFlow is imported only inside the adapter functions; ``import hepdask`` never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import store
+from .errors import ConfigError, StoreError
+
+TRANSFORMS = ("log1p", "divide_by_max", "add_channel_axis", "channels_first_to_last")
+
+
+# --------------------------------------------------------------------------------------------
+# the planner (no TensorFlow)
+
+
+def chunk_order(n_chunks: int, *, epoch: int, seed: int, shuffle: bool, num_shards: int = 1,
+                shard: int = 0) -> np.ndarray:
+    """Chunk indices one input pipeline reads in *epoch*.
+
+    All shards draw the same seeded permutation for the epoch and take every
+    ``num_shards``-th chunk from position *shard*, so together they read every chunk exactly
+    once and no chunk twice.
+    """
+    if not 0 <= shard < num_shards:
+        msg = f"shard {shard} is not in [0, {num_shards})"
+        raise ValueError(msg)
+    order = np.arange(n_chunks, dtype=np.int64)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(n_chunks)
+    return order[shard::num_shards]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The chunk ranges of a split and the per-epoch order each shard reads them in."""
+
+    n_events: int
+    chunk_events: int
+    seed: int = 0
+    shuffle: bool = True
+    num_shards: int = 1
+    shard: int = 0
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_events // self.chunk_events)
+
+    def chunks(self, epoch: int) -> np.ndarray:
+        return chunk_order(self.n_chunks, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
+                           num_shards=self.num_shards, shard=self.shard)
+
+    def events(self, epoch: int) -> np.ndarray:
+        """The event indices this shard reads in *epoch*, in chunk order (before the buffer)."""
+        parts = [np.arange(c * self.chunk_events, min((c + 1) * self.chunk_events, self.n_events))
+                 for c in self.chunks(epoch)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def chunk_indices(self, epochs: int | None) -> Iterator[int]:
+        """Chunk indices for *epochs* epochs in a row (forever if None)."""
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            yield from (int(c) for c in self.chunks(epoch))
+            epoch += 1
+
+
+# --------------------------------------------------------------------------------------------
+# reading a split
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """The arrays of one split that a dataset reads, checked before any training starts."""
+
+    path: str
+    split: str
+    fields: tuple[str, ...]
+    n_events: int
+    chunk_events: int
+    dtypes: dict[str, np.dtype]
+    shapes: dict[str, tuple[int, ...]]
+    attrs: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path, split: str, fields: Sequence[str]) -> SplitSource:
+        root = store.open_root(path)
+        splits = root.attrs.get(store.PREFIX + "splits", sorted(root.group_keys()))
+        if split not in splits:
+            msg = f"store {str(path)!r} has no split {split!r} (splits: {list(splits)})"
+            raise StoreError(msg)
+        group = root[split]
+        arrays = set(group.array_keys())
+        for name in fields:
+            if name not in arrays:
+                msg = f"store {str(path)!r}, split {split!r}: no field {name!r} (fields: {sorted(arrays)})"
+                raise StoreError(msg)
+        if not fields:
+            msg = "tf_dataset needs at least one field"
+            raise ConfigError(msg)
+        image = group[fields[0]]
+        dtypes, shapes = {}, {}
+        for name in fields:
+            array = group[name]
+            if array.dtype.kind in "OTU":
+                msg = f"field {name!r} holds strings; tf_dataset streams numeric fields only"
+                raise StoreError(msg)
+            dtypes[name] = np.dtype(array.dtype)
+            shapes[name] = tuple(array.shape[1:])
+        chunk = group[fields[0]].chunks[0]
+        for name in fields:
+            if group[name].chunks[0] != chunk:
+                msg = f"field {name!r} is chunked by {group[name].chunks[0]} events, {fields[0]!r} by {chunk}"
+                raise StoreError(msg)
+        return cls(str(path), split, tuple(fields), int(image.shape[0]), int(chunk), dtypes, shapes,
+                   dict(root.attrs.get(store.PREFIX + "statistics", {})))
+
+    def reader(self) -> Callable[[int], tuple[np.ndarray, ...]]:
+        """``read(chunk_index) -> arrays``: one whole chunk of every field."""
+        import zarr
+
+        group = zarr.open_group(self.path, mode="r", zarr_format=3)[self.split]
+        arrays = [group[name] for name in self.fields]
+
+        def read(index) -> tuple[np.ndarray, ...]:
+            start = int(index) * self.chunk_events
+            stop = min(start + self.chunk_events, self.n_events)
+            return tuple(np.asarray(a[start:stop]) for a in arrays)
+
+        return read
+
+
+def image_maximum(path: str | Path, split: str = "train", field: str = "image") -> float:
+    """The largest value of a field, read chunk by chunk (for ``divide_by_max``)."""
+    source = SplitSource.open(path, split, (field,))
+    read = source.reader()
+    return float(max((read(c)[0].max(initial=0) for c in range(-(-source.n_events // source.chunk_events))),
+                     default=1.0))
+
+
+# --------------------------------------------------------------------------------------------
+# the tf.data adapter
+
+
+def _import_tf():
+    try:
+        import tensorflow as tf
+    except ImportError as err:
+        msg = "hepdask.tfdata needs TensorFlow: pip install 'hepdask[tf]'"
+        raise ImportError(msg) from err
+    return tf
+
+
+def _transform(tf, image, transforms: Sequence[str], scale: float | None):
+    for name in transforms:
+        if name == "log1p":
+            image = tf.math.log1p(tf.cast(image, tf.float32))
+        elif name == "divide_by_max":
+            image = tf.cast(image, tf.float32) / tf.constant(scale or 1.0, tf.float32)
+        elif name == "add_channel_axis":
+            image = tf.expand_dims(image, -1)
+        elif name == "channels_first_to_last":
+            rank = len(image.shape)
+            image = tf.transpose(image, [*range(1, rank), 0])
+        else:
+            msg = f"unknown transform {name!r} (known: {list(TRANSFORMS)})"
+            raise ConfigError(msg)
+    return image
+
+
+def tf_dataset(
+    store_path: str | Path,
+    split: str = "train",
+    *,
+    batch_size: int = 128,
+    shuffle: bool = True,
+    seed: int = 0,
+    fields: Sequence[str] = ("image", "label"),
+    shuffle_buffer: int | None = None,
+    transforms: Sequence[str] = (),
+    cast: str | None = "float32",
+    epochs: int | None = 1,
+    drop_remainder: bool = False,
+    parallel_reads: int | None = None,
+    num_shards: int = 1,
+    shard: int = 0,
+    as_dict: bool | None = None,
+):
+    """A ``tf.data.Dataset`` of batches of *fields* of one split of a complete store.
+
+    Whole Zarr chunks are read ``parallel_reads`` at a time (AUTOTUNE by default) in the
+    planner's seeded per-epoch order; events are shuffled inside a buffer of
+    ``shuffle_buffer`` events (two chunks by default). Two fields give ``(x, y)`` tuples,
+    other numbers of fields (or ``as_dict=True``) give dicts. ``transforms`` act on the first
+    field (the image): ``log1p``, ``divide_by_max`` (the split's maximum), ``add_channel_axis``,
+    ``channels_first_to_last``; ``cast`` sets the image dtype. ``epochs=None`` repeats forever
+    (pair it with ``steps_per_epoch``).
+    """
+    tf = _import_tf()
+    if batch_size < 1:
+        msg = f"batch_size must be positive, got {batch_size}"
+        raise ConfigError(msg)
+    source = SplitSource.open(store_path, split, tuple(fields))
+    plan = EpochPlan(source.n_events, source.chunk_events, seed, shuffle, num_shards, shard)
+    unknown = [t for t in transforms if t not in TRANSFORMS]
+    if unknown:
+        msg = f"unknown transform(s) {unknown} (known: {list(TRANSFORMS)})"
+        raise ConfigError(msg)
+    scale = image_maximum(store_path, "train" if split != "train" else split, fields[0]) \
+        if "divide_by_max" in transforms else None
+    read = source.reader()
+    out_types = tuple(tf.as_dtype(source.dtypes[f]) for f in fields)
+    autotune = tf.data.AUTOTUNE
+
+    def read_chunk(index):
+        arrays = tf.numpy_function(read, [index], out_types, stateful=False)
+        return tuple(tf.ensure_shape(a, (None, *source.shapes[f])) for a, f in zip(arrays, fields))
+
+    indices = tf.data.Dataset.from_generator(
+        lambda: plan.chunk_indices(epochs), output_signature=tf.TensorSpec((), tf.int64),
+    )
+    options = tf.data.Options()
+    options.deterministic = True
+    dataset = indices.map(read_chunk, num_parallel_calls=parallel_reads or autotune, deterministic=True)
+    dataset = dataset.unbatch()
+    if shuffle:
+        dataset = dataset.shuffle(shuffle_buffer or 2 * source.chunk_events, seed=seed,
+                                  reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune,
+                            deterministic=True)
+
+    dict_out = as_dict if as_dict is not None else len(fields) != 2
+
+    def finish(*batch):
+        image = _transform(tf, batch[0], transforms, scale)
+        if cast:
+            image = tf.cast(image, cast)
+        values = (image, *batch[1:])
+        return dict(zip(fields, values)) if dict_out else values
+
+    return dataset.map(finish, num_parallel_calls=autotune, deterministic=True).with_options(options).prefetch(autotune)
+
+
+def distributed_dataset(strategy, store_path: str | Path, split: str = "train", *, global_batch_size: int,
+                        **kwargs):
+    """``tf_dataset`` under a ``tf.distribute`` strategy: one shard per input pipeline,
+    batched at the per-replica batch size (``InputContext``)."""
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size % replicas:
+        msg = f"global batch size {global_batch_size} is not divisible by the {replicas} replicas"
+        raise ConfigError(msg)
+
+    def dataset_fn(context):
+        return tf_dataset(
+            store_path, split, batch_size=context.get_per_replica_batch_size(global_batch_size),
+            num_shards=context.num_input_pipelines, shard=context.input_pipeline_id, **kwargs,
+        )
+
+    return strategy.distribute_datasets_from_function(dataset_fn)

@@ -1,0 +1,338 @@
+"""Train a model of the zoo on a store under a ``tf.distribute`` strategy, then evaluate it.
+
+``fit(config)`` streams the store's train and val splits through ``hepdask.tfdata``, trains
+under ``MirroredStrategy`` (all visible GPUs, the given devices, or N logical CPUs) or
+``OneDeviceStrategy``, keeps a ``BackupAndRestore`` backup so that a killed job resumes at
+its last finished epoch, logs the history to CSV, saves the best model, and evaluates on the
+test split: accuracy, ROC and AUC, the threshold that minimises misclassification with the
+signal acceptance and background rejection there, and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import store, tfdata
+from .config import TrainConfig
+from .errors import ConfigError, StoreError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# metrics (numpy only)
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False- and true-positive rates for every distinct score threshold (``score >= t``)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order]
+    distinct = np.flatnonzero(np.diff(scores)) if scores.size else np.zeros(0, np.int64)
+    cut = np.concatenate([distinct, [labels.size - 1]]) if labels.size else np.zeros(0, np.int64)
+    tp = np.cumsum(labels)[cut]
+    fp = (cut + 1) - tp
+    positives, negatives = max(labels.sum(), 1), max((~labels).sum(), 1)
+    fpr = np.concatenate([[0.0], fp / negatives])
+    tpr = np.concatenate([[0.0], tp / positives])
+    thresholds = np.concatenate([[np.inf], scores[cut]])
+    return fpr, tpr, thresholds
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """Accuracy at 0.5, AUC, the best threshold and what it gives, the confusion matrix."""
+    labels = np.asarray(labels).astype(int)
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    positives, negatives = int(labels.sum()), int((1 - labels).sum())
+    errors = (1 - tpr) * positives + fpr * negatives
+    best = int(np.argmin(errors))
+    threshold = float(thresholds[best]) if np.isfinite(thresholds[best]) else 1.0
+    predicted = (np.asarray(scores) >= threshold).astype(int)
+    confusion = [[int(((labels == t) & (predicted == p)).sum()) for p in (0, 1)] for t in (0, 1)]
+    return {
+        "events": int(labels.size),
+        "accuracy_at_0.5": float(((np.asarray(scores) >= 0.5).astype(int) == labels).mean()) if labels.size else 0.0,
+        "auc": auc,
+        "best_threshold": threshold,
+        "accuracy_at_best_threshold": float((predicted == labels).mean()) if labels.size else 0.0,
+        "signal_acceptance": float(tpr[best]),
+        "background_rejection": float(1 - fpr[best]),
+        "confusion_matrix": {"rows": "true label 0, 1", "columns": "predicted 0, 1", "values": confusion},
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+    }
+
+
+def multiclass_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    labels = np.asarray(labels).astype(int)
+    predicted = np.argmax(probabilities, axis=1)
+    n = probabilities.shape[1]
+    confusion = [[int(((labels == t) & (predicted == p)).sum()) for p in range(n)] for t in range(n)]
+    return {"events": int(labels.size), "accuracy": float((predicted == labels).mean()),
+            "confusion_matrix": {"rows": "true label", "columns": "predicted", "values": confusion}}
+
+
+# --------------------------------------------------------------------------------------------
+# strategy and model zoo
+
+
+def configure_devices(config: TrainConfig) -> None:
+    """Split the CPU into logical devices if asked (must run before TensorFlow starts)."""
+    import tensorflow as tf
+
+    n = config.strategy.logical_cpus
+    if not n:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current is not None and len(current) == n:
+        return
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError as err:
+        msg = f"strategy.logical_cpus={n}: TensorFlow has already started with {len(current or [1])} CPU device(s)"
+        raise ConfigError(msg) from err
+
+
+_STRATEGIES: dict[tuple, Any] = {}
+
+
+def make_strategy(config: TrainConfig):
+    """The strategy for ``config.strategy``, one per device set per process.
+
+    A second MirroredStrategy over the same devices in one process numbers its collective
+    operations from the same keys as the first, and its all-reduces then fail with "Shape
+    mismatch in the collective instance"; reusing the first avoids that.
+    """
+    import tensorflow as tf
+
+    configure_devices(config)
+    spec = config.strategy
+    if spec.kind == "one_device":
+        devices = tuple((spec.devices or [_default_device(tf)])[:1])
+    elif spec.devices is None and spec.logical_cpus:
+        devices = tuple(d.name for d in tf.config.list_logical_devices("CPU"))
+    else:
+        devices = tuple(spec.devices) if spec.devices is not None else None
+    key = (spec.kind, devices)
+    if key not in _STRATEGIES:
+        if spec.kind == "one_device":
+            _STRATEGIES[key] = tf.distribute.OneDeviceStrategy(devices[0])
+        else:
+            _STRATEGIES[key] = tf.distribute.MirroredStrategy(list(devices) if devices else None)
+    return _STRATEGIES[key]
+
+
+def _default_device(tf) -> str:
+    return "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
+
+
+def build_model(config: TrainConfig, image_shape: tuple[int, ...], extra: int):
+    """A Keras model of the zoo for images of *image_shape* (channels last)."""
+    import keras
+    from keras import layers
+
+    spec = config.model
+    conv = layers.Conv2D if spec.dims == 2 else layers.Conv3D
+    pool = layers.MaxPooling2D if spec.dims == 2 else layers.MaxPooling3D
+    if len(image_shape) != spec.dims + 1:
+        msg = (
+            f"model.dims={spec.dims} needs images of rank {spec.dims + 1} (with channels) but they have shape "
+            f"{image_shape}; add 'add_channel_axis' to data.transforms, or set model.dims"
+        )
+        raise ConfigError(msg)
+    image = keras.Input(image_shape, name="image")
+    x = image
+    f = spec.filters
+    if spec.name == "ldmx_convnet":
+        x = conv(f, 3, padding="same", activation="relu")(x)
+        x = pool(2, padding="same")(x)
+        x = conv(2 * f, 3, padding="same", activation="relu")(x)
+        x = pool(2, padding="same")(x)
+    elif spec.name == "vgg":
+        for block in (f, 2 * f, 4 * f):
+            x = conv(block, 3, padding="same", activation="relu")(x)
+            x = conv(block, 3, padding="same", activation="relu")(x)
+            x = pool(2, padding="same")(x)
+    else:
+        x = conv(f, 3, padding="same", activation="relu")(x)
+        for block in (f, 2 * f):
+            shortcut = conv(block, 1, padding="same")(x)
+            y = conv(block, 3, padding="same", activation="relu")(x)
+            y = conv(block, 3, padding="same")(y)
+            x = layers.Activation("relu")(layers.Add()([shortcut, y]))
+            x = pool(2, padding="same")(x)
+    x = layers.Flatten()(x)
+    inputs = [image]
+    if extra:
+        scalars = keras.Input((extra,), name="scalars")
+        inputs.append(scalars)
+        x = layers.Concatenate()([x, scalars])
+    x = layers.Dense(spec.dense, activation="relu")(x)
+    x = layers.Dropout(spec.dropout)(x)
+    if spec.dense > 1:
+        x = layers.Dense(max(spec.dense // 2, 1), activation="relu")(x)
+    binary = spec.classes == 2
+    out = layers.Dense(1 if binary else spec.classes, activation="sigmoid" if binary else "softmax", name="label")(x)
+    model = keras.Model(inputs, out, name=spec.name)
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.fit.learning_rate),
+        loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | None, strategy=None):
+    """(x, y) batches; x is the image or {image, scalars} when extra inputs are configured."""
+    import tensorflow as tf
+
+    data = config.data
+    image_field, label_field = data.fields
+    fields = (image_field, label_field, *data.extra_inputs)
+    kwargs = dict(shuffle=shuffle, seed=data.seed, fields=fields, shuffle_buffer=data.shuffle_buffer,
+                  transforms=data.transforms, epochs=epochs, as_dict=True)
+
+    def arrange(batch):
+        y = tf.cast(batch[label_field], tf.float32 if config.model.classes == 2 else tf.int32)
+        if not data.extra_inputs:
+            return batch[image_field], y
+        scalars = tf.stack([tf.cast(batch[n], tf.float32) for n in data.extra_inputs], axis=-1)
+        return {"image": batch[image_field], "scalars": scalars}, y
+
+    if strategy is None:
+        return tfdata.tf_dataset(config.store, split, batch_size=data.batch_size, **kwargs).map(arrange)
+
+    def dataset_fn(context):
+        return tfdata.tf_dataset(
+            config.store, split, batch_size=context.get_per_replica_batch_size(data.batch_size),
+            num_shards=context.num_input_pipelines, shard=context.input_pipeline_id, **kwargs,
+        ).map(arrange)
+
+    if data.batch_size % strategy.num_replicas_in_sync:
+        msg = f"data.batch_size {data.batch_size} is not divisible by the {strategy.num_replicas_in_sync} replicas"
+        raise ConfigError(msg)
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _check_store(config: TrainConfig) -> dict[str, int]:
+    """Refuse an incomplete store, a missing split or field, before anything trains."""
+    sizes = {}
+    for split in ("train", "val", "test"):
+        source = tfdata.SplitSource.open(config.store, split, (*config.data.fields, *config.data.extra_inputs))
+        sizes[split] = source.n_events
+    if sizes["train"] == 0:
+        msg = f"store {config.store!r}: the train split is empty"
+        raise StoreError(msg)
+    return sizes
+
+
+def _image_shape(config: TrainConfig) -> tuple[int, ...]:
+    import tensorflow as tf
+
+    batch = next(iter(tfdata.tf_dataset(config.store, "train", batch_size=1, shuffle=False,
+                                        fields=config.data.fields, transforms=config.data.transforms)))
+    image = batch[0] if isinstance(batch, tuple) else batch[config.data.fields[0]]
+    return tuple(int(d) for d in tf.shape(image)[1:])
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    history: dict[str, list[float]]
+    metrics: dict[str, Any]
+    replicas: int
+
+
+def fit(config: TrainConfig, *, verbose: int = 2) -> TrainResult:
+    """Train, checkpoint, evaluate and plot; everything lands in ``config.output``."""
+    store.open_root(config.store)
+    sizes = _check_store(config)
+    output = Path(config.output)
+    if config.overwrite:
+        shutil.rmtree(output, ignore_errors=True)
+    elif (output / "model.keras").exists():
+        msg = f"{output} already holds a finished training; pass --overwrite (overwrite: true)"
+        raise ConfigError(msg)
+    output.mkdir(parents=True, exist_ok=True)
+
+    import keras
+
+    keras.backend.clear_session()
+    strategy = make_strategy(config)
+    replicas = strategy.num_replicas_in_sync
+    log.info("training on %d replica(s): %s", replicas, strategy.extended.worker_devices)
+    image_shape = _image_shape(config)
+    with strategy.scope():
+        model = build_model(config, image_shape, len(config.data.extra_inputs))
+    # Both inputs repeat; Keras takes a fixed number of steps from them per epoch.
+    train = _inputs(config, "train", shuffle=True, epochs=None, strategy=strategy)
+    steps = config.data.steps_per_epoch or -(-sizes["train"] // config.data.batch_size)
+    val = _inputs(config, "val", shuffle=False, epochs=None, strategy=strategy)
+    val_steps = -(-sizes["val"] // config.data.batch_size)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(output / "backup")),
+        keras.callbacks.ModelCheckpoint(str(output / "best.keras"), monitor="val_loss", save_best_only=True),
+        keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
+    ]
+    history = model.fit(train, epochs=config.fit.epochs, steps_per_epoch=steps, validation_data=val,
+                        validation_steps=val_steps, callbacks=callbacks, verbose=verbose, shuffle=False)
+    model.save(output / "model.keras")
+    metrics = evaluate(config, model)
+    metrics["replicas"] = replicas
+    metrics["train_events"], metrics["val_events"] = sizes["train"], sizes["val"]
+    full_history = _read_history(output / "history.csv") or {k: list(map(float, v)) for k, v in history.history.items()}
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _plot(output, full_history, metrics)
+    return TrainResult(output, full_history, metrics, replicas)
+
+
+def evaluate(config: TrainConfig, model) -> dict[str, Any]:
+    """Metrics of *model* on the test split, every test event once, in store order."""
+    dataset = _inputs(config, "test", shuffle=False, epochs=1)
+    labels, scores = [], []
+    for x, y in dataset:
+        scores.append(np.asarray(model(x, training=False)))
+        labels.append(np.asarray(y))
+    scores_array = np.concatenate(scores) if scores else np.zeros((0, 1))
+    labels_array = np.concatenate(labels) if labels else np.zeros(0)
+    if config.model.classes == 2:
+        return binary_metrics(labels_array, scores_array[:, 0])
+    return multiclass_metrics(labels_array, scores_array)
+
+
+def _read_history(path: Path) -> dict[str, list[float]]:
+    import csv
+
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return {k: [float(r[k]) for r in rows] for k in (rows[0] if rows else {}) if k != "epoch"}
+
+
+def _plot(output: Path, history: dict[str, list[float]], metrics: dict[str, Any]) -> None:
+    try:
+        from . import plots
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (pip install 'hepdask[plots]')")
+        return
+    plots.history(history, output / "history.png")
+    if "roc" in metrics:
+        plots.roc(metrics, output / "roc.png")

@@ -1,0 +1,134 @@
+"""The chunk planner (no TensorFlow) and the tf.data adapter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from hepdask import tfdata
+from hepdask.errors import ConfigError, StoreError
+from hepdask.tfdata import EpochPlan, chunk_order
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_shards_read_every_chunk_once_per_epoch(shards):
+    for epoch in range(3):
+        parts = [chunk_order(10, epoch=epoch, seed=4, shuffle=True, num_shards=shards, shard=s) for s in range(shards)]
+        together = np.concatenate(parts)
+        assert sorted(together.tolist()) == list(range(10))
+
+
+def test_chunk_order_is_seeded_and_changes_per_epoch():
+    a = chunk_order(50, epoch=0, seed=1, shuffle=True)
+    assert np.array_equal(a, chunk_order(50, epoch=0, seed=1, shuffle=True))
+    assert not np.array_equal(a, chunk_order(50, epoch=1, seed=1, shuffle=True))
+    assert not np.array_equal(a, chunk_order(50, epoch=0, seed=2, shuffle=True))
+    assert chunk_order(5, epoch=3, seed=1, shuffle=False).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="shard 2"):
+        chunk_order(5, epoch=0, seed=0, shuffle=False, num_shards=2, shard=2)
+
+
+def test_epoch_plan_covers_a_ragged_last_chunk():
+    plan = EpochPlan(n_events=1000, chunk_events=128, seed=0, shuffle=True)
+    assert plan.n_chunks == 8
+    assert sorted(plan.events(0).tolist()) == list(range(1000))
+    assert len(list(plan.chunk_indices(epochs=2))) == 16
+
+
+def test_import_hepdask_does_not_import_tensorflow():
+    code = "import sys, hepdask, hepdask.tfdata; print('tensorflow' in sys.modules, 'matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+def _keys(batch) -> np.ndarray:
+    """A unique event key: eventNumber is unique within a sample, label tells the sample."""
+    return batch["eventNumber"].numpy().astype(np.int64) * 2 + batch["label"].numpy().astype(np.int64)
+
+
+FIELDS = ("image", "label", "eventNumber")
+
+
+def test_one_epoch_reads_every_event_once_in_whole_chunks(tf_two_cpus, train_store, monkeypatch):
+    reads = []
+    original = tfdata.SplitSource.reader
+
+    def counting(self):
+        read = original(self)
+
+        def wrapped(index):
+            arrays = read(index)
+            reads.append(len(arrays[0]))
+            return arrays
+
+        return wrapped
+
+    monkeypatch.setattr(tfdata.SplitSource, "reader", counting)
+    ds = tfdata.tf_dataset(train_store, "train", batch_size=100, fields=FIELDS, seed=1)
+    keys = np.concatenate([_keys(b) for b in ds])
+    n = zarr.open_group(str(train_store), mode="r")["train"]["image"].shape[0]
+    assert keys.size == n
+    assert np.unique(keys).size == n
+    assert max(reads) <= 128
+    assert sum(reads) == n
+
+
+def test_shuffling_is_seeded(tf_two_cpus, train_store):
+    def order(seed):
+        return np.concatenate([_keys(b) for b in tfdata.tf_dataset(train_store, "val", batch_size=64,
+                                                                   fields=FIELDS, seed=seed)])  # fmt: skip
+
+    assert np.array_equal(order(5), order(5))
+    assert not np.array_equal(order(5), order(6))
+
+
+def test_batches_transforms_and_dtypes(tf_two_cpus, train_store):
+    ds = tfdata.tf_dataset(train_store, "val", batch_size=32, shuffle=False, transforms=["log1p", "add_channel_axis"])
+    image, label = next(iter(ds))
+    assert tuple(image.shape) == (32, 17, 16, 1)
+    assert image.dtype.name == "float32"
+    raw = zarr.open_group(str(train_store), mode="r")["val"]["image"][:32]
+    np.testing.assert_allclose(image.numpy()[..., 0], np.log1p(raw), rtol=1e-6)
+    assert label.shape == (32,)
+
+
+def test_mirrored_strategy_replicas_see_every_event_once(tf_two_cpus, train_store):
+    tf = tf_two_cpus
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    dist = tfdata.distributed_dataset(strategy, train_store, "val", global_batch_size=64, fields=FIELDS, seed=2)
+    per_replica = [[], []]
+    for batch in dist:
+        labels = strategy.experimental_local_results(batch["label"])
+        numbers = strategy.experimental_local_results(batch["eventNumber"])
+        for r in range(2):
+            per_replica[r].append(numbers[r].numpy().astype(np.int64) * 2 + labels[r].numpy().astype(np.int64))
+    keys = [np.concatenate(k) for k in per_replica]
+    assert keys[0].size > 0
+    assert keys[1].size > 0
+    n = zarr.open_group(str(train_store), mode="r")["val"]["image"].shape[0]
+    together = np.concatenate(keys)
+    assert together.size == n
+    assert np.unique(together).size == n
+
+
+def test_bad_requests_are_refused_before_training(tf_two_cpus, train_store, tmp_path):
+    with pytest.raises(StoreError, match="no split 'valid'"):
+        tfdata.tf_dataset(train_store, "valid")
+    with pytest.raises(StoreError, match="no field 'energy'"):
+        tfdata.tf_dataset(train_store, "train", fields=("energy", "label"))
+    with pytest.raises(StoreError, match="holds strings"):
+        tfdata.tf_dataset(train_store, "train", fields=("sample", "label"))
+    with pytest.raises(ConfigError, match="unknown transform"):
+        tfdata.tf_dataset(train_store, "train", transforms=["sqrt"])
+    strategy = tf_two_cpus.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with pytest.raises(ConfigError, match="not divisible by the 2 replicas"):
+        tfdata.distributed_dataset(strategy, train_store, "train", global_batch_size=33)
+    incomplete = tmp_path / "incomplete.zarr"
+    zarr.open_group(str(incomplete), mode="w", zarr_format=3)
+    with pytest.raises(StoreError, match="incomplete"):
+        tfdata.tf_dataset(incomplete, "train")

@@ -1,0 +1,95 @@
+"""Training under a 2-replica MirroredStrategy on CPU, evaluation metrics, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from hepdask.cli import main as cli
+from hepdask.config import TrainConfig
+from hepdask.errors import ConfigError
+from hepdask.train import binary_metrics, fit, roc_curve
+
+
+def test_roc_of_perfect_random_and_inverted_scores():
+    labels = np.array([0, 0, 1, 1])
+    assert binary_metrics(labels, np.array([0.1, 0.2, 0.8, 0.9]))["auc"] == 1.0
+    assert binary_metrics(labels, np.array([0.9, 0.8, 0.2, 0.1]))["auc"] == 0.0
+    rng = np.random.default_rng(0)
+    many = rng.integers(0, 2, 20000)
+    assert abs(binary_metrics(many, rng.random(20000))["auc"] - 0.5) < 0.02
+    fpr, tpr, _ = roc_curve(labels, np.array([0.5, 0.5, 0.5, 0.5]))
+    assert fpr.tolist() == [0.0, 1.0]
+    assert tpr.tolist() == [0.0, 1.0]
+
+
+def test_best_threshold_acceptance_rejection_and_confusion():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.3, 0.7, 0.6, 0.62, 0.8, 0.9])
+    m = binary_metrics(labels, scores)
+    assert m["best_threshold"] == pytest.approx(0.6)
+    assert m["signal_acceptance"] == 1.0
+    assert m["background_rejection"] == pytest.approx(2 / 3)
+    assert m["confusion_matrix"]["values"] == [[2, 1], [0, 4]]
+
+
+def _config(store, output, **changes) -> TrainConfig:
+    raw = {
+        "name": "t", "store": str(store), "output": str(output),
+        "data": {"batch_size": 64, "transforms": ["log1p", "add_channel_axis"], "seed": 3},
+        "model": {"name": "ldmx_convnet", "filters": 8, "dense": 32},
+        "fit": {"epochs": 4, "learning_rate": 0.003},
+        "strategy": {"kind": "mirrored", "logical_cpus": 2},
+    }
+    for key, value in changes.items():
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return TrainConfig.model_validate(raw)
+
+
+@pytest.mark.slow
+def test_training_on_two_replicas_learns_and_writes_its_outputs(tf_two_cpus, train_store, tmp_path):
+    result = fit(_config(train_store, tmp_path / "run"), verbose=0)
+    assert result.replicas == 2
+    assert max(result.history["val_accuracy"]) > 0.65
+    for name in ("model.keras", "best.keras", "history.csv", "metrics.json", "history.png", "roc.png"):
+        assert (tmp_path / "run" / name).exists(), name
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["auc"] > 0.7
+    assert metrics["events"] == sum(sum(row) for row in metrics["confusion_matrix"]["values"])
+    assert not (tmp_path / "run" / "backup").exists()  # BackupAndRestore removes it after a finished fit
+
+
+@pytest.mark.parametrize("model", ["vgg", "resnet"])
+def test_other_zoo_models_train_one_step(tf_two_cpus, train_store, tmp_path, model):
+    result = fit(_config(train_store, tmp_path / model, **{"model.name": model, "fit.epochs": 1,
+                                                           "data.steps_per_epoch": 2}), verbose=0)
+    assert len(result.history["loss"]) == 1
+
+
+def test_refusals_before_training(tf_two_cpus, train_store, tmp_path):
+    with pytest.raises(ConfigError, match="needs images of rank 3"):
+        fit(_config(train_store, tmp_path / "a", **{"data.transforms": []}), verbose=0)
+    with pytest.raises(ConfigError, match="not divisible by the 2 replicas"):
+        fit(_config(train_store, tmp_path / "b", **{"data.batch_size": 63}), verbose=0)
+
+
+def test_cli_train_with_a_device_list(tf_two_cpus, train_store, tmp_path, capsys):
+    raw = _config(train_store, tmp_path / "cli").model_dump(mode="json")
+    raw["strategy"] = {"kind": "mirrored", "logical_cpus": 2}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = cli(["train", str(path), "--epochs", "1", "--MirroredStrategy", "/cpu:0", "/cpu:1",
+                "--set", "data.steps_per_epoch=3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "on 2 replica(s)" in out
+    assert "AUC" in out
+    assert cli(["train", str(path), "--epochs", "1"]) == 2
+    assert "already holds a finished training" in capsys.readouterr().err
