@@ -202,8 +202,8 @@ def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | Non
     data = config.data
     image_field, label_field = data.fields
     fields = (image_field, label_field, *data.extra_inputs)
-    kwargs = dict(shuffle=shuffle, seed=data.seed, fields=fields, shuffle_buffer=data.shuffle_buffer,
-                  transforms=data.transforms, epochs=epochs, as_dict=True)
+    kwargs = {"shuffle": shuffle, "seed": data.seed, "fields": fields, "shuffle_buffer": data.shuffle_buffer,
+                  "transforms": data.transforms, "epochs": epochs, "as_dict": True}
 
     def arrange(batch):
         y = tf.cast(batch[label_field], tf.float32 if config.model.classes == 2 else tf.int32)
