@@ -246,25 +246,29 @@ def _sample_specs(config: Config) -> list[tuple[str, int, list[str]]]:
     return [(s.name, s.label, s.files) for s in config.samples]
 
 
-def _generate_examples(config: Config, progress: Callable | None, dry_run: bool) -> dict[str, int]:
-    """Write the example files a sample asks for (``generate:``) where they are missing."""
-    todo = {}
+def _missing_examples(config: Config) -> dict[str, int]:
+    """How many example files each sample with a ``generate:`` block still lacks."""
+    missing = {}
     for sample in config.samples:
         gen = sample.generate
         if gen is None:
             continue
-        missing = [
-            i for i in range(gen.n_files)
-            if not (Path(gen.directory) / f"{'signal' if gen.signal else 'background'}_{i:05d}.root").exists()
-        ]
-        todo[sample.name] = len(missing)
-        if missing and not dry_run:
-            log.info("generating %d example files for sample %r in %s", len(missing), sample.name, gen.directory)
-            examples.generate(
-                gen.directory, signal=gen.signal, n_files=gen.n_files,
-                events_per_file=gen.events_per_file, seed=gen.seed, progress=progress,
-            )
-    return todo
+        prefix = "signal" if gen.signal else "background"
+        missing[sample.name] = sum(
+            not (Path(gen.directory) / f"{prefix}_{i:05d}.root").exists() for i in range(gen.n_files)
+        )
+    return missing
+
+
+def _generate_examples(config: Config, missing: dict[str, int], progress: Callable | None) -> None:
+    """Write the example files the samples ask for (``generate:``) where they are missing."""
+    for sample in config.samples:
+        gen = sample.generate
+        if gen is None or not missing.get(sample.name):
+            continue
+        log.info("generating %d example files for sample %r in %s", missing[sample.name], sample.name, gen.directory)
+        examples.generate(gen.directory, signal=gen.signal, n_files=gen.n_files,
+                          events_per_file=gen.events_per_file, seed=gen.seed, progress=progress)
 
 
 #: Under ``on_bad_file: skip``, the probe tries up to this many files of a sample.
@@ -338,9 +342,11 @@ def build_dataset(
     """Build the store the config describes; return the report (the plan if *dry_run*)."""
     started = time.perf_counter()
     with Bar(enabled=progress and not dry_run, console=console) as bar:
-        total = sum(s.generate.n_files for s in config.samples if s.generate is not None)
-        task = bar.add("generate example files", total) if total and not dry_run else None
-        generated = _generate_examples(config, (lambda: bar.advance(task)) if task is not None else None, dry_run)
+        generated = _missing_examples(config)
+        if any(generated.values()) and not dry_run:
+            todo = [s.generate.n_files for s in config.samples if generated.get(s.name)]
+            task = bar.add("generate example files", sum(todo))
+            _generate_examples(config, generated, lambda: bar.advance(task))
         pending = {name for name, n in generated.items() if n and dry_run}
         skip = config.read.on_bad_file == "skip"
         partitions = sources.plan(
@@ -351,15 +357,26 @@ def build_dataset(
             return plan_report(config, partitions, first_entries, generated)
         if _prepare_output(config):
             bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
-        context = nullcontext(client) if client is not None else _connect(config)
+        context = nullcontext(client) if client is not None else _connect(config, bar)
         with context as active:
-            return _run(config, partitions, active, bar, started)
+            report_path = Path(config.output.path + ".performance-report.html")
+            with _performance_report(report_path if config.cluster.performance_report else None):
+                return _run(config, partitions, active, bar, started)
 
 
-def _connect(config: Config):
+def _connect(config: Config, bar: Bar):
     from . import cluster
 
-    return cluster.connect(config.cluster)
+    return cluster.connect(config.cluster, say=bar.print, log_directory=config.output.path + ".slurm-logs")
+
+
+def _performance_report(path: Path | None):
+    """Dask's performance report of the build, saved as HTML next to the store."""
+    if path is None:
+        return nullcontext()
+    from distributed import performance_report
+
+    return performance_report(filename=str(path))
 
 
 def _prepare_output(config: Config) -> bool:

@@ -10,9 +10,10 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
-from .errors import HepdaskError
+from .errors import ConfigError, HepdaskError
 
 EXIT_USER_ERROR = 2
 EXIT_VERIFY_FAILED = 1
@@ -31,7 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dry-run", action="store_true", help="print the resolved plan, write nothing")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output (output.overwrite)")
     build.add_argument("--workers", type=int, help="local worker processes (cluster.workers)")
+    build.add_argument("--cluster", metavar="local|slurm|ADDRESS",
+                       help="where to run: a LocalCluster, SLURM jobs, or a scheduler address (cluster.kind)")
     build.add_argument("--address", help="connect to this Dask scheduler (cluster.kind=address)")
+    build.add_argument("--jobs", type=int, help="most SLURM jobs (cluster.jobs)")
+    build.add_argument("--minimum-jobs", type=int, help="fewest SLURM jobs (cluster.minimum_jobs)")
+    build.add_argument("--profile", help="dask-jobqueue SLURM profile YAML (cluster.profile)")
+    build.add_argument("--print-job-script", action="store_true",
+                       help="print the SLURM job script that would be submitted; submit nothing")
+    build.add_argument("--performance-report", action="store_true",
+                       help="save Dask's performance report next to the store (cluster.performance_report)")
     build.add_argument("--output", help="output store path (output.path)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -71,8 +81,20 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append("output.overwrite=true")
     if args.workers is not None:
         overrides.append(f"cluster.workers={args.workers}")
+    if args.cluster in ("local", "slurm"):
+        overrides.append(f"cluster.kind={args.cluster}")
+    elif args.cluster:
+        overrides += ["cluster.kind=address", f"cluster.address={json.dumps(args.cluster)}"]
     if args.address:
-        overrides += ["cluster.kind=address", f"cluster.address={args.address}"]
+        overrides += ["cluster.kind=address", f"cluster.address={json.dumps(args.address)}"]
+    if args.jobs is not None:
+        overrides.append(f"cluster.jobs={args.jobs}")
+    if args.minimum_jobs is not None:
+        overrides.append(f"cluster.minimum_jobs={args.minimum_jobs}")
+    if args.profile:
+        overrides.append(f"cluster.profile={json.dumps(str(Path(args.profile).resolve()))}")
+    if args.performance_report:
+        overrides.append("cluster.performance_report=true")
     if args.output:
         overrides.append(f"output.path={json.dumps(args.output)}")
     return overrides
@@ -86,6 +108,14 @@ def _build(args: argparse.Namespace) -> int:
 
     console = Console(stderr=False)
     config = load(args.config, _flag_overrides(args))
+    if args.print_job_script:
+        from .cluster import job_script
+
+        if config.cluster.kind != "slurm":
+            msg = f"--print-job-script is for SLURM builds; cluster.kind is {config.cluster.kind!r} (add --cluster slurm)"
+            raise ConfigError(msg)
+        print(job_script(config.cluster))
+        return 0
     report = build_dataset(config, dry_run=args.dry_run, progress=not args.no_progress and not args.json,
                            console=console)
     if args.json:
@@ -209,6 +239,11 @@ def print_info(info: dict, console) -> None:
     console.print(_table("provenance", ["sample", "label", "files", "entries", "selected"], rows))
 
 
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Without --verbose, Dask's own INFO chatter stays out of the way of the progress bar."""
+    return record.levelno >= logging.WARNING or not record.name.startswith(("distributed", "dask_jobqueue"))
+
+
 COMMANDS = {"build-dataset": _build, "info": _info, "train": _train, "verify": _verify, "make-example-data": _example}
 
 
@@ -216,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_libraries)
     try:
         return COMMANDS[args.command](args)
     except HepdaskError as err:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import dask
 
@@ -32,10 +35,19 @@ def default_workers() -> int:
 
 
 @contextmanager
-def connect(spec: Cluster) -> Iterator:
-    """Yield a connected ``distributed.Client`` for *spec*; close what was started."""
+def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
+            log_directory: str | Path | None = None) -> Iterator:
+    """Yield a connected ``distributed.Client`` for *spec*; close what was started.
+
+    For SLURM, the worker job is checked with ``sbatch --test-only`` first, then the cluster
+    scales adaptively and the build waits (saying why) for ``minimum_jobs`` jobs' workers.
+    """
     from distributed import Client, LocalCluster
 
+    if spec.kind == "slurm":
+        with _slurm_client(spec, say, log_directory) as client:
+            yield client
+        return
     security = _security(spec)
     if spec.kind == "address":
         try:
@@ -49,7 +61,6 @@ def connect(spec: Cluster) -> Iterator:
             client.close()
         return
 
-    logging.getLogger("distributed").setLevel(max(logging.WARNING, logging.getLogger().level))
     workers = spec.workers or default_workers()
     environ = {"NUMBA_NUM_THREADS": str(spec.threads_per_worker)}
     settings = {
@@ -81,6 +92,27 @@ def connect(spec: Cluster) -> Iterator:
         cluster.close()
 
 
+@contextmanager
+def _slurm_client(spec: Cluster, say: Callable[[str], None], log_directory: str | Path | None) -> Iterator:
+    from distributed import Client
+
+    cluster = slurm_cluster(spec, log_directory)
+    try:
+        check_submission(cluster.job_script())
+        processes = cluster._dummy_job.worker_processes
+        cluster.adapt(minimum_jobs=spec.minimum_jobs, maximum_jobs=spec.jobs)
+        client = Client(cluster)
+        try:
+            say(f"SLURM: up to {spec.jobs} jobs of {processes} worker(s); dashboard {cluster.dashboard_link}")
+            wait_for_workers(client, cluster, max(1, spec.minimum_jobs) * processes, spec.worker_timeout, say,
+                             log_directory)  # fmt: skip
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
 def _security(spec: Cluster):
     """Dask's ``Security`` for ``cluster.tls``: a temporary self-signed one, or the given files."""
     if spec.tls is None:
@@ -108,3 +140,140 @@ def dashboard_link(client) -> str | None:
         return client.dashboard_link
     except (AttributeError, KeyError):
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# SLURM through dask-jobqueue
+
+#: Seconds between two looks at the queue while waiting for workers.
+POLL_SECONDS = 2.0
+#: Lines of a failed job's output shown to the user.
+TAIL_LINES = 15
+
+
+def load_profile(path: str | None) -> dict:
+    """A dask-jobqueue profile (``jobqueue: slurm: {...}``) as SLURMCluster keyword arguments.
+
+    Keys are dask-jobqueue's configuration keys (``job-extra-directives``); a null value
+    leaves dask-jobqueue's own default (or the user's ~/.config/dask/jobqueue.yaml) in force.
+    """
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        msg = f"cluster.profile {path!r} cannot be read: {err}"
+        raise ClusterError(msg) from None
+    except yaml.YAMLError as err:
+        msg = f"cluster.profile {path!r} is not valid YAML: {err}"
+        raise ClusterError(msg) from None
+    section = (data or {}).get("jobqueue", {}).get("slurm") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        msg = f"cluster.profile {path!r} has no 'jobqueue: slurm:' section (dask-jobqueue's format)"
+        raise ClusterError(msg)
+    renamed = {"name": "job_name"}
+    return {renamed.get(k, k.replace("-", "_")): v for k, v in section.items() if v is not None}
+
+
+def slurm_cluster(spec: Cluster, log_directory: str | Path | None = None):
+    """A SLURMCluster from the profile; nothing is submitted until it is scaled."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as err:
+        msg = "cluster.kind slurm needs dask-jobqueue: pip install 'hepdask[slurm]'"
+        raise ClusterError(msg) from err
+    kwargs = load_profile(spec.profile)
+    if log_directory is not None and "log_directory" not in kwargs:
+        Path(log_directory).mkdir(parents=True, exist_ok=True)
+        kwargs["log_directory"] = str(log_directory)
+    if spec.tls is not None:
+        kwargs.update(security=_security(spec), protocol="tls://")
+    try:
+        return SLURMCluster(**kwargs)
+    except (TypeError, ValueError) as err:
+        msg = f"cluster.profile {spec.profile!r}: {err}"
+        raise ClusterError(msg) from None
+
+
+def job_script(spec: Cluster) -> str:
+    """The job script a SLURM build would submit (nothing is submitted)."""
+    cluster = slurm_cluster(spec)
+    try:
+        return cluster.job_script()
+    finally:
+        cluster.close()
+
+
+def check_submission(script: str) -> None:
+    """``sbatch --test-only``: a job SLURM would refuse is refused now, with SLURM's words."""
+    try:
+        result = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True,
+                                text=True, timeout=60, check=False)  # fmt: skip
+    except FileNotFoundError:
+        msg = "cluster.kind slurm: no 'sbatch' on this machine's PATH"
+        raise ClusterError(msg) from None
+    except subprocess.TimeoutExpired:
+        msg = "sbatch --test-only did not answer within 60 s: is slurmctld up?"
+        raise ClusterError(msg) from None
+    if result.returncode != 0:
+        said = " ".join(line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip())
+        msg = f"SLURM refuses the worker job: {said}"
+        raise ClusterError(msg)
+
+
+def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """``{job_id: (state, reason)}`` from squeue for the jobs still known to it."""
+    if not job_ids:
+        return {}
+    result = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"],
+                            capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    states = {}
+    for line in result.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1], parts[2])
+    return states
+
+
+def job_log_tail(log_directory: str | Path | None, job_id: str) -> str:
+    if log_directory is None:
+        return ""
+    lines: list[str] = []
+    for path in sorted(Path(log_directory).glob(f"*-{job_id}.*")):
+        text = path.read_text(errors="replace").splitlines()[-TAIL_LINES:]
+        lines += [f"  {path.name}: {line}" for line in text]
+    return "\n".join(lines)
+
+
+def wait_for_workers(client, cluster, n_workers: int, timeout: float, say: Callable[[str], None],
+                     log_directory: str | Path | None = None) -> None:
+    """Wait until *n_workers* workers have joined, saying why none are there yet.
+
+    Every change in the submitted jobs' SLURM states is reported (PENDING with its reason,
+    RUNNING); a job that left the queue without its worker joining is reported with the tail
+    of its output; if every job ended that way, or *timeout* passes, ClusterError says so.
+    """
+    deadline = time.monotonic() + timeout
+    last, reported = "", set()
+    while len(client.scheduler_info().get("workers", {})) < n_workers:
+        ids = [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]
+        states = job_states(ids)
+        summary = ", ".join(f"job {i} {s[0]}" + (f" ({s[1]})" if s[1] not in ("None", "") else "")
+                            for i, s in sorted(states.items()))  # fmt: skip
+        if summary and summary != last:
+            joined = len(client.scheduler_info().get("workers", {}))
+            say(f"waiting for workers ({joined}/{n_workers} joined): {summary}")
+            last = summary
+        ended = [i for i in ids if i not in states and i not in reported]
+        for job_id in ended:
+            reported.add(job_id)
+            say(f"job {job_id} ended before its worker joined\n{job_log_tail(log_directory, job_id)}".rstrip())
+        if ids and len(reported) == len(ids) and not client.scheduler_info().get("workers"):
+            msg = f"every SLURM job ({', '.join(ids)}) ended without its worker joining; see the output above"
+            raise ClusterError(msg)
+        if time.monotonic() > deadline:
+            msg = f"no {n_workers} workers after {timeout:.0f} s (cluster.worker_timeout); jobs: {summary or 'none'}"
+            raise ClusterError(msg)
+        time.sleep(POLL_SECONDS)

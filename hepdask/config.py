@@ -237,20 +237,34 @@ class Tls(_Model):
 
 
 class Cluster(_Model):
-    """Where the build runs: a LocalCluster (default) or an existing scheduler address."""
+    """Where the build runs: a LocalCluster (default), SLURM jobs, or a scheduler address.
 
-    kind: Literal["local", "address"] = "local"
+    ``slurm``: a dask-jobqueue SLURMCluster from ``profile`` (dask-jobqueue's own YAML, see
+    jobqueue/slurm.yaml), scaled adaptively between ``minimum_jobs`` and ``jobs`` jobs; the
+    build starts once ``minimum_jobs`` jobs' workers have joined (``worker_timeout`` seconds
+    at most).
+    """
+
+    kind: Literal["local", "slurm", "address"] = "local"
     address: str | None = None
     workers: Annotated[int, Field(gt=0)] | None = None
     threads_per_worker: Annotated[int, Field(gt=0)] = 1
     memory_limit: str = "auto"
     dashboard_address: str = "127.0.0.1:8787"
     tls: Tls | None = None
+    profile: str | None = None
+    jobs: Annotated[int, Field(gt=0)] = 4
+    minimum_jobs: Annotated[int, Field(ge=0)] = 1
+    worker_timeout: Annotated[float, Field(gt=0)] = 600
+    performance_report: bool = False
 
     @model_validator(mode="after")
     def _address(self) -> Cluster:
         if self.kind == "address" and not self.address:
             msg = "cluster.kind 'address' needs cluster.address (e.g. tcp://127.0.0.1:8786)"
+            raise ValueError(msg)
+        if self.minimum_jobs > self.jobs:
+            msg = f"cluster.minimum_jobs ({self.minimum_jobs}) exceeds cluster.jobs ({self.jobs})"
             raise ValueError(msg)
         return self
 
@@ -419,6 +433,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     output = data.get("output")
     if isinstance(output, dict) and isinstance(output.get("path"), str):
         output["path"] = _resolve(output["path"], base)
+    cluster = data.get("cluster")
+    if isinstance(cluster, dict) and isinstance(cluster.get("profile"), str):
+        cluster["profile"] = _resolve(cluster["profile"], base)
     return data
 
 

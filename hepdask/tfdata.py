@@ -20,6 +20,7 @@ TensorFlow is imported only inside the adapter functions; ``import hepdask`` nev
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +80,10 @@ class EpochPlan:
                  for c in self.chunks(epoch)]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def chunk_indices(self, epochs: int | None) -> Iterator[int]:
-        """Chunk indices for *epochs* epochs in a row (forever if None)."""
-        epoch = 0
-        while epochs is None or epoch < epochs:
+    def chunk_indices(self, epochs: int | None, first_epoch: int = 0) -> Iterator[int]:
+        """Chunk indices for *epochs* epochs in a row from *first_epoch* (forever if None)."""
+        epoch = first_epoch
+        while epochs is None or epoch < first_epoch + epochs:
             yield from (int(c) for c in self.chunks(epoch))
             epoch += 1
 
@@ -238,9 +239,15 @@ def tf_dataset(
         arrays = tf.numpy_function(read, [index], out_types, stateful=False)
         return tuple(tf.ensure_shape(a, (None, *source.shapes[f])) for a, f in zip(arrays, fields))
 
-    indices = tf.data.Dataset.from_generator(
-        lambda: plan.chunk_indices(epochs), output_signature=tf.TensorSpec((), tf.int64),
-    )
+    # Each new iteration of the dataset (Keras starts one per epoch) continues the planner's
+    # epochs instead of starting again at epoch 0, so every pass reads a new chunk order.
+    passes = itertools.count()
+
+    def indices_of_next_pass():
+        first = next(passes) * (epochs or 0)
+        return plan.chunk_indices(epochs, first_epoch=first)
+
+    indices = tf.data.Dataset.from_generator(indices_of_next_pass, output_signature=tf.TensorSpec((), tf.int64))
     options = tf.data.Options()
     options.deterministic = True
     dataset = indices.map(read_chunk, num_parallel_calls=parallel_reads or autotune, deterministic=True)

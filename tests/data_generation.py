@@ -124,3 +124,26 @@ class PoisonFiles(WorkerPlugin):
             return original(partition, *args, **kwargs)
 
         sources.read = read
+
+
+class SlowReads(WorkerPlugin):
+    """A worker plugin that makes every partition read take *seconds* longer, so that a small
+    build lasts long enough for workers to be recycled by ``--lifetime`` during it."""
+
+    name = "hepdask-test-slow-reads"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def setup(self, worker) -> None:
+        import time
+
+        from hepdask import sources
+
+        original, pause = sources.read, self.seconds
+
+        def read(*args, **kwargs):
+            time.sleep(pause)
+            return original(*args, **kwargs)
+
+        sources.read = read

@@ -132,3 +132,28 @@ def test_bad_requests_are_refused_before_training(tf_two_cpus, train_store, tmp_
     zarr.open_group(str(incomplete), mode="w", zarr_format=3)
     with pytest.raises(StoreError, match="incomplete"):
         tfdata.tf_dataset(incomplete, "train")
+
+
+def test_each_pass_over_a_dataset_reads_a_new_chunk_order(tf_two_cpus, train_store, monkeypatch):
+    """model.fit(ds, epochs=N) iterates the same dataset N times: each pass is a new epoch."""
+    orders: list[list[int]] = [[]]
+    original = tfdata.SplitSource.reader
+
+    def recording(self):
+        read = original(self)
+
+        def wrapped(index):
+            orders[-1].append(int(index))
+            return read(index)
+
+        return wrapped
+
+    monkeypatch.setattr(tfdata.SplitSource, "reader", recording)
+    ds = tfdata.tf_dataset(train_store, "train", batch_size=500, seed=9, parallel_reads=1)
+    for _ in range(3):
+        for _batch in ds:
+            pass
+        orders.append([])
+    passes = orders[:3]
+    assert all(sorted(p) == sorted(passes[0]) for p in passes)
+    assert passes[0] != passes[1] != passes[2]
