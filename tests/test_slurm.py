@@ -27,7 +27,7 @@ def _slurm_is_up() -> bool:
     if shutil.which("sinfo") is None:
         return False
     result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False)
-    return result.returncode == 0 and "idle" in result.stdout or "mix" in result.stdout
+    return result.returncode == 0 and ("idle" in result.stdout or "mix" in result.stdout)
 
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -118,13 +118,12 @@ def test_impossible_partition_is_refused_with_slurms_message(ldmx_data, tmp_path
     assert time.monotonic() - started < 60
     assert "SLURM refuses the worker job" in err
     assert "Invalid partition name specified" in err
-    with pytest.raises(ClusterError, match="Requested node configuration is not available"):
-        from hepdask.cluster import connect
+    from hepdask.cluster import connect
 
-        spec = from_dict(demo_config(data, tmp_path / "y.zarr", cluster={
-            "kind": "slurm", "profile": str(_profile(tmp_path, memory="900GiB")), "jobs": 1})).cluster
-        with connect(spec):
-            pass
+    spec = from_dict(demo_config(data, tmp_path / "y.zarr", cluster={
+        "kind": "slurm", "profile": str(_profile(tmp_path, memory="900GiB")), "jobs": 1})).cluster
+    with pytest.raises(ClusterError, match="Requested node configuration is not available"), connect(spec):
+        pass
 
 
 def test_print_job_script_submits_nothing(ldmx_data, tmp_path, capsys):
