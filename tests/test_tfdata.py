@@ -157,3 +157,25 @@ def test_each_pass_over_a_dataset_reads_a_new_chunk_order(tf_two_cpus, train_sto
     passes = orders[:3]
     assert all(sorted(p) == sorted(passes[0]) for p in passes)
     assert passes[0] != passes[1] != passes[2]
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none", "blosc-lz4"])
+def test_chunk_reader_equals_zarr_for_every_codec(ldmx_data, client, tmp_path, compressor):
+    """Direct chunk decoding (zstd, none) and the zarr fallback (blosc) read what zarr reads."""
+    import hepdask
+    from hepdask.config import from_dict
+
+    from .data_generation import demo_config
+
+    data, _ = ldmx_data
+    out = tmp_path / f"{compressor}.zarr"
+    hepdask.build_dataset(from_dict(demo_config(data, out, **{"output.compressor": {"name": compressor}})),
+                          client=client, progress=False)
+    source = tfdata.SplitSource.open(out, "train", ("image", "label", "eventNumber"))
+    read = source.reader()
+    group = zarr.open_group(str(out), mode="r")["train"]
+    for i in range(-(-source.n_events // source.chunk_events)):
+        start, stop = i * source.chunk_events, min((i + 1) * source.chunk_events, source.n_events)
+        for values, name in zip(read(i), source.fields):
+            np.testing.assert_array_equal(values, group[name][start:stop])
+            assert values.dtype == group[name].dtype
