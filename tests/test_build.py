@@ -283,3 +283,15 @@ def test_local_cluster_over_tls_binds_to_loopback(ldmx_data, tmp_path):
         assert all(addr.startswith("tls://127.0.0.1:") for addr in client.scheduler_info()["workers"])
         report = hepdask.build_dataset(config, client=client, progress=False)
     assert report.events_written > 0
+
+
+def test_performance_report_is_saved_next_to_the_store(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "p.zarr",
+                                                         cluster={"workers": 1, "dashboard_address": "127.0.0.1:0"}))
+    assert cli(["build-dataset", str(path), "--no-progress", "--performance-report"]) == 0
+    out = capsys.readouterr().out
+    assert "Dask dashboard: http://127.0.0.1:" in out
+    report = tmp_path / "p.zarr.performance-report.html"
+    assert report.stat().st_size > 10_000
+    assert "Dask Performance Report" in report.read_text()
