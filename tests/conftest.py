@@ -37,14 +37,12 @@ def tf_two_cpus():
 def train_store(client, tmp_path_factory):
     """A store of 6,000 separable-but-overlapping events, chunks of 128 events."""
     import hepdask
-    from hepdask import examples
     from hepdask.config import from_dict
 
     from .data_generation import demo_config
 
     directory = tmp_path_factory.mktemp("train-data")
-    examples.generate(directory, signal=True, n_files=6, events_per_file=500, seed=21)
-    examples.generate(directory, signal=False, n_files=6, events_per_file=500, seed=22)
+    ldmx_files(directory, n_files=6, events=500, seed=21)
     out = directory / "train.zarr"
     raw = demo_config(directory, out, **{"output.chunk_events": 128, "selection.events": None})
     hepdask.build_dataset(from_dict(raw), client=client, progress=False)

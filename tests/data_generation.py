@@ -12,11 +12,12 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from hepdask import examples
 
 
-def ldmx_files(directory: Path, *, n_files: int = 4, events: int = 40) -> dict[str, list[str]]:
-    """Signal and background LDMX-like files (example generator, small)."""
+def ldmx_files(directory: Path, *, n_files: int = 4, events: int = 40, seed: int = 11) -> dict[str, list[str]]:
+    """Signal and background LDMX-like files (example generator): ``{sample: paths}``."""
     return {
-        "signal": examples.generate(directory, signal=True, n_files=n_files, events_per_file=events, seed=11),
-        "background": examples.generate(directory, signal=False, n_files=n_files, events_per_file=events, seed=12),
+        "signal": examples.generate(directory, signal=True, n_files=n_files, events_per_file=events, seed=seed),
+        "background": examples.generate(directory, signal=False, n_files=n_files, events_per_file=events,
+                                        seed=seed + 1),
     }
 
 

@@ -16,7 +16,7 @@ import pytest
 import zarr
 
 import hepdask
-from hepdask import examples, store
+from hepdask import store
 from hepdask.cli import main as cli
 from hepdask.config import from_dict
 from hepdask.errors import BuildError, StoreError
@@ -25,6 +25,7 @@ from .data_generation import (
     PoisonFiles,
     corrupted_basket_file,
     demo_config,
+    ldmx_files,
     not_root_file,
     tree_missing_file,
     truncated_file,
@@ -47,11 +48,7 @@ def _staged_count(staging: Path) -> int:
 @pytest.fixture(scope="module")
 def many_files(tmp_path_factory):
     """200 small files, 100 per sample."""
-    directory = tmp_path_factory.mktemp("many")
-    return {
-        "signal": examples.generate(directory, signal=True, n_files=100, events_per_file=12, seed=5),
-        "background": examples.generate(directory, signal=False, n_files=100, events_per_file=12, seed=6),
-    }
+    return ldmx_files(tmp_path_factory.mktemp("many"), n_files=100, events=12, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +110,7 @@ def test_too_many_bad_files_stop_before_finalising(bad_inputs, tmp_path, capsys)
 @pytest.fixture(scope="module")
 def bigger_files(tmp_path_factory):
     """Enough work that a build takes a few seconds on 2 workers."""
-    directory = tmp_path_factory.mktemp("bigger")
-    return {
-        "signal": examples.generate(directory, signal=True, n_files=30, events_per_file=800, seed=8),
-        "background": examples.generate(directory, signal=False, n_files=30, events_per_file=800, seed=9),
-    }
+    return ldmx_files(tmp_path_factory.mktemp("bigger"), n_files=30, events=800, seed=8)
 
 
 @pytest.fixture(scope="module")

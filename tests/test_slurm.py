@@ -75,15 +75,11 @@ def test_slurm_build_equals_the_local_build(ldmx_data, client, tmp_path):
 def test_workers_recycled_by_lifetime_lose_nothing(tmp_path, client):
     from distributed import Client
 
-    from hepdask import examples
     from hepdask.cluster import slurm_cluster, wait_for_workers
 
-    from .data_generation import SlowReads
+    from .data_generation import SlowReads, ldmx_files
 
-    files = {
-        "signal": examples.generate(tmp_path / "d", signal=True, n_files=40, events_per_file=200, seed=31),
-        "background": examples.generate(tmp_path / "d", signal=False, n_files=40, events_per_file=200, seed=32),
-    }
+    files = ldmx_files(tmp_path / "d", n_files=40, events=200, seed=31)
     raw = demo_config(tmp_path / "d", tmp_path / "local.zarr", **{"output.chunk_events": 64})
     raw["samples"][0]["files"], raw["samples"][1]["files"] = files["signal"], files["background"]
     hepdask.build_dataset(from_dict(raw), client=client, progress=False)

@@ -1,0 +1,96 @@
+"""How long a resumed build takes after a SIGKILL, against a clean build of the same config.
+
+    python benchmarks/bench_resume.py [--config configs/demo.yaml] [--kill-at 0.5] [--repeat 2]
+
+1. A clean `hepdask build-dataset` (the CLI, in a subprocess: start-up, LocalCluster and all).
+2. The same command, killed with SIGKILL (the whole process group: client and workers) at
+   `--kill-at` of the clean build's wall time.
+3. The same command again: it resumes from the staging area. Its wall time is compared with
+   the clean build's (target: at most 60 %), and its chunks with the clean build's (identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chunk_hashes(path: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*")) if f.is_file() and "/c/" in f.as_posix()
+    }
+
+
+def command(config: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "hepdask.cli", "build-dataset", str(config), "--no-progress",
+            "--output", str(output), *extra]
+
+
+def run(cmd: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def staged(output: Path) -> int:
+    staging = output.with_name(output.name + ".hepdask-staging")
+    return sum(1 for p in staging.glob("p*") if (p / "meta.json").exists()) if staging.exists() else 0
+
+
+def killed_run(cmd: list[str], after: float, output: Path) -> tuple[float, int]:
+    process = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
+    time.sleep(after)
+    if process.poll() is not None:
+        msg = f"the build finished before the kill at {after:.1f} s; lower --kill-at"
+        raise SystemExit(msg)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return after, staged(output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--kill-at", type=float, default=0.5, help="fraction of the clean build's wall time")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "_work" / "resume"))
+    args = parser.parse_args(argv)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    config = Path(args.config)
+    clean_out, resumed_out = work / "clean.zarr", work / "resumed.zarr"
+
+    # Generate the inputs (if the config generates them) and warm numba's cache: not timed.
+    run(command(config, work / "warm.zarr", "--overwrite"))
+    shutil.rmtree(work / "warm.zarr", ignore_errors=True)
+
+    rows = []
+    for attempt in range(args.repeat):
+        clean = run(command(config, clean_out, "--overwrite"))
+        for path in (resumed_out, resumed_out.with_name(resumed_out.name + ".hepdask-staging")):
+            shutil.rmtree(path, ignore_errors=True)
+        killed_after, staged_at_kill = killed_run(command(config, resumed_out), args.kill_at * clean, resumed_out)
+        resumed = run(command(config, resumed_out))
+        identical = chunk_hashes(clean_out) == chunk_hashes(resumed_out)
+        rows.append((attempt + 1, clean, killed_after, staged_at_kill, resumed, resumed / clean, identical))
+
+    print(f"config {config}, kill at {args.kill_at:.0%} of the clean build's wall time, {os.cpu_count()} cores")
+    print("| run | clean build s | killed after s | partitions staged at the kill | resumed build s | resumed / clean | chunks identical |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for run_id, clean, killed_after, staged_at_kill, resumed, ratio, identical in rows:
+        print(f"| {run_id} | {clean:.1f} | {killed_after:.1f} | {staged_at_kill} | {resumed:.1f} | {ratio:.2f} | {identical} |")
+    return 0 if all(r[-1] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
