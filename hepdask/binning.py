@@ -475,9 +475,3 @@ def downsample(images: np.ndarray, factors: tuple[int, ...], *, dtype=None) -> n
         new_shape += [n // f, f]
     summed = images.reshape(new_shape).sum(axis=tuple(range(2, 2 * len(shape) + 1, 2)))
     return summed.astype(dtype or images.dtype)
-
-
-def hit_counts(offsets: np.ndarray) -> np.ndarray:
-    """Hits per event from offsets."""
-    return np.diff(np.asarray(offsets, dtype=np.int64))
-

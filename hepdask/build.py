@@ -242,10 +242,6 @@ class BuildReport:
 # the build
 
 
-def _sample_specs(config: Config) -> list[tuple[str, int, list[str]]]:
-    return [(s.name, s.label, s.files) for s in config.samples]
-
-
 def _missing_examples(config: Config) -> dict[str, int]:
     """How many example files each sample with a ``generate:`` block still lacks."""
     missing = {}
