@@ -426,13 +426,25 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar) -> li
     from distributed import KilledWorker, as_completed
 
     task = bar.add("read + bin", len(partitions))
-    futures = client.map(process_partition, partitions, job=job, key=[f"stage-{p.key}" for p in partitions])
-    position = {f.key: i for i, f in enumerate(futures)}
     results: list[dict] = [{} for _ in partitions]
-    for future in as_completed(futures):
+    todo = []
+    for i, partition in enumerate(partitions):
+        # Partitions a resumed build already staged from unchanged files need no task.
+        done = store.load_staged(job.staging, partition.key)
+        if done is not None and _unchanged(done, partition):
+            results[i] = done.to_json()
+            bar.advance(task)
+        else:
+            todo.append(i)
+    futures = client.map(process_partition, [partitions[i] for i in todo], job=job,
+                         key=[f"stage-{partitions[i].key}" for i in todo])
+    position = {f.key: i for f, i in zip(futures, todo)}
+    # Results come with the completion events: one round trip per partition would cost the
+    # client several ms of CPU each on a machine whose cores the workers need.
+    for future, result in as_completed(futures, with_results=True, raise_errors=False):
         i = position[future.key]
         if future.status == "error":
-            err = future.exception()
+            err = result[1]
             if job.on_bad_file == "skip" and isinstance(err, KilledWorker):
                 message = f"{partitions[i].file}: every worker that read it died (a crash or out of memory)"
                 results[i] = {"key": partitions[i].key, "bad": {"exception": "KilledWorker", "message": message}}
@@ -440,7 +452,7 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar) -> li
                 client.cancel(futures)
                 _raise_task_error(future, err)
         else:
-            results[i] = future.result()
+            results[i] = result
         bar.advance(task)
     return results
 

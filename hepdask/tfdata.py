@@ -5,8 +5,8 @@ Two layers, as xbatcher separates them:
 * a pure planner (``chunk_order``, ``EpochPlan``): which chunks, in which order, for which
   input pipeline, per epoch, seeded. It needs no TensorFlow and is tested without it.
 * a thin adapter (``tf_dataset``, ``distributed_dataset``): chunk indices from the planner →
-  parallel ``tf.numpy_function`` chunk reads → unbatch → bounded shuffle buffer → transforms →
-  batch → prefetch.
+  parallel ``tf.numpy_function`` chunk reads (rows permuted per epoch) → rebatch → transforms →
+  prefetch; an optional per-event shuffle buffer across chunks.
 
 Under ``tf.distribute``, ``distributed_dataset`` builds the input with
 ``strategy.distribute_datasets_from_function``: each input pipeline (``InputContext``) reads its
@@ -75,17 +75,26 @@ class EpochPlan:
                            num_shards=self.num_shards, shard=self.shard)
 
     def events(self, epoch: int) -> np.ndarray:
-        """The event indices this shard reads in *epoch*, in chunk order (before the buffer)."""
-        parts = [np.arange(c * self.chunk_events, min((c + 1) * self.chunk_events, self.n_events))
-                 for c in self.chunks(epoch)]
+        """The event indices this shard reads in *epoch*, in the order it delivers them."""
+        parts = []
+        for c in self.chunks(epoch):
+            rows = np.arange(c * self.chunk_events, min((c + 1) * self.chunk_events, self.n_events))
+            order = self.row_order(epoch, int(c), rows.size)
+            parts.append(rows if order is None else rows[order])
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def chunk_indices(self, epochs: int | None, first_epoch: int = 0) -> Iterator[int]:
-        """Chunk indices for *epochs* epochs in a row from *first_epoch* (forever if None)."""
+    def chunk_indices(self, epochs: int | None, first_epoch: int = 0) -> Iterator[tuple[int, int]]:
+        """``(epoch, chunk)`` pairs for *epochs* epochs in a row from *first_epoch* (forever if None)."""
         epoch = first_epoch
         while epochs is None or epoch < first_epoch + epochs:
-            yield from (int(c) for c in self.chunks(epoch))
+            yield from ((epoch, int(c)) for c in self.chunks(epoch))
             epoch += 1
+
+    def row_order(self, epoch: int, chunk: int, n: int) -> np.ndarray | None:
+        """The seeded order of the *n* events of *chunk* in *epoch* (None: unshuffled)."""
+        if not self.shuffle:
+            return None
+        return np.random.default_rng([self.seed, epoch, chunk]).permutation(n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,8 +261,10 @@ def tf_dataset(
     """A ``tf.data.Dataset`` of batches of *fields* of one split of a complete store.
 
     Whole Zarr chunks are read ``parallel_reads`` at a time (AUTOTUNE by default) in the
-    planner's seeded per-epoch order; events are shuffled inside a buffer of
-    ``shuffle_buffer`` events (two chunks by default). Two fields give ``(x, y)`` tuples,
+    planner's seeded per-epoch order, the events of each chunk in a seeded per-epoch
+    permutation, and re-sliced into batches without per-event work (``rebatch``). A build
+    shuffles the store globally, so every chunk already mixes samples; ``shuffle_buffer``
+    adds a per-event shuffle buffer across chunks, at a per-event cost. Two fields give ``(x, y)`` tuples,
     other numbers of fields (or ``as_dict=True``) give dicts. ``transforms`` act on the first
     field (the image): ``log1p``, ``divide_by_max`` (the split's maximum), ``add_channel_axis``,
     ``channels_first_to_last``; ``cast`` sets the image dtype. ``epochs=None`` repeats forever
@@ -275,8 +286,13 @@ def tf_dataset(
     out_types = tuple(tf.as_dtype(source.dtypes[f]) for f in fields)
     autotune = tf.data.AUTOTUNE
 
-    def read_chunk(index):
-        arrays = tf.numpy_function(read, [index], out_types, stateful=False)
+    def read_shuffled(epoch, index):
+        arrays = read(index)
+        order = plan.row_order(int(epoch), int(index), len(arrays[0]))
+        return arrays if order is None else tuple(a[order] for a in arrays)
+
+    def read_chunk(pair):
+        arrays = tf.numpy_function(read_shuffled, [pair[0], pair[1]], out_types, stateful=False)
         return tuple(tf.ensure_shape(a, (None, *source.shapes[f])) for a, f in zip(arrays, fields))
 
     # Each new iteration of the dataset (Keras starts one per epoch) continues the planner's
@@ -287,16 +303,18 @@ def tf_dataset(
         first = next(passes) * (epochs or 0)
         return plan.chunk_indices(epochs, first_epoch=first)
 
-    indices = tf.data.Dataset.from_generator(indices_of_next_pass, output_signature=tf.TensorSpec((), tf.int64))
+    indices = tf.data.Dataset.from_generator(indices_of_next_pass, output_signature=tf.TensorSpec((2,), tf.int64))
     options = tf.data.Options()
     options.deterministic = True
     dataset = indices.map(read_chunk, num_parallel_calls=parallel_reads or autotune, deterministic=True)
-    dataset = dataset.unbatch()
-    if shuffle:
-        dataset = dataset.shuffle(shuffle_buffer or 2 * source.chunk_events, seed=seed,
-                                  reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune,
-                            deterministic=True)
+    if shuffle and shuffle_buffer:
+        # Mixing across chunks costs per-event work in tf.data; the store is already
+        # globally shuffled at build time, so this is opt-in.
+        dataset = dataset.unbatch().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune,
+                                deterministic=True)
+    else:
+        dataset = dataset.rebatch(batch_size, drop_remainder=drop_remainder)
 
     dict_out = as_dict if as_dict is not None else len(fields) != 2
 
