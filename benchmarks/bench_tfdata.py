@@ -1,0 +1,466 @@
+"""Images/s and peak memory of ``hepdask.tfdata.tf_dataset`` against two baselines.
+
+Synthetic stores of about ``--sizes-gb`` GB of (18, 100) float32 images (KM3NeT z-t-like,
+7.2 KB each; sparse Poisson counts stored as float32, labels int32) are written straight into
+the hepdask layout (``store.prepare`` + whole chunks + ``store.finalize``, so they carry the
+completion marker), chunked as a build chunks them (``AUTO_CHUNK_BYTES`` = 4 MiB, 582 events),
+zstd level 1, one ``train`` split. Existing stores are reused.
+
+Measurements, each in a fresh subprocess (independent RSS and TensorFlow state), every one
+warmed up by one batch that is not timed, then timed for at least ``--seconds`` seconds and at
+least one full pass over the split (the pipelines repeat, so several passes may be timed):
+
+(a) ``hepdask.tfdata.tf_dataset(store, "train", batch_size=B, shuffle=True, epochs=None)``,
+    on every store size; each batch is converted with ``.numpy()``.
+(b) the same images already in memory (read from the smallest store, not timed):
+    ``from_tensor_slices((x, y)).shuffle(buf).repeat().batch(B).prefetch(AUTOTUNE)`` with the
+    same shuffle buffer as (a) (two chunks); the upper bound.
+(c) a ``keras.utils.PyDataset`` that reads one batch per ``__getitem__`` with h5py from an
+    HDF5 file holding the smallest store's images (dataset chunked by batch, (B, 18, 100)),
+    batch order shuffled every epoch, iterated directly (``for i in range(len(seq)): seq[i]``);
+    once uncompressed and once gzip level 1.
+
+Peak RSS: a psutil thread samples the process every 10 ms (and ``ru_maxrss`` at the end);
+"base" is the RSS after the dataset is built, before the first batch.
+
+``--profile`` adds a breakdown of (a): raw chunk reads in Python (1 and 2 threads), the
+chunk-read ``map`` alone, + ``rebatch``, + ``unbatch``/``batch``, + ``shuffle``, and
+``tf_dataset`` with ``shuffle=False`` and several ``parallel_reads``.
+
+    python benchmarks/bench_tfdata.py [--sizes-gb 1 4] [--work-dir benchmarks/_work/tfdata]
+        [--batch-size 256] [--seconds 30] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHAPE = (18, 100)
+IMAGE_BYTES = int(np.prod(SHAPE)) * 4
+MiB = 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# the synthetic inputs
+
+
+def chunk_events() -> int:
+    from hepdask.config import AUTO_CHUNK_BYTES
+
+    return max(1, AUTO_CHUNK_BYTES // IMAGE_BYTES)
+
+
+def synthetic_chunk(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """*n* sparse z-t-like images: Poisson noise (mean 0.15) plus a track-like band of hits."""
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    lam = np.full((n, *SHAPE), 0.15, np.float32)
+    t0 = rng.integers(10, 80, n)
+    slope = rng.uniform(-1.5, 1.5, n)
+    z = np.arange(SHAPE[0])
+    t = np.clip(np.rint(t0[:, None] + slope[:, None] * z[None, :]), 0, SHAPE[1] - 1).astype(np.int64)
+    lam[np.arange(n)[:, None], z[None, :], t] += rng.uniform(1, 4, (n, 1)).astype(np.float32)
+    return rng.poisson(lam).astype(np.float32), labels
+
+
+def store_path(work_dir: Path, size_gb: float) -> Path:
+    return work_dir / f"images-{size_gb:g}GB.zarr"
+
+
+def write_store(path: Path, n_events: int, per_chunk: int) -> float:
+    """Write a complete hepdask store of *n_events* synthetic events; seconds taken."""
+    import zarr
+
+    from hepdask import store
+
+    started = time.perf_counter()
+    coords = [store.Coordinate("z", np.arange(SHAPE[0], dtype=np.float64) + 0.5, {"units": "bin"}),
+              store.Coordinate("t", np.arange(SHAPE[1], dtype=np.float64) + 0.5, {"units": "bin"})]
+    store.prepare(
+        path, {"train": n_events},
+        {"image": store.ArraySpec("float32", SHAPE), "label": store.ArraySpec("int32")},
+        {"image": ("z", "t"), "label": ()}, coords,
+        chunk_events=per_chunk, compressor=("zstd", 1), attrs={store.PREFIX + "building": True},
+    )
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)["train"]
+    rng = np.random.default_rng(12345)
+    for start, stop in store.chunk_ranges(n_events, per_chunk):
+        images, labels = synthetic_chunk(rng, stop - start)
+        group["image"][start:stop] = images
+        group["label"][start:stop] = labels
+    store.finalize(path, {
+        store.PREFIX + "splits": ["train"],
+        store.PREFIX + "statistics": {"splits": {"train": {"events": n_events}}},
+        store.PREFIX + "building": False,
+        store.PREFIX + "version": "bench_tfdata",
+    })
+    return time.perf_counter() - started
+
+
+def write_hdf5(path: Path, zarr_store: Path, batch_size: int, compression: str | None) -> float:
+    """The images and labels of *zarr_store*'s train split in HDF5, chunked by batch."""
+    import h5py
+    import zarr
+
+    started = time.perf_counter()
+    group = zarr.open_group(str(zarr_store), mode="r", zarr_format=3)["train"]
+    n, per_chunk = group["image"].shape[0], group["image"].chunks[0]
+    tmp = path.with_suffix(".tmp.h5")
+    opts = {"compression": "gzip", "compression_opts": 1} if compression == "gzip" else {}
+    with h5py.File(tmp, "w") as f:
+        x = f.create_dataset("x", (n, *SHAPE), "float32", chunks=(batch_size, *SHAPE), **opts)
+        y = f.create_dataset("y", (n,), "int32", chunks=(batch_size,), **opts)
+        for start in range(0, n, per_chunk):
+            stop = min(start + per_chunk, n)
+            x[start:stop] = group["image"][start:stop]
+            y[start:stop] = group["label"][start:stop]
+    tmp.rename(path)
+    return time.perf_counter() - started
+
+
+def du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------
+# one measurement (runs in its own subprocess)
+
+
+class RSSSampler(threading.Thread):
+    """Peak resident set size of this process, sampled every *interval* seconds."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        import psutil
+
+        super().__init__(daemon=True)
+        self.process, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop_event = threading.Event()
+
+    def rss(self) -> int:
+        return self.process.memory_info().rss
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, self.rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def timed(batches, sampler: RSSSampler, *, seconds: float, min_images: int, to_numpy) -> dict:
+    """Pull batches (the first one untimed) until both *seconds* and *min_images* are reached."""
+    iterator = iter(batches)
+    x, _ = next(iterator)
+    to_numpy(x)
+    images, n_batches = 0, 0
+    started = time.perf_counter()
+    while True:
+        x, _ = next(iterator)
+        images += to_numpy(x).shape[0]
+        n_batches += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds and images >= min_images:
+            break
+    return {"images": images, "batches": n_batches, "seconds": elapsed, "images_per_s": images / elapsed}
+
+
+def measure(kind: str, args: argparse.Namespace) -> dict:
+    """Build the pipeline *kind*, time it, and return its figures."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    path = Path(args.store)
+    per_chunk = chunk_events()
+    buffer = args.shuffle_buffer or 2 * per_chunk
+    B = args.batch_size
+    if kind.startswith("python-read"):
+        return measure_python_reads(path, int(kind.rsplit("-", 1)[1]), args)
+
+    import tensorflow as tf
+
+    def tensor_numpy(x):
+        return x.numpy()
+
+    to_numpy = tensor_numpy
+    if kind == "tf_dataset":
+        from hepdask.tfdata import tf_dataset
+
+        ds = tf_dataset(path, "train", batch_size=B, shuffle=not args.no_shuffle, epochs=None,
+                        shuffle_buffer=args.shuffle_buffer, parallel_reads=args.parallel_reads)
+    elif kind == "in-memory":
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)["train"]
+        x, y = group["image"][:], group["label"][:]
+        ds = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(buffer, seed=0).repeat()
+              .batch(B).prefetch(tf.data.AUTOTUNE))
+    elif kind.startswith("pydataset"):
+        ds = pydataset_batches(Path(args.hdf5), B)
+        to_numpy = np.asarray
+    elif kind.startswith("stages:"):
+        ds = stage_pipeline(tf, path, kind.split(":", 1)[1], B, buffer, args.parallel_reads)
+    else:
+        msg = f"unknown measurement {kind!r}"
+        raise ValueError(msg)
+    n_events = events_in(path)
+    sampler = RSSSampler()
+    base = sampler.rss()
+    sampler.start()
+    result = timed(ds, sampler, seconds=args.seconds, min_images=n_events, to_numpy=to_numpy)
+    result.update(rss_base=base, rss_peak=sampler.stop(), events=n_events)
+    return result
+
+
+def events_in(path: Path) -> int:
+    import zarr
+
+    return int(zarr.open_group(str(path), mode="r", zarr_format=3)["train"]["image"].shape[0])
+
+
+def pydataset_batches(path: Path, batch_size: int):
+    """Endless (x, y) batches of an h5py-backed PyDataset, indexed directly, epoch by epoch."""
+    import h5py
+    import keras
+
+    class H5Batches(keras.utils.PyDataset):
+        """One HDF5 slice of *batch_size* events per item, in a shuffled batch order."""
+
+        def __init__(self, path, batch_size, seed=0, **kwargs):
+            super().__init__(**kwargs)
+            self.file = h5py.File(path, "r")
+            self.x, self.y = self.file["x"], self.file["y"]
+            self.batch_size = batch_size
+            self.rng = np.random.default_rng(seed)
+            self.order = self.rng.permutation(len(self))
+
+        def __len__(self):
+            return int(-(-self.x.shape[0] // self.batch_size))
+
+        def __getitem__(self, index):
+            start = int(self.order[index]) * self.batch_size
+            stop = start + self.batch_size
+            return self.x[start:stop], self.y[start:stop]
+
+        def on_epoch_end(self):
+            self.order = self.rng.permutation(len(self))
+
+    seq = H5Batches(path, batch_size)
+
+    def batches():
+        while True:
+            for i in range(len(seq)):
+                yield seq[i]
+            seq.on_epoch_end()
+
+    return batches()
+
+
+def stage_pipeline(tf, path: Path, stages: str, batch_size: int, buffer: int, parallel_reads):
+    """``tf_dataset``'s pipeline cut at a stage: ``map`` (whole chunks), ``rebatch``,
+    ``unbatch`` (unbatch + batch), ``shuffle`` (unbatch + shuffle + batch)."""
+    from hepdask.tfdata import EpochPlan, SplitSource
+
+    source = SplitSource.open(path, "train", ("image", "label"))
+    plan = EpochPlan(source.n_events, source.chunk_events, 0, True)
+    read = source.reader()
+    types = (tf.float32, tf.int32)
+
+    def read_chunk(index):
+        x, y = tf.numpy_function(read, [index], types, stateful=False)
+        return tf.ensure_shape(x, (None, *SHAPE)), tf.ensure_shape(y, (None,))
+
+    ds = tf.data.Dataset.from_generator(lambda: plan.chunk_indices(None),
+                                        output_signature=tf.TensorSpec((), tf.int64))
+    ds = ds.map(read_chunk, num_parallel_calls=parallel_reads or tf.data.AUTOTUNE, deterministic=True)
+    if stages == "rebatch":
+        ds = ds.rebatch(batch_size)
+    elif stages in ("unbatch", "shuffle"):
+        ds = ds.unbatch()
+        if stages == "shuffle":
+            ds = ds.shuffle(buffer, seed=0)
+        ds = ds.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    elif stages != "map":
+        msg = f"unknown stages {stages!r}"
+        raise ValueError(msg)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def measure_python_reads(path: Path, threads: int, args: argparse.Namespace) -> dict:
+    """Whole-chunk reads through ``SplitSource.reader`` in plain Python (no TensorFlow)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hepdask.tfdata import EpochPlan, SplitSource
+
+    source = SplitSource.open(path, "train", ("image", "label"))
+    plan = EpochPlan(source.n_events, source.chunk_events, 0, True)
+    read = source.reader()
+    read(0)
+    sampler = RSSSampler()
+    base = sampler.rss()
+    sampler.start()
+    images, started = 0, time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for epoch in range(1000):
+            for x, _ in pool.map(read, plan.chunks(epoch)):
+                images += x.shape[0]
+            elapsed = time.perf_counter() - started
+            if elapsed >= args.seconds:
+                break
+    return {"images": images, "batches": 0, "seconds": elapsed, "images_per_s": images / elapsed,
+            "rss_base": base, "rss_peak": sampler.stop(), "events": source.n_events}
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+
+
+def run_child(kind: str, store: Path, args: argparse.Namespace, *, seconds: float, hdf5: Path | None = None,
+              **options) -> dict:  # fmt: skip
+    """Run one measurement in a fresh interpreter and return its JSON result."""
+    command = [sys.executable, __file__, "--_measure", kind, "--store", str(store),
+               "--batch-size", str(args.batch_size), "--seconds", str(seconds)]
+    if hdf5 is not None:
+        command += ["--hdf5", str(hdf5)]
+    if args.shuffle_buffer:
+        command += ["--shuffle-buffer", str(args.shuffle_buffer)]
+    if options.get("parallel_reads"):
+        command += ["--parallel-reads", str(options["parallel_reads"])]
+    if options.get("no_shuffle"):
+        command += ["--no-shuffle"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        msg = f"measurement {kind} failed (exit {proc.returncode})"
+        raise RuntimeError(msg)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall"] = time.perf_counter() - started
+    return result
+
+
+def fmt_row(label: str, store: str, r: dict) -> str:
+    return (f"| {label:<46} | {store:>6} | {r['images']:>10,} | {r['seconds']:>6.1f} | "
+            f"{r['images_per_s']:>10,.0f} | {r['rss_base'] / MiB:>8,.0f} | {r['rss_peak'] / MiB:>8,.0f} |")
+
+
+HEADER = ("| measurement                                    |  store | images     |      s |   images/s | "
+          "base MiB | peak MiB |\n"
+          "|------------------------------------------------|-------:|-----------:|-------:|-----------:|"
+          "---------:|---------:|")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes-gb", type=float, nargs="+", default=[1, 4])
+    parser.add_argument("--work-dir", type=Path, default=HERE / "_work" / "tfdata")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=30.0, help="minimum timed seconds per measurement")
+    parser.add_argument("--profile", action="store_true", help="also break (a) down by stage")
+    parser.add_argument("--profile-seconds", type=float, default=12.0)
+    parser.add_argument("--shuffle-buffer", type=int, default=None, help="events (default: two chunks)")
+    parser.add_argument("--json", type=Path, default=None, help="write all results here")
+    # the subprocess side
+    parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--hdf5", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--parallel-reads", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-shuffle", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._measure:
+        print(json.dumps(measure(args._measure, args)))
+        return
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    per_chunk = chunk_events()
+    B = args.batch_size
+    print(f"python {platform.python_version()}, {os.cpu_count()} cores; chunk {per_chunk} events; batch {B}")
+
+    stores = {}
+    for size in args.sizes_gb:
+        path = store_path(args.work_dir, size)
+        n = round(size * 1e9 / IMAGE_BYTES / per_chunk) * per_chunk
+        from hepdask import store as hstore
+
+        if hstore.is_complete(path) and events_in(path) == n:
+            print(f"reusing {path} ({n:,} events, {du(path) / MiB:,.0f} MiB on disk)")
+        else:
+            seconds = write_store(path, n, per_chunk)
+            print(f"wrote {path}: {n:,} events, {n * IMAGE_BYTES / 1e9:.2f} GB raw, "
+                  f"{du(path) / MiB:,.0f} MiB on disk, {seconds:.1f} s")
+        stores[size] = path
+    small = min(args.sizes_gb)
+    h5 = {}
+    for compression in ("none", "gzip"):
+        path = args.work_dir / f"images-{small:g}GB-{compression}-b{B}.h5"
+        if not path.exists():
+            seconds = write_hdf5(path, stores[small], B, None if compression == "none" else compression)
+            print(f"wrote {path}: {du(path) / MiB:,.0f} MiB, {seconds:.1f} s")
+        h5[compression] = path
+
+    rows: list[tuple[str, str, dict]] = []
+
+    def record(label, size, result):
+        rows.append((label, f"{size:g} GB", result))
+        print(fmt_row(label, f"{size:g} GB", result), flush=True)
+
+    print(HEADER)
+    a = {}
+    for size in args.sizes_gb:
+        a[size] = run_child("tf_dataset", stores[size], args, seconds=args.seconds)
+        record("(a) hepdask tf_dataset, shuffle=True", size, a[size])
+    b = run_child("in-memory", stores[small], args, seconds=args.seconds)
+    record("(b) in-memory from_tensor_slices + shuffle", small, b)
+    c = {}
+    for compression, path in h5.items():
+        c[compression] = run_child(f"pydataset-{compression}", stores[small], args, seconds=args.seconds, hdf5=path)
+        record(f"(c) h5py PyDataset, {'gzip-1' if compression == 'gzip' else 'uncompressed'}", small, c[compression])
+
+    if args.profile:
+        seconds = args.profile_seconds
+        for kind, label, opts in [
+            ("python-read-1", "profile: Python chunk reads, 1 thread", {}),
+            ("python-read-2", "profile: Python chunk reads, 2 threads", {}),
+            ("stages:map", "profile: map(read_chunk) only (582-ev chunks)", {}),
+            ("stages:rebatch", "profile: map + rebatch(B)", {}),
+            ("stages:unbatch", "profile: map + unbatch + batch", {}),
+            ("stages:shuffle", "profile: map + unbatch + shuffle + batch", {}),
+            ("tf_dataset", "profile: tf_dataset shuffle=False", {"no_shuffle": True}),
+            ("tf_dataset", "profile: tf_dataset parallel_reads=1", {"parallel_reads": 1}),
+            ("tf_dataset", "profile: tf_dataset parallel_reads=2", {"parallel_reads": 2}),
+            ("tf_dataset", "profile: tf_dataset parallel_reads=4", {"parallel_reads": 4}),
+        ]:
+            record(label, small, run_child(kind, stores[small], args, seconds=seconds, **opts))
+
+    print()
+    ratio_b = a[small]["images_per_s"] / b["images_per_s"]
+    print(f"(a)/(b) on {small:g} GB = {ratio_b:.2f}  (target >= 0.8)")
+    for compression, result in c.items():
+        print(f"(a)/(c {compression}) on {small:g} GB = {a[small]['images_per_s'] / result['images_per_s']:.2f}"
+              "  (target >= 5)")
+    for size in args.sizes_gb:
+        r = a[size]
+        print(f"(a) peak RSS on {size:g} GB: {r['rss_peak'] / MiB:,.0f} MiB "
+              f"(+{(r['rss_peak'] - r['rss_base']) / MiB:,.0f} MiB over the built dataset)")
+    out = args.json or args.work_dir / "results.json"
+    out.write_text(json.dumps([{"label": lab, "store": s, **r} for lab, s, r in rows], indent=1))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
