@@ -256,7 +256,7 @@ def main(argv=None) -> int:
                for n in sizes}
 
     # (1) planning
-    print("\n(1) client-side planning (best / median of %d, ms)" % args.repeat)
+    print(f"\n(1) client-side planning (best / median of {args.repeat}, ms)")
     planning = {}
     for n in sizes:
         planning[n] = measure_planning(configs[n], globs[n], args.repeat)
