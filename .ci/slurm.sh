@@ -12,6 +12,10 @@ CPUS=${HEPDASK_SLURM_CPUS:-4}
 MEMORY_MB=${HEPDASK_SLURM_MEMORY_MB:-8000}
 
 start() {
+  if command -v sinfo >/dev/null && sinfo -h -o "%T" 2>/dev/null | grep -qxE "idle|mixed|allocated"; then
+    echo "SLURM is already up:"; sinfo
+    return 0
+  fi
   if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
