@@ -280,8 +280,8 @@ def tf_dataset(
     if unknown:
         msg = f"unknown transform(s) {unknown} (known: {list(TRANSFORMS)})"
         raise ConfigError(msg)
-    scale = image_maximum(store_path, "train" if split != "train" else split, fields[0]) \
-        if "divide_by_max" in transforms else None
+    # Every split is scaled by the train split's maximum, so val and test see the same scale.
+    scale = image_maximum(store_path, "train", fields[0]) if "divide_by_max" in transforms else None
     read = source.reader()
     out_types = tuple(tf.as_dtype(source.dtypes[f]) for f in fields)
     autotune = tf.data.AUTOTUNE
