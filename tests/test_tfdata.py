@@ -179,3 +179,12 @@ def test_chunk_reader_equals_zarr_for_every_codec(ldmx_data, client, tmp_path, c
         for values, name in zip(read(i), source.fields):
             np.testing.assert_array_equal(values, group[name][start:stop])
             assert values.dtype == group[name].dtype
+
+
+def test_divide_by_max_scales_every_split_by_the_train_maximum(tf_two_cpus, train_store):
+    maximum = float(zarr.open_group(str(train_store), mode="r")["train"]["image"][:].max())
+    assert tfdata.image_maximum(train_store) == maximum
+    image, _ = next(iter(tfdata.tf_dataset(train_store, "val", batch_size=16, shuffle=False,
+                                           transforms=["divide_by_max"])))
+    raw = zarr.open_group(str(train_store), mode="r")["val"]["image"][:16]
+    np.testing.assert_allclose(image.numpy(), raw / np.float32(maximum), rtol=1e-6)
