@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hepdask.config import apply_overrides, from_dict, load
+from hepdask.config import apply_overrides, from_dict, load, load_train
 from hepdask.errors import ConfigError
 
 from .data_generation import demo_config, write_config
@@ -21,8 +21,13 @@ def _config(tmp_path, **changes):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    config = load(path)
-    assert Path(config.output.path).is_absolute()
+    if path.stem.endswith("-train"):
+        train = load_train(path)
+        assert Path(train.store).is_absolute()
+        assert Path(train.output).is_absolute()
+    else:
+        config = load(path)
+        assert Path(config.output.path).is_absolute()
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path):
