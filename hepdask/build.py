@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -119,6 +120,9 @@ class Job:
     event_cut: str | None
     staging: str
     on_bad_file: str
+    #: Unique per build and part of every task key: a Client that ran an earlier build may
+    #: still hold results under that build's keys, and Dask would hand them back.
+    build_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def from_config(cls, config: Config) -> Job:
@@ -437,7 +441,7 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar) -> li
         else:
             todo.append(i)
     futures = client.map(process_partition, [partitions[i] for i in todo], job=job,
-                         key=[f"stage-{partitions[i].key}" for i in todo])
+                         key=[f"stage-{job.build_id}-{partitions[i].key}" for i in todo])
     position = {f.key: i for f, i in zip(futures, todo)}
     # Results come with the completion events: one round trip per partition would cost the
     # client several ms of CPU each on a machine whose cores the workers need.
@@ -515,7 +519,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
             used = {int(p): staged[int(p)] for p in np.unique(part)}
             writes.append(client.submit(
                 store.write_chunks, config.output.path, split, task_ranges, part, row, used,
-                {p: constants[p] for p in used}, job.staging, key=f"write-{split}-{start}",
+                {p: constants[p] for p in used}, job.staging, key=f"write-{job.build_id}-{split}-{start}",
             ))
     write_task = bar.add("write chunks", len(writes))
     _gather(client, writes, bar, write_task)

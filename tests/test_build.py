@@ -295,3 +295,20 @@ def test_performance_report_is_saved_next_to_the_store(ldmx_data, tmp_path, caps
     report = tmp_path / "p.zarr.performance-report.html"
     assert report.stat().st_size > 10_000
     assert "Dask Performance Report" in report.read_text()
+
+
+def _bogus_stage_result(key: str) -> dict:
+    return {"key": key, "bad": {"exception": "Stale", "message": "a result from another build"}}
+
+
+def test_a_client_that_holds_other_builds_results_does_not_mix_them_in(ldmx_data, client, tmp_path):
+    """Task keys are unique per build: results the scheduler still holds under another build's
+    keys (here planted under the keys builds used to share) are never handed back."""
+    data, _ = ldmx_data
+    config = from_dict(demo_config(data, tmp_path / "k.zarr"))
+    held = [client.submit(_bogus_stage_result, f"p{i:07d}", key=f"stage-p{i:07d}") for i in range(8)]
+    client.gather(held)
+    report = hepdask.build_dataset(config, client=client, progress=False)
+    assert report.bad_files == []
+    assert sum(s["selected"] for s in report.samples.values()) == report.events_written > 0
+    del held
