@@ -461,8 +461,8 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar) -> li
     return results
 
 
-def _gather(client, futures, bar, task) -> list:
-    """Results in submission order, advancing *task*; the first failure cancels the rest."""
+def _wait(client, futures, bar, task) -> None:
+    """Wait for *futures*, advancing *task*; the first failure cancels the rest."""
     from distributed import as_completed
 
     for future in as_completed(futures):
@@ -471,7 +471,6 @@ def _gather(client, futures, bar, task) -> list:
             client.cancel(futures)
             _raise_task_error(future, err)
         bar.advance(task)
-    return client.gather(futures)
 
 
 def _run(config: Config, partitions: list[sources.Partition], client, bar, started: float) -> BuildReport:
@@ -522,10 +521,10 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
                 {p: constants[p] for p in used}, job.staging, key=f"write-{job.build_id}-{split}-{start}",
             ))
     write_task = bar.add("write chunks", len(writes))
-    _gather(client, writes, bar, write_task)
+    _wait(client, writes, bar, write_task)
 
     report.image_shape, report.image_dtype, report.chunk_events = layout.shape, job.dtype, per_chunk
-    _fill_report(report, config, partitions, staged, plans)
+    _fill_report(report, config, layout, partitions, staged, plans)
     bad = {b["path"]: b for b in report.bad_files}
     manifest = [
         {"path": p.file, "sample": p.sample, "label": p.label, "entries": s.info.get("entries", 0),
@@ -563,8 +562,8 @@ def _check_bad_fraction(config: Config, bad_files: list[dict], n_files: int) -> 
 
 
 def _chunks_per_task(n_chunks: int, chunk_bytes: int, n_workers: int) -> int:
-    """Consecutive chunks one write task fills: few enough tasks to reuse staged-file maps,
-    enough to keep every worker busy, and at most WRITE_TASK_BYTES of images per task."""
+    """Consecutive chunks one write task fills: enough tasks to keep every worker busy
+    (TASKS_PER_WORKER each), and at most WRITE_TASK_BYTES of images per task."""
     by_bytes = max(1, WRITE_TASK_BYTES // max(1, chunk_bytes))
     by_balance = max(1, -(-n_chunks // (TASKS_PER_WORKER * n_workers)))
     return min(by_bytes, by_balance)
@@ -602,8 +601,9 @@ def _coordinates(layout: binning.ImageLayout) -> list[store.Coordinate]:
     ]
 
 
-def _fill_report(report: BuildReport, config: Config, partitions, staged, plans) -> None:
-    stats = binning.BinStats(tuple(a.name for a in image_layout(config).axes))
+def _fill_report(report: BuildReport, config: Config, layout: binning.ImageLayout, partitions, staged,
+                 plans) -> None:
+    stats = binning.BinStats(tuple(a.name for a in layout.axes))
     for sample in config.samples:
         report.samples[sample.name] = {"files": 0, "read": 0, "selected": 0}
     for p, s in zip(partitions, staged):
