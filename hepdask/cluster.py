@@ -1,10 +1,11 @@
 """Turn the config's ``cluster:`` section into a Dask Client.
 
 ``kind: local`` (the default) starts a LocalCluster with one single-threaded worker process
-per core, scheduler and dashboard on 127.0.0.1; ``kind: address`` connects to a running
-scheduler. The local scheduler queues tasks itself (``worker-saturation: 1.0``), so a
-worker that dies takes only its running task's retry count with it. Worker processes get ``NUMBA_NUM_THREADS`` equal to their thread count so the
-binning kernels do not oversubscribe the cores that Dask already fills.
+per core, scheduler and dashboard on 127.0.0.1; ``kind: slurm`` a dask-jobqueue SLURMCluster;
+``kind: address`` connects to a running scheduler. The schedulers hepdask starts queue tasks
+themselves (``worker-saturation: 1.0``), so a worker that dies takes only its running task's
+retry count with it. Worker processes get ``NUMBA_NUM_THREADS`` equal to their thread count,
+so the binning kernels do not oversubscribe the cores that Dask already fills.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from .errors import ClusterError
 
 log = logging.getLogger(__name__)
 
-WORKER_SATURATION = 1.0
+#: For every scheduler hepdask starts (local or SLURM): a worker holds only the task it
+#: runs, so when a worker dies only that task is suspected, and a file that kills workers
+#: cannot get innocent files marked bad.
+SCHEDULER_SETTINGS = {"distributed.scheduler.worker-saturation": 1.0}
 
 
 def default_workers() -> int:
@@ -67,9 +71,7 @@ def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
         "distributed.nanny.pre-spawn-environ": {
             **dask.config.get("distributed.nanny.pre-spawn-environ", {}), **environ,
         },
-        # A worker holds only the task it runs: when a worker dies, only that task is
-        # suspected, so a file that kills workers cannot get innocent files marked bad.
-        "distributed.scheduler.worker-saturation": WORKER_SATURATION,
+        **SCHEDULER_SETTINGS,
     }
     with dask.config.set(settings):
         try:
@@ -191,7 +193,8 @@ def slurm_cluster(spec: Cluster, log_directory: str | Path | None = None):
     if spec.tls is not None:
         kwargs.update(security=_security(spec), protocol="tls://")
     try:
-        return SLURMCluster(**kwargs)
+        with dask.config.set(SCHEDULER_SETTINGS):
+            return SLURMCluster(**kwargs)
     except (TypeError, ValueError) as err:
         msg = f"cluster.profile {spec.profile!r}: {err}"
         raise ClusterError(msg) from None
