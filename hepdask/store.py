@@ -404,19 +404,22 @@ def open_root(path: str | Path, *, require_complete: bool = True):
     return root
 
 
-def splits(path: str | Path) -> list[str]:
+def open_split(path: str | Path, split: str):
+    """The Zarr group of one split of a complete store; a missing split is named with the
+    splits there are."""
     root = open_root(path)
-    return list(root.attrs.get(PREFIX + "splits", sorted(root.group_keys())))
+    available = list(root.attrs.get(PREFIX + "splits", sorted(root.group_keys())))
+    if split not in available:
+        msg = f"store {str(path)!r} has no split {split!r} (splits: {available})"
+        raise StoreError(msg)
+    return root[split]
 
 
 def open_dataset(path: str | Path, split: str = "train"):
     """The split as a lazily loaded ``xarray.Dataset`` (refuses an incomplete store)."""
     import xarray as xr
 
-    available = splits(path)
-    if split not in available:
-        msg = f"store {str(path)!r} has no split {split!r} (splits: {available})"
-        raise StoreError(msg)
+    open_split(path, split)
     return xr.open_zarr(str(path), group=split, consolidated=True)
 
 

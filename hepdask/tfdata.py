@@ -24,7 +24,6 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -112,16 +111,10 @@ class SplitSource:
     chunk_events: int
     dtypes: dict[str, np.dtype]
     shapes: dict[str, tuple[int, ...]]
-    attrs: dict[str, Any]
 
     @classmethod
     def open(cls, path: str | Path, split: str, fields: Sequence[str]) -> SplitSource:
-        root = store.open_root(path)
-        splits = root.attrs.get(store.PREFIX + "splits", sorted(root.group_keys()))
-        if split not in splits:
-            msg = f"store {str(path)!r} has no split {split!r} (splits: {list(splits)})"
-            raise StoreError(msg)
-        group = root[split]
+        group = store.open_split(path, split)
         arrays = set(group.array_keys())
         for name in fields:
             if name not in arrays:
@@ -144,8 +137,7 @@ class SplitSource:
             if group[name].chunks[0] != chunk:
                 msg = f"field {name!r} is chunked by {group[name].chunks[0]} events, {fields[0]!r} by {chunk}"
                 raise StoreError(msg)
-        return cls(str(path), split, tuple(fields), int(image.shape[0]), int(chunk), dtypes, shapes,
-                   dict(root.attrs.get(store.PREFIX + "statistics", {})))
+        return cls(str(path), split, tuple(fields), int(image.shape[0]), int(chunk), dtypes, shapes)
 
     def reader(self) -> Callable[[int], tuple[np.ndarray, ...]]:
         """``read(chunk_index) -> arrays``: one whole chunk of every field.
