@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, binning, examples, selection, sources, store
-from .config import AUTO_CHUNK_BYTES, Config
-from .errors import BuildError, HepdaskError, InputFileError, StoreError
+from . import __version__, binning, examples, geometry, selection, sources, store, truth
+from .config import AUTO_CHUNK_BYTES, Config, Geometry, Labels, Time
+from .errors import BuildError, GeometryError, HepdaskError, InputFileError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +120,41 @@ class Job:
     event_cut: str | None
     staging: str
     on_bad_file: str
+    geometry: Geometry | None = None
+    #: Detector file of each sample (``geometry.file`` unless the sample names its own).
+    detectors: dict[str, str] = field(default_factory=dict)
+    time: Time | None = None
+    truth_prefix: str | None = None
+    labels: Labels | None = None
     #: Unique per build and part of every task key: a Client that ran an earlier build may
     #: still hold results under that build's keys, and Dask would hand them back.
     build_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def from_config(cls, config: Config) -> Job:
+        events = dict(config.event)
+        if config.truth is not None:
+            events.update(truth.truth_branches(config.truth.prefix, config.truth.track))
+        detectors = {}
+        if config.geometry is not None:
+            detectors = {s.name: s.geometry or config.geometry.file for s in config.samples}
         return cls(
-            tree=config.tree, hits=dict(config.hits), events=dict(config.event),
+            tree=config.tree, hits=dict(config.hits), events=events,
             step_size=config.read.step_size,
             axis_fields=tuple(a.field for a in config.image.axes), weight=config.image.weight,
             dtype=config.image.resolved_dtype, layout=image_layout(config),
             hit_cut=config.selection.hits, event_cut=config.selection.events,
             staging=str(store.staging_path(config.output.path)),
             on_bad_file=config.read.on_bad_file,
+            geometry=config.geometry, detectors=detectors, time=config.time,
+            truth_prefix=config.truth.prefix if config.truth is not None else None, labels=config.labels,
         )
+
+    def detector(self, sample: str) -> geometry.Detector | None:
+        """The (per-process cached) detector table of *sample*, or None without geometry."""
+        if self.geometry is None:
+            return None
+        return geometry.load(self.detectors[sample], tuple(self.geometry.key_map()), self.geometry.centre)
 
 
 def process_partition(partition: sources.Partition, job: Job) -> dict:
@@ -165,15 +185,29 @@ def _unchanged(done: store.Staged, partition: sources.Partition) -> bool:
 
 
 def _stage(partition: sources.Partition, job: Job) -> store.Staged:
-    hit_cut = selection.hit_cut(job.hit_cut, job.hits)
-    event_cut = selection.event_cut(job.event_cut, job.events)
+    detector = job.detector(partition.sample)
+    hit_names = list(job.hits)
+    if detector is not None:
+        hit_names += [*detector.fields, *([job.geometry.calibrated] if job.geometry.time else [])]
+    event_names = list(job.events)
+    if job.truth_prefix is not None:
+        event_names += truth.truth_fields(job.truth_prefix)
+    hit_cut = selection.hit_cut(job.hit_cut, hit_names)
+    event_cut = selection.event_cut(job.event_cut, event_names)
     stats = binning.BinStats(tuple(a.name for a in job.layout.axes))
+    counts = dict.fromkeys(HIT_COUNTERS, 0) if job.geometry is not None or job.time is not None else None
     entries_read = 0
     writer = store.PartitionWriter(job.staging, partition.key)
     try:
         for step in sources.read(partition, job.tree, job.hits, job.events, job.step_size):
             entries_read += step.n_events
             offsets, hits, events, entries = step.offsets, step.hits, step.events, step.entries
+            if job.truth_prefix is not None:
+                events = truth.derive(events, job.truth_prefix)
+            if detector is not None:
+                offsets, hits = _calibrate(partition.file, job.geometry, detector, offsets, hits, events, entries, counts)
+            if job.time is not None:
+                offsets, hits = _time(job.time, offsets, hits, counts)
             if hit_cut is not None:
                 mask = hit_cut(hits)
                 offsets = selection.apply_hit_mask(offsets, mask)
@@ -188,12 +222,80 @@ def _stage(partition: sources.Partition, job: Job) -> store.Staged:
             weights = hits[job.weight] if job.weight else None
             images, step_stats = binning.bin_events(coords, offsets, job.layout, weights=weights, dtype=job.dtype)
             stats += step_stats
-            writer.append({"image": images, "entry": entries, **events})
+            labels = {}
+            if job.labels is not None:
+                labels["label"] = truth.map_labels(events[job.labels.field], job.labels.map, job.labels.default,
+                                                   where=partition.file)
+            writer.append({"image": images, "entry": entries, **labels, **events})
         info = {"entries": entries_read, "stats": stats.to_dict(), **sources.file_info(partition.file)}
+        if counts is not None:
+            info["hit_counts"] = counts
     except BaseException:
         writer.abort()
         raise
     return writer.close(info)
+
+
+#: What the geometry join and the time handling count per partition (in the report).
+HIT_COUNTERS = ("unknown_channel", "no_trigger_events", "not_triggered", "outside_time_window")
+
+
+def _calibrate(path: str, spec: Geometry, detector: geometry.Detector, offsets, hits, events, entries,
+               counts: dict[str, int]):
+    """Join the detector onto the hits; check det_id; drop or refuse unknown channels."""
+    if spec.det_id is not None and detector.det_id is not None:
+        data_ids = np.asarray(events[spec.det_id])
+        wrong = np.flatnonzero(data_ids != detector.det_id)
+        if wrong.size:
+            e = int(wrong[0])
+            msg = (
+                f"{path}: entry {int(entries[e])}: det_id {int(data_ids[e])} does not match the detector file "
+                f"{detector.path} (det_id {detector.det_id})"
+            )
+            raise GeometryError(msg)
+    key_map = spec.key_map()
+    joined, rows = geometry.join(detector, [hits[key_map[k]] for k in detector.keys])
+    hits = {**hits, **joined}
+    if spec.time is not None:
+        tot = hits[spec.tot] if spec.time_slewing else None
+        hits[spec.calibrated] = geometry.calibrated_time(hits[spec.time], hits["t0"], tot)
+    unknown = rows < 0
+    if unknown.any():
+        i = int(np.flatnonzero(unknown)[0])
+        if spec.on_unknown == "error":
+            event = int(np.searchsorted(offsets, i, side="right")) - 1
+            channel = ", ".join(f"{k}={int(hits[key_map[k]][i])}" for k in detector.keys)
+            msg = (
+                f"{path}: entry {int(entries[event])}: a hit's channel ({channel}) is not in the detector file "
+                f"{detector.path} ({int(unknown.sum())} such hits in this read step); "
+                "set geometry.on_unknown: drop to drop and count them"
+            )
+            raise GeometryError(msg)
+        counts["unknown_channel"] += int(unknown.sum())
+        offsets = selection.apply_hit_mask(offsets, ~unknown)
+        hits = {k: v[~unknown] for k, v in hits.items()}
+    return offsets, hits
+
+
+def _time(spec: Time, offsets, hits, counts: dict[str, int]):
+    """Centre hit times on the first triggered hit; keep triggered hits / a time window."""
+    if spec.reference == "first_triggered":
+        reference = geometry.first_triggered_time(offsets, hits[spec.field], hits[spec.triggered])
+        counts["no_trigger_events"] += int(np.isnan(reference).sum())
+        hits = {**hits, spec.field: hits[spec.field] - np.repeat(reference, np.diff(offsets))}
+    keep = None
+    if spec.triggered_only:
+        keep = hits[spec.triggered] != 0
+        counts["not_triggered"] += int((~keep).sum())
+    if spec.window is not None:
+        time = hits[spec.field]
+        inside = (time >= spec.window[0]) & (time <= spec.window[1])
+        counts["outside_time_window"] += int((~inside if keep is None else keep & ~inside).sum())
+        keep = inside if keep is None else keep & inside
+    if keep is not None:
+        offsets = selection.apply_hit_mask(offsets, keep)
+        hits = {k: v[keep] for k, v in hits.items()}
+    return offsets, hits
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +320,7 @@ class BuildReport:
     dry_run: bool = False
     plan: dict[str, Any] = field(default_factory=dict)
     bad_files: list[dict[str, str]] = field(default_factory=list)
+    hit_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def events_written(self) -> int:
@@ -239,6 +342,7 @@ class BuildReport:
             "wall_seconds": round(self.wall_seconds, 3),
             "events_per_second": round(self.events_per_second, 1),
             "bad_files": self.bad_files,
+            **({"hit_counts": self.hit_counts} if self.hit_counts else {}),
         }
 
 
@@ -282,6 +386,7 @@ def probe(config: Config, partitions: list[sources.Partition]) -> dict[str, int]
     every tried file shares, such as a misspelt branch, stops the build here.
     """
     tries = PROBE_FILES if config.read.on_bad_file == "skip" else 1
+    _check_detectors(config)
     entries = {}
     for sample in config.samples:
         candidates = [p for p in partitions if p.sample == sample.name][:tries]
@@ -289,13 +394,34 @@ def probe(config: Config, partitions: list[sources.Partition]) -> dict[str, int]
             try:
                 file, tree = sources.open_tree(partition.file, config.tree)
                 with file:
-                    sources.check_branches(tree, partition.file, config.tree, config.hits, config.event)
+                    sources.check_branches(tree, partition.file, config.tree, config.hits, Job.from_config(config).events)
                     entries[sample.name] = int(tree.num_entries)
                 break
             except InputFileError:
                 if i == len(candidates) - 1:
                     raise
     return entries
+
+
+def _check_detectors(config: Config) -> None:
+    """Read every detector file on the client (a bad one fails before any task runs) and
+    check that the image axes name fields the hits will have."""
+    job = Job.from_config(config)
+    known = set(config.hits)
+    if config.geometry is not None and config.geometry.time is not None:
+        known.add(config.geometry.calibrated)
+    for sample in config.samples:
+        detector = job.detector(sample.name)
+        if detector is None:
+            return
+        fields = known | set(detector.fields) | set(detector.keys)
+        for name in [a.field for a in config.image.axes] + ([config.image.weight] if config.image.weight else []):
+            if name not in fields:
+                msg = (
+                    f"image field {name!r} is neither a read hit field nor a column of the detector file "
+                    f"{detector.path} (columns: {sorted(detector.fields)})"
+                )
+                raise GeometryError(msg)
 
 
 def chunk_events(config: Config, layout: binning.ImageLayout) -> int:
@@ -495,12 +621,11 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
                          shuffle=config.output.shuffle.enabled)
     arrays, dims = _array_specs(config, layout, staged)
     per_chunk = chunk_events(config, layout)
-    sample_names = [s.name for s in config.samples]
     store.prepare(
         config.output.path, {k: v.size for k, v in plans.items()}, arrays, dims, _coordinates(layout),
         chunk_events=per_chunk, compressor=(config.output.compressor.name, config.output.compressor.level),
         attrs={store.PREFIX + "building": True},
-        array_attrs={"label": {"flag_values": [s.label for s in config.samples], "flag_meanings": " ".join(sample_names)}},
+        array_attrs={"label": _label_attrs(config)},
     )
     constants = {
         i: {"label": p.label, "sample": p.sample, "source_file": p.file} for i, p in enumerate(partitions)
@@ -548,6 +673,12 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     return report
 
 
+def _label_attrs(config: Config) -> dict[str, Any]:
+    if config.labels is not None:
+        return {"flag_values": sorted(set(config.labels.map.values())), "source_field": config.labels.field}
+    return {"flag_values": [s.label for s in config.samples], "flag_meanings": " ".join(s.name for s in config.samples)}
+
+
 def _check_bad_fraction(config: Config, bad_files: list[dict], n_files: int) -> None:
     if not bad_files or len(bad_files) <= config.read.max_bad_fraction * n_files:
         return
@@ -578,7 +709,7 @@ def _array_specs(config: Config, layout: binning.ImageLayout, staged: list[store
         "entry": store.ArraySpec("int64"),
     }
     example = next((s for s in staged if s.n_events), None)
-    for name in config.event:
+    for name in config.event_fields():
         arrays[name] = example.arrays[name] if example else store.ArraySpec("float64")
     dims = dict.fromkeys(arrays, ())
     dims["image"] = layout.dims
@@ -613,6 +744,8 @@ def _fill_report(report: BuildReport, config: Config, layout: binning.ImageLayou
         entry["selected"] += s.n_events
         if "stats" in s.info:
             stats += binning.BinStats.from_dict(s.info["stats"])
+        for name, n in s.info.get("hit_counts", {}).items():
+            report.hit_counts[name] = report.hit_counts.get(name, 0) + int(n)
     index = {s.name: i for i, s in enumerate(config.samples)}
     part_sample = np.array([index[p.sample] for p in partitions], np.int64)
     for split, plan in plans.items():

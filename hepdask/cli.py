@@ -225,6 +225,15 @@ def print_build(report, console) -> None:
         f"hits: {hits.get('hits', 0):,} after cuts, {hits.get('in_image', 0):,} in the image, "
         f"{hits.get('nan', 0):,} NaN, {hits.get('clipped', 0):,} clipped", ["axis", "underflow", "overflow"], rows,
     ))
+    if report.hit_counts:
+        described = {
+            "unknown_channel": "hits on channels not in the detector file (dropped)",
+            "no_trigger_events": "events without a triggered hit (no time reference)",
+            "not_triggered": "untriggered hits dropped",
+            "outside_time_window": "hits outside the time window dropped",
+        }
+        rows = [(described.get(k, k), n) for k, n in report.hit_counts.items()]
+        console.print(_table("geometry and time", ["", "count"], rows))
     console.print(f"wrote {report.events_written:,} events to {report.path} in {report.wall_seconds:.1f} s "
                   f"({report.events_per_second:,.0f} events/s read)")
 

@@ -61,6 +61,8 @@ class Sample(_Model):
     label: int
     metadata: dict[str, float | int | str | bool] = {}
     generate: ExampleData | None = None
+    #: This sample's detector file, overriding ``geometry.file`` (each run has its own).
+    geometry: str | None = None
 
     @field_validator("files", mode="before")
     @classmethod
@@ -186,6 +188,86 @@ class Read(_Model):
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
 
 
+class Geometry(_Model):
+    """A detector table joined onto every hit (see ``hepdask.geometry``).
+
+    ``file`` is a KM3NeT ``.detx`` (any version) or a CSV table. ``keys`` maps the table's key
+    columns to hit fields (a detx is keyed by ``dom_id`` and ``channel_id``; MC hits use
+    ``{pmt_id: pmt_id}``). Every other table column becomes a hit field (``pos_x``, ``pos_y``,
+    ``pos_z``, ``dir_x``, ``dir_y``, ``dir_z``, ``t0``, ``du``, ``floor``...). With ``time``
+    set, the hit field ``calibrated`` (default ``time``) is ``time + t0``, minus the PMT time
+    slewing of ``tot`` when ``time_slewing`` is on (KM3NeT's default, as OrcaSong does).
+    """
+
+    file: str | None = None
+    keys: dict[str, str] | None = None
+    time: str | None = None
+    tot: str | None = None
+    time_slewing: bool = True
+    calibrated: str = "time"
+    on_unknown: Literal["error", "drop"] = "error"
+    det_id: str | None = None
+    centre: tuple[float | None, float | None, float | None] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Geometry:
+        if self.time_slewing and self.time is not None and self.tot is None:
+            msg = "geometry.time_slewing needs geometry.tot (the hit field with the time over threshold); or set time_slewing: false"
+            raise ValueError(msg)
+        return self
+
+    def key_map(self) -> dict[str, str]:
+        return dict(self.keys) if self.keys else {"dom_id": "dom_id", "channel_id": "channel_id"}
+
+
+class Time(_Model):
+    """Hit-time handling, applied after the geometry join and before the selection.
+
+    ``reference: first_triggered`` subtracts, per event, the earliest (calibrated) time among
+    the event's triggered hits (``triggered`` field non-zero), taken over all its hits before
+    any hit cut, as OrcaSong's ``center_time`` does; an event without a triggered hit then
+    has no time (its hits count as NaN in the statistics). ``triggered_only`` keeps only the
+    triggered hits; ``window`` keeps hits with ``lo <= time <= hi`` (after the centring).
+    """
+
+    field: str = "time"
+    triggered: str | None = None
+    reference: Literal["none", "first_triggered"] = "none"
+    triggered_only: bool = False
+    window: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Time:
+        if (self.reference == "first_triggered" or self.triggered_only) and self.triggered is None:
+            msg = "time.triggered (the hit field flagging triggered hits) is needed for first_triggered / triggered_only"
+            raise ValueError(msg)
+        if self.window is not None and not self.window[0] < self.window[1]:
+            msg = f"time.window {list(self.window)} must be increasing"
+            raise ValueError(msg)
+        return self
+
+
+class Truth(_Model):
+    """Event truth from the KM3NeT offline format's MC tracks (track ``track``, 0 being the
+    primary): ``<prefix>energy``, ``dir_x/y/z``, ``zenith``, ``azimuth``, ``vertex_x/y/z``,
+    ``pdgid``, and ``bjorken_y`` (``w2list[8]`` of gSeaGen files), NaN where absent. Zenith
+    and azimuth are those of the direction the particle comes from, in radians, as
+    ``km3pipe.math.zenith`` / ``azimuth`` define them."""
+
+    preset: Literal["km3net-offline"] = "km3net-offline"
+    track: Annotated[int, Field(ge=0)] = 0
+    prefix: str = "mc_"
+
+
+class Labels(_Model):
+    """Labels per event from an event field: ``map`` takes a value to a class (e.g. PDG id
+    to class); an unmapped value is an error unless ``default`` is set."""
+
+    field: str
+    map: dict[float, int]
+    default: int | None = None
+
+
 class Compressor(_Model):
     name: Literal["zstd", "blosc-lz4", "none"] = "zstd"
     level: Annotated[int, Field(ge=0, le=22)] = 1
@@ -277,6 +359,10 @@ class Config(_Model):
     tree: str
     hits: Annotated[dict[str, str], Field(min_length=1)]
     event: dict[str, str] = {}
+    geometry: Geometry | None = None
+    time: Time | None = None
+    truth: Truth | None = None
+    labels: Labels | None = None
     image: Image
     selection: Selection = Selection()
     read: Read = Read()
@@ -289,23 +375,82 @@ class Config(_Model):
         if len(set(names)) != len(names):
             msg = f"sample names must be unique, got {names}"
             raise ValueError(msg)
+        hit_fields = self.hit_fields()
         for axis in self.image.axes:
-            if axis.field not in self.hits:
-                msg = f"image axis field {axis.field!r} is not a hit field{did_you_mean(axis.field, self.hits)} (hit fields: {sorted(self.hits)})"
+            if axis.field not in hit_fields:
+                msg = f"image axis field {axis.field!r} is not a hit field{did_you_mean(axis.field, hit_fields)} (hit fields: {sorted(hit_fields)})"
                 raise ValueError(msg)
-        if self.image.weight is not None and self.image.weight not in self.hits:
-            msg = f"image.weight {self.image.weight!r} is not a hit field{did_you_mean(self.image.weight, self.hits)}"
+        if self.image.weight is not None and self.image.weight not in hit_fields:
+            msg = f"image.weight {self.image.weight!r} is not a hit field{did_you_mean(self.image.weight, hit_fields)}"
             raise ValueError(msg)
-        for name in self.event:
+        self._check_geometry(hit_fields)
+        event_fields = self.event_fields()
+        if self.labels is not None and self.labels.field not in event_fields:
+            msg = f"labels.field {self.labels.field!r} is not an event field{did_you_mean(self.labels.field, event_fields)} (event fields: {sorted(event_fields)})"
+            raise ValueError(msg)
+        for name in event_fields:
             if not _ARRAY_NAME.match(name):
                 msg = f"event field name {name!r} must be a plain identifier (it names a stored array)"
                 raise ValueError(msg)
         reserved = {"image", "label", "sample", "source_file", "entry", "event", *self.output.split}
-        clash = reserved & set(self.event)
+        clash = reserved & set(event_fields)
         if clash:
             msg = f"event field names {sorted(clash)} clash with store arrays {sorted(reserved)}"
             raise ValueError(msg)
         return self
+
+    def hit_fields(self) -> list[str]:
+        """Hit fields after the geometry join: the read ones and what the detector adds."""
+        fields = list(self.hits)
+        if self.geometry is not None:
+            from .geometry import DETX_FIELDS
+
+            if self.geometry.keys is None or (self.geometry.file or "").lower().endswith(".detx"):
+                fields += [f for f in (*DETX_FIELDS, "dom_id", "channel_id") if f not in fields]
+            if self.geometry.time is not None:
+                fields.append(self.geometry.calibrated)
+        return list(dict.fromkeys(fields))
+
+    def event_fields(self) -> list[str]:
+        """Event fields stored per event: the read ones and the truth preset's."""
+        from .truth import truth_fields
+
+        derived = truth_fields(self.truth.prefix) if self.truth is not None else []
+        return [*self.event, *derived]
+
+    def _check_geometry(self, hit_fields: list[str]) -> None:
+        geometry = self.geometry
+        if geometry is None:
+            if any(s.geometry for s in self.samples):
+                msg = "a sample sets 'geometry' but the config has no geometry section"
+                raise ValueError(msg)
+            if self.time is not None and self.time.field not in hit_fields:
+                msg = f"time.field {self.time.field!r} is not a hit field{did_you_mean(self.time.field, hit_fields)}"
+                raise ValueError(msg)
+            return
+        if geometry.file is None and not all(s.geometry for s in self.samples):
+            missing = [s.name for s in self.samples if not s.geometry]
+            msg = f"geometry.file is not set and samples {missing} give no geometry of their own"
+            raise ValueError(msg)
+        for column, hit in geometry.key_map().items():
+            if hit not in self.hits:
+                msg = f"geometry.keys: {column!r} is joined on hit field {hit!r}, which is not read{did_you_mean(hit, self.hits)}"
+                raise ValueError(msg)
+        for name in (geometry.time, geometry.tot if geometry.time_slewing else None):
+            if name is not None and name not in self.hits:
+                msg = f"geometry: hit field {name!r} is not read{did_you_mean(name, self.hits)} (hit fields: {sorted(self.hits)})"
+                raise ValueError(msg)
+        if geometry.time is not None and geometry.calibrated in self.hits:
+            msg = f"geometry.calibrated {geometry.calibrated!r} clashes with a read hit field; name the calibrated time differently"
+            raise ValueError(msg)
+        if geometry.det_id is not None and geometry.det_id not in self.event:
+            msg = f"geometry.det_id {geometry.det_id!r} is not an event field{did_you_mean(geometry.det_id, self.event)}"
+            raise ValueError(msg)
+        if self.time is not None:
+            for name in (self.time.field, self.time.triggered):
+                if name is not None and name not in hit_fields:
+                    msg = f"time: {name!r} is not a hit field{did_you_mean(name, hit_fields)}"
+                    raise ValueError(msg)
 
     def content_hash(self) -> str:
         """Hash of everything that determines the staged partitions and the store's content.
@@ -411,7 +556,22 @@ def _describe(err: ValidationError, source: str, root: type[BaseModel] | None = 
     return "\n".join(lines)
 
 
+#: ``km3net-testdata:offline/x.root`` names a file of the km3net-testdata package.
+TESTDATA_SCHEME = "km3net-testdata:"
+
+
+def _testdata(path: str) -> str:
+    try:
+        import km3net_testdata
+    except ImportError:
+        msg = f"{path!r} needs the km3net-testdata package: pip install 'hepdask[km3net]'"
+        raise ConfigError(msg) from None
+    return str(km3net_testdata.data_path(path[len(TESTDATA_SCHEME):]))
+
+
 def _resolve(path: str, base: Path) -> str:
+    if path.startswith(TESTDATA_SCHEME):
+        return _testdata(path)
     expanded = os.path.expanduser(os.path.expandvars(path))
     if "://" in expanded or os.path.isabs(expanded):
         return expanded
@@ -427,9 +587,14 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             sample["files"] = _resolve(files, base)
         elif isinstance(files, list):
             sample["files"] = [_resolve(f, base) if isinstance(f, str) else f for f in files]
+        if isinstance(sample.get("geometry"), str):
+            sample["geometry"] = _resolve(sample["geometry"], base)
         gen = sample.get("generate")
         if isinstance(gen, dict) and isinstance(gen.get("directory"), str):
             gen["directory"] = _resolve(gen["directory"], base)
+    geometry = data.get("geometry")
+    if isinstance(geometry, dict) and isinstance(geometry.get("file"), str):
+        geometry["file"] = _resolve(geometry["file"], base)
     output = data.get("output")
     if isinstance(output, dict) and isinstance(output.get("path"), str):
         output["path"] = _resolve(output["path"], base)

@@ -41,6 +41,10 @@ class SelectionError(ConfigError):
     """A selection expression cannot be parsed or names an unknown field."""
 
 
+class GeometryError(HepdaskError, ValueError):
+    """A detector file is unreadable or does not match the data (unknown channel, det_id)."""
+
+
 class StoreError(HepdaskError, OSError):
     """The output store exists, is incomplete, or cannot be written or read."""
 

@@ -1,0 +1,361 @@
+"""KM3NeT: detx geometry of every version, the calibration join, time handling, MC truth,
+labels, and builds of configs/km3net-mu-vs-nu*.yaml, on the real files of km3net-testdata."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import pytest
+import uproot
+import yaml
+
+import hepdask
+from hepdask import geometry, store, truth
+from hepdask.cli import main as cli
+from hepdask.config import load
+from hepdask.errors import ConfigError, GeometryError
+
+kd = pytest.importorskip("km3net_testdata")
+REPO = Path(__file__).resolve().parents[1]
+ZT_CONFIG = REPO / "configs" / "km3net-mu-vs-nu.yaml"
+XYZT_CONFIG = REPO / "configs" / "km3net-mu-vs-nu-xyzt.yaml"
+NU_FILE = "offline/mcv6.0.gsg_muon_highE-CC_50-500GeV.km3sim.jterbr00008357.jorcarec.aanet.905.root"
+DATA_FILE = "offline/km3net_offline.root"
+
+
+def detx(name: str) -> str:
+    return str(kd.data_path(f"detx/{name}"))
+
+
+# ------------------------------------------------------------------------------------------
+# detx files
+
+
+@pytest.mark.parametrize("name", ["detx_v1.detx", "detx_v2.detx", "detx_v3.detx", "detx_v3_whitespace.detx"])
+def test_small_detx_files_of_versions_1_to_3(name):
+    det = geometry.read_detx(detx(name))
+    assert det.version == int(name[6]) and det.det_id == (1 if name == "detx_v1.detx" else 23)
+    assert det.keys == ("dom_id", "channel_id") and det.n_rows == 18
+    c = det.columns
+    # lines ' 1 1.1 1.2 1.3 -1.1 0.2 0.3 10.0' and ' 11 21.4 21.5 21.6 20.1 -21.2 20.3 220.1'
+    first = [c[k][0] for k in ("dom_id", "channel_id", "pmt_id", "pos_x", "pos_y", "pos_z", "dir_x", "dir_y", "dir_z", "t0", "du", "floor")]
+    assert first == [1, 0, 1, 1.1, 1.2, 1.3, -1.1, 0.2, 0.3, 10.0, 1, 1]
+    row = int(np.flatnonzero(c["pmt_id"] == 11)[0])
+    assert (c["dom_id"][row], c["channel_id"][row], c["du"][row], c["floor"][row]) == (4, 1, 2, 1)
+    assert (c["pos_x"][row], c["t0"][row]) == (21.4, 220.1)
+    if det.version == 3:  # v3 adds a PMT status column
+        assert c["status"][:3].tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize(("name", "det_id", "version", "n_doms", "n_pmts"), [
+    ("detx_v4.detx", 44, 4, 90, 2790),
+    ("detx_v5.detx", 49, 5, 114, 3348),
+    ("km3net_offline.detx", 44, 2, 90, 2790),
+    ("D_ORCA006_t.A02181836.p.A02181837.r.A02182001.detx", 49, 3, 108, 3348),
+    ("KM3NeT_00000133_20221025.detx", 133, 5, 399, 11718),
+    ("orca_115strings_av23min20mhorizontal_18OMs_alt9mvertical_v1.detx", -1, 1, 2070, 64170),
+])
+def test_real_detx_files(name, det_id, version, n_doms, n_pmts):
+    det = geometry.read_detx(detx(name))
+    assert (det.det_id, det.version, len(det.module_positions), det.n_rows) == (det_id, version, n_doms, n_pmts)
+    assert np.isfinite(det.centre()).all()
+    assert set(np.unique(det.columns["channel_id"])) <= set(range(31))
+
+
+def test_detx_v5_values_are_read_from_the_right_columns():
+    det = geometry.read_detx(detx("detx_v5.detx"))
+    # ' 808987107   11  1  +484.600  +564.650   +26.694 (q0 qx qy qz) +37694.902 0 31'
+    # '    10057  +484.761  +564.607   +26.805 +0.803578 -0.215292 +0.554898 +207699.045 0'
+    row = int(np.flatnonzero(det.columns["pmt_id"] == 10057)[0])
+    c = det.columns
+    assert (c["dom_id"][row], c["channel_id"][row], c["du"][row], c["floor"][row]) == (808987107, 0, 11, 1)
+    assert (c["pos_x"][row], c["pos_z"][row], c["dir_z"][row], c["t0"][row]) == (484.761, 26.805, 0.554898, 207699.045)
+    assert det.module_positions[0].tolist() == [484.6, 564.65, 26.694]
+
+
+def test_floor_minus_one_is_numbered_within_its_string():
+    det = geometry.read_detx(detx("orca_115strings_av23min20mhorizontal_18OMs_alt9mvertical_v1.detx"))
+    du1 = det.columns["du"] == 1
+    assert sorted(set(det.columns["floor"][du1].astype(int))) == list(range(1, 19))
+
+
+def test_bad_detector_files_name_file_and_line(tmp_path):
+    with pytest.raises(GeometryError, match=r"detx_v5_invalid_multiline_comments\.detx: line \d+"):
+        geometry.read_detx(detx("detx_v5_invalid_multiline_comments.detx"))
+    text = Path(detx("detx_v2.detx")).read_text()
+    truncated = tmp_path / "truncated.detx"
+    truncated.write_text("\n".join(text.splitlines()[:14]))
+    with pytest.raises(GeometryError, match=r"truncated\.detx: the file ends before PMT \d of DOM 3 \(truncated\?\)"):
+        geometry.read_detx(truncated)
+    unknown = tmp_path / "v9.detx"
+    unknown.write_text(text.replace("23 v2", "23 v9", 1))
+    with pytest.raises(GeometryError, match=r"v9\.detx: line 1: detx version 9 is not supported"):
+        geometry.read_detx(unknown)
+    with pytest.raises(GeometryError, match="does not exist"):
+        geometry.load(tmp_path / "missing.detx")
+    (tmp_path / "x.txt").write_text("1 2")
+    with pytest.raises(GeometryError, match=r"unknown detector file type '\.txt'"):
+        geometry.load(tmp_path / "x.txt")
+
+
+def test_csv_table_gives_the_same_join_as_the_detx(tmp_path):
+    det = geometry.read_detx(detx("km3net_offline.detx"))
+    names = ["dom_id", "channel_id", *det.fields]
+    table = np.stack([det.columns[n] for n in names], axis=1)
+    path = tmp_path / "orca4.csv"
+    path.write_text("# exported from km3net_offline.detx\n" + ",".join(names) + "\n"
+                    + "\n".join(",".join(repr(float(v)) for v in row) for row in table))
+    from_csv = geometry.load(path, ("dom_id", "channel_id"))
+    keys = [det.columns["dom_id"][::7], det.columns["channel_id"][::7]]
+    a, _ = geometry.join(det, keys)
+    b, _ = geometry.join(from_csv, keys)
+    for name in det.fields:
+        np.testing.assert_array_equal(a[name], b[name])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("wire,x\n1,0.5\n2,abc\n")
+    with pytest.raises(GeometryError, match=r"bad\.csv: row 3, column 'x': 'abc' is not a number"):
+        geometry.read_csv(bad, ("wire",))
+    with pytest.raises(GeometryError, match=r"key column 'wires' not in the header; did you mean 'wire'"):
+        geometry.read_csv(bad, ("wires",))
+
+
+# ------------------------------------------------------------------------------------------
+# kernels
+
+
+def _hits(name: str):
+    tree = uproot.open(kd.data_path(name))["E"]
+    arrays = tree.arrays(["Evt/hits/hits.dom_id", "Evt/hits/hits.channel_id", "Evt/hits/hits.t",
+                          "Evt/hits/hits.tot", "Evt/hits/hits.trig"], library="ak", how=dict)
+    flat = {k.split(".")[-1]: ak.to_numpy(ak.flatten(v)) for k, v in arrays.items()}
+    counts = ak.to_numpy(ak.num(arrays["Evt/hits/hits.t"]))
+    return flat, np.concatenate([[0], np.cumsum(counts)])
+
+
+def _reference_join(det: geometry.Detector, dom_id, channel_id, t, tot):
+    """A plain-Python join: what the numba kernel must reproduce."""
+    rows = {(int(d), int(c)): i for i, (d, c) in enumerate(zip(det.columns["dom_id"], det.columns["channel_id"]))}
+    index = np.array([rows[(int(d), int(c))] for d, c in zip(dom_id, channel_id)])
+    values = {k: det.columns[k][index] for k in det.fields}
+    values["time"] = (t + values["t0"]) - geometry.SLEWING_NS[tot.astype(int)]
+    return values
+
+
+def test_join_and_calibrated_time_equal_a_plain_lookup():
+    det = geometry.read_detx(detx("detx_v5.detx"))
+    hits, _ = _hits(NU_FILE)
+    joined, rows = geometry.join(det, [hits["dom_id"], hits["channel_id"]])
+    assert (rows >= 0).all()
+    time = geometry.calibrated_time(hits["t"], joined["t0"], hits["tot"])
+    expected = _reference_join(det, hits["dom_id"], hits["channel_id"], hits["t"], hits["tot"])
+    for name in det.fields:
+        np.testing.assert_array_equal(joined[name], expected[name])
+    np.testing.assert_array_equal(time, expected["time"])
+    np.testing.assert_array_equal(geometry.calibrated_time(hits["t"], joined["t0"]), hits["t"] + joined["t0"])
+
+
+def test_unknown_channels_are_marked():
+    det = geometry.read_detx(detx("km3net_offline.detx"))
+    joined, rows = geometry.join(det, [np.array([806451572, 123, 806451572]), np.array([8, 0, 31])])
+    assert rows.tolist()[1:] == [-1, -1] and rows[0] >= 0
+    assert np.isnan(joined["pos_x"][1:]).all()
+
+
+def test_first_triggered_time():
+    offsets = np.array([0, 3, 3, 5])
+    time = np.array([5.0, 2.0, 1.0, 7.0, 9.0])
+    trig = np.array([1, 1, 0, 0, 0], np.uint32)
+    ref = geometry.first_triggered_time(offsets, time, trig)
+    assert ref[0] == 2.0 and np.isnan(ref[1]) and np.isnan(ref[2])
+
+
+def test_centring_moves_the_mean_dom_position():
+    det = geometry.load(detx("detx_v5.detx"), centre=(0.0, 0.0, None))
+    original = geometry.read_detx(detx("detx_v5.detx"))
+    np.testing.assert_allclose(det.centre()[:2], 0, atol=1e-9)
+    assert det.centre()[2] == original.centre()[2]
+    np.testing.assert_allclose(det.columns["pos_x"] - original.columns["pos_x"], -original.centre()[0])
+
+
+def test_zenith_and_azimuth_follow_km3pipe():
+    zen, azi = truth.zenith_azimuth(np.array([0.0, 0.0, 1.0, 0.0]), np.array([0.0, 0.0, 0.0, 1.0]),
+                                    np.array([-1.0, 1.0, 0.0, 0.0]))
+    np.testing.assert_allclose(zen, [0, np.pi, np.pi / 2, np.pi / 2])  # down-going: zenith 0
+    np.testing.assert_allclose(azi[2:], [np.pi, 3 * np.pi / 2])  # comes from -x, from -y
+
+
+def test_label_map_refuses_unmapped_values():
+    assert truth.map_labels(np.array([14.0, -14.0, 12.0]), {14: 1, -14: 1}, 0, where="f").tolist() == [1, 1, 0]
+    with pytest.raises(ConfigError, match=r"f: 1 events have label values \[12.0\]"):
+        truth.map_labels(np.array([14.0, 12.0]), {14: 1}, None, where="f")
+
+
+# ------------------------------------------------------------------------------------------
+# builds of the real configs
+
+
+def _config(path: Path, out: Path, *overrides: str):
+    return load(path, [f"output.path={out}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def zt_store(client, tmp_path_factory):
+    out = tmp_path_factory.mktemp("km3") / "zt.zarr"
+    config = _config(ZT_CONFIG, out, "output.shuffle.enabled=false")
+    report = hepdask.build_dataset(config, client=client, progress=False)
+    return config, report, out
+
+
+def _expected_images(config, sample_file: str, detector_file: str, du: int | None, centre=None):
+    """Images made the OrcaSong way: plain-Python calibration, time centring on the first
+    triggered hit, then numpy.histogramdd per event."""
+    det = geometry.read_detx(detector_file)
+    hits, offsets = _hits(sample_file)
+    cal = _reference_join(det, hits["dom_id"], hits["channel_id"], hits["t"], hits["tot"])
+    if centre is not None:
+        for i, axis in enumerate("xyz"):
+            if centre[i] is not None:
+                cal[f"pos_{axis}"] = cal[f"pos_{axis}"] + (centre[i] - det.centre()[i])
+    edges = [np.linspace(*a.range, a.bins + 1) for a in config.image.axes]
+    images = []
+    for e in range(offsets.size - 1):
+        sl = slice(offsets[e], offsets[e + 1])
+        time = cal["time"][sl]
+        time = time - time[hits["trig"][sl] != 0].min()
+        keep = np.ones(time.size, bool) if du is None else cal["du"][sl] == du
+        values = {**{k: v[sl] for k, v in cal.items()}, "time": time}
+        sample = [values[a.field][keep] for a in config.image.axes]
+        images.append(np.histogramdd(sample, bins=edges)[0])
+    return np.array(images)
+
+
+def test_zt_images_equal_orcasong_style_histograms(zt_store):
+    config, report, out = zt_store
+    ds = {s: hepdask.open_dataset(out, s) for s in ("train", "val", "test")}
+    checked = 0
+    for sample in config.samples:
+        for file in sample.files:
+            expected = _expected_images(config, file, sample.geometry, du=2)
+            assert 0 < expected.max() < 255  # hits on the string, no saturation: uint8 equals histogramdd
+            for split in ds.values():
+                mine = (split.source_file.values == file)
+                for image, entry, label in zip(split.image.values[mine], split.entry.values[mine], split.label.values[mine]):
+                    np.testing.assert_array_equal(image, expected[entry])
+                    assert label == sample.label
+                    checked += 1
+    assert checked == report.events_written == 180
+
+
+def test_truth_fields_are_stored(zt_store):
+    _, _, out = zt_store
+    events = {}
+    for split in ("train", "val", "test"):
+        ds = hepdask.open_dataset(out, split)
+        for i in range(ds.sizes["event"]):
+            events[(str(ds.source_file.values[i]), int(ds.entry.values[i]))] = {
+                k: float(ds[k].values[i]) for k in ("mc_energy", "mc_pdgid", "mc_zenith", "mc_dir_z", "mc_bjorken_y", "det_id")}
+    path = str(kd.data_path(NU_FILE))
+    tree = uproot.open(path)["E"]
+    energy = tree["Evt/mc_trks/mc_trks.E"].array()[:, 0]
+    pdg = tree["Evt/mc_trks/mc_trks.type"].array()[:, 0]
+    by = tree["Evt/w2list"].array()[:, 8]
+    for entry in (0, 7, 139):
+        got = events[(path, entry)]
+        assert got["mc_energy"] == energy[entry] and got["mc_pdgid"] == pdg[entry] and got["mc_bjorken_y"] == by[entry]
+        assert got["mc_zenith"] == pytest.approx(np.arccos(-got["mc_dir_z"]))
+        assert got["det_id"] == 49
+    data = events[(str(kd.data_path(DATA_FILE)), 0)]
+    assert np.isnan(data["mc_energy"]) and data["det_id"] == 44  # real data: no MC truth
+
+
+def test_xyzt_build_centres_both_detectors(client, tmp_path):
+    out = tmp_path / "xyzt.zarr"
+    config = _config(XYZT_CONFIG, out, "output.shuffle.enabled=false", "output.split={train: 1.0}")
+    report = hepdask.build_dataset(config, client=client, progress=False)
+    assert report.hits["underflow"]["pos_x"] == report.hits["overflow"]["pos_x"] == 0
+    ds = hepdask.open_dataset(out, "train")
+    assert ds.image.shape[1:] == (12, 6, 18, 50)
+    for sample in config.samples:
+        file = sample.files[0]
+        expected = _expected_images(config, file, sample.geometry, du=None, centre=(0.0, 0.0, None))
+        mine = ds.source_file.values == file
+        for image, entry in zip(ds.image.values[mine], ds.entry.values[mine]):
+            np.testing.assert_array_equal(image, expected[entry])
+
+
+def test_labels_from_a_truth_field(client, tmp_path):
+    out = tmp_path / "pdg.zarr"
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["samples"] = raw["samples"][1:]
+    raw["labels"] = {"field": "mc_pdgid", "map": {14: 1, -14: 1, 12: 2, -12: 2}, "default": 0}
+    raw["output"].update(path=str(out), split={"train": 1.0})
+    path = tmp_path / "pdg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    hepdask.build_dataset(load(path), client=client, progress=False)
+    ds = hepdask.open_dataset(out, "train")
+    pdg = np.abs(ds.mc_pdgid.values)
+    expected = np.where(pdg == 14, 1, np.where(pdg == 12, 2, 0))
+    np.testing.assert_array_equal(ds.label.values, expected)
+    assert set(expected) >= {1, 2}
+
+
+def test_unknown_channel_policy(client, tmp_path, capsys):
+    # The ORCA6 neutrino file read with the ORCA4 detector: a third of its hits are on DOMs
+    # ORCA4 does not have. det_id is not checked here, so the channel check is what fires.
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["samples"] = [{"name": "nu", "label": 1, "files": f"km3net-testdata:{NU_FILE}",
+                       "geometry": "km3net-testdata:detx/km3net_offline.detx"}]
+    raw["geometry"].pop("det_id")
+    raw["output"]["path"] = str(tmp_path / "unknown.zarr")
+    path = tmp_path / "unknown.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli(["build-dataset", str(path), "--no-progress", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "mcv6.0.gsg_muon_highE-CC" in err and "a hit's channel (dom_id=" in err and "km3net_offline.detx" in err
+    assert not store.is_complete(tmp_path / "unknown.zarr")
+    config = load(path, ["geometry.on_unknown=drop", "output.overwrite=true"])
+    report = hepdask.build_dataset(config, client=client, progress=False)
+    assert report.hit_counts["unknown_channel"] == 5486  # hits on ORCA6-only DOMs
+
+
+def test_det_id_mismatch_names_file_and_ids(tmp_path, capsys):
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["samples"][1]["geometry"] = "km3net-testdata:detx/km3net_offline.detx"
+    raw["output"]["path"] = str(tmp_path / "mismatch.zarr")
+    path = tmp_path / "mismatch.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli(["build-dataset", str(path), "--no-progress", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "det_id 49 does not match the detector file" in err and "(det_id 44)" in err
+    assert not store.is_complete(tmp_path / "mismatch.zarr")
+
+
+def test_bad_detector_file_fails_before_any_task(tmp_path, capsys):
+    bad = tmp_path / "bad.detx"
+    shutil.copy(detx("km3net_offline.detx"), bad)
+    bad.write_text("\n".join(bad.read_text().splitlines()[:40]))
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["samples"][0]["geometry"] = str(bad)
+    raw["output"]["path"] = str(tmp_path / "o.zarr")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli(["build-dataset", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.detx: the file ends before" in err
+
+
+def test_config_checks_geometry_fields(tmp_path):
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["geometry"]["tot"] = "totx"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="hit field 'totx' is not read; did you mean 'tot'"):
+        load(path)
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["image"]["axes"][0]["field"] = "pos_zz"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="image axis field 'pos_zz' is not a hit field; did you mean 'pos_z'"):
+        load(path)
