@@ -1,0 +1,243 @@
+"""hepdask against KM3NeT's OrcaSong on the real km3net-testdata files: are the images the
+same, event by event, and how many events/s does each whole workflow make from the ROOT file?
+
+OrcaSong runs in a separate virtualenv (it pulls km3pipe), through
+``benchmarks/orcasong_reference.py``; make one with
+
+    python3 -m venv VENV && VENV/bin/pip install orcasong km3net-testdata
+
+and run
+
+    python benchmarks/bench_orcasong.py --orcasong-python VENV/bin/python
+        [--copies 50] [--repeat 3] [--workers 2] [--work-dir benchmarks/_work/orcasong]
+
+(1) Images. For the two specs of ``configs/km3net-mu-vs-nu.yaml`` (z-t of one string) and
+    ``configs/km3net-mu-vs-nu-xyzt.yaml`` (x-y-z-t of the detector), and for every file of
+    both samples: hepdask builds a store from that file alone (the config, with shuffle off
+    and one split); OrcaSong converts it with ``h5extractf`` and bins it with ``FileBinner``
+    (the same detector file, ``center_time``, time-slewing correction, edges
+    ``numpy.linspace(lo, hi, bins + 1)`` of the config's axes; for z-t a DU filter after the
+    time centring). Images are matched by ROOT entry and compared exactly.
+    The x-y-z-t config centres each detector at x = y = 0. OrcaSong's ``center_hits_to``
+    fails on detx v4/v5 files (km3pipe's ``Detector.dom_table`` cannot unpack their DOM
+    records), so for such a detector both tools run uncentred with the x and y ranges moved
+    by the detector centre; for the v2 detector both centre.
+(2) Speed, in the same run: events/s = ROOT entries / wall seconds of the whole workflow.
+    hepdask: the ``hepdask build-dataset`` command (a fresh process: imports, LocalCluster
+    start, build, finalised store). OrcaSong: ``h5extractf`` + ``FileBinner`` per file,
+    timed inside its process (interpreter and imports not counted), best of ``--repeat``.
+    Once on the single neutrino file, once on ``--copies`` copies of it (symlinks) as one
+    dataset; for the copies OrcaSong converts in-process (its faster mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SPECS = {"zt": REPO / "configs" / "km3net-mu-vs-nu.yaml", "xyzt": REPO / "configs" / "km3net-mu-vs-nu-xyzt.yaml"}
+
+
+def resolved_samples(config_path: Path) -> list[dict]:
+    """The config's samples with their files and detector resolved to real paths."""
+    from hepdask.config import load
+
+    config = load(config_path)
+    return [{"name": s.name, "label": s.label, "files": list(s.files), "geometry": s.geometry or config.geometry.file}
+            for s in config.samples]
+
+
+def file_config(spec: str, sample: dict, files: list[str], out: Path, workers: int, *, centre: bool) -> tuple[dict, list]:
+    """The spec's config for *files* of *sample* alone, and OrcaSong's bin_edges_list.
+
+    Without *centre* (a detx v4/v5 detector) the x and y ranges move to the detector's frame.
+    """
+    from hepdask import geometry
+
+    raw = yaml.safe_load(SPECS[spec].read_text())
+    raw["samples"] = [{"name": sample["name"], "label": sample["label"], "files": files,
+                       "geometry": sample["geometry"]}]
+    raw["output"].update(path=str(out), split={"train": 1.0}, shuffle=False, overwrite=True)
+    raw.setdefault("cluster", {})["workers"] = workers
+    if raw["geometry"].get("centre") and not centre:
+        middle = geometry.read_detx(sample["geometry"]).centre()
+        for axis in raw["image"]["axes"]:
+            for i, name in enumerate(("pos_x", "pos_y", "pos_z")):
+                if axis["field"] == name and raw["geometry"]["centre"][i] is not None:
+                    lo, hi = axis["range"]
+                    axis["range"] = [float(lo + middle[i] - raw["geometry"]["centre"][i]),
+                                     float(hi + middle[i] - raw["geometry"]["centre"][i])]
+        raw["geometry"]["centre"] = None
+    edges = [[a["field"], np.linspace(a["range"][0], a["range"][1], a["bins"] + 1).tolist()] for a in raw["image"]["axes"]]
+    return raw, edges
+
+
+def du_of(raw: dict) -> int | None:
+    cut = (raw.get("selection") or {}).get("hits")
+    if not cut:
+        return None
+    field, op, value = cut.split("#")[0].split()
+    if field != "du" or op != "==":
+        msg = f"unexpected hit cut {cut!r}: this benchmark mirrors only 'du == N' in OrcaSong"
+        raise SystemExit(msg)
+    return int(value)
+
+
+def run_hepdask(raw: dict, config_path: Path, repeat: int) -> dict:
+    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    exe = shutil.which("hepdask")
+    command = [exe] if exe else [sys.executable, "-c", "import sys; from hepdask.cli import main; sys.exit(main())"]
+    walls = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        done = subprocess.run([*command, "build-dataset", str(config_path), "--no-progress"],
+                              capture_output=True, text=True, check=False)
+        walls.append(time.perf_counter() - started)
+        if done.returncode != 0:
+            raise SystemExit(f"hepdask build failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return {"walls_s": walls, "best_s": min(walls)}
+
+
+def run_orcasong(python: str, files: list[str], detx: str, edges: list, du: int | None, centre: list | None,
+                 out: Path, repeat: int, convert: str) -> dict:
+    edges_path = out.with_suffix(".edges.json")
+    edges_path.write_text(json.dumps(edges))
+    command = [python, str(HERE / "orcasong_reference.py"), "--root", *files, "--detx", detx,
+               "--edges", str(edges_path), "--out", str(out), "--repeat", str(repeat), "--convert", convert,
+               "--workdir", str(out.parent / (out.stem + "-h5"))]
+    if du is not None:
+        command += ["--du", str(du)]
+    if centre is not None:
+        command += ["--center", *("none" if c is None else str(c) for c in centre)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"OrcaSong failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    with np.load(out) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def compare(store: Path, files: list[str], reference: dict) -> dict:
+    """Match images by (file, ROOT entry); count identical and differing events."""
+    import hepdask
+
+    ds = hepdask.open_dataset(store, "train")
+    mine = {(str(f), int(e)): i for i, (f, e) in enumerate(zip(ds.source_file.values, ds.entry.values))}
+    images = ds.image.values
+    theirs = {(files[int(k)], int(e)): i for i, (k, e) in enumerate(zip(reference["file_index"], reference["entry"]))}
+    same, differ = 0, []
+    for key, j in theirs.items():
+        if key not in mine:
+            continue
+        a = images[mine[key]].astype(np.int64)
+        b = reference["images"][j].astype(np.int64)
+        if a.shape == b.shape and np.array_equal(a, b):
+            same += 1
+        else:
+            differ.append({"entry": key[1], "max_abs_diff": int(np.abs(a - b).max()) if a.shape == b.shape else None})
+    return {
+        "events_hepdask": len(mine), "events_orcasong": len(theirs), "identical": same, "different": differ,
+        "only_hepdask": sorted(k[1] for k in set(mine) - set(theirs)),
+        "only_orcasong": sorted(k[1] for k in set(theirs) - set(mine)),
+        "hits_in_images": int(images.sum(dtype=np.int64)),
+    }
+
+
+def images_part(args, work: Path) -> list[dict]:
+    from hepdask import geometry
+
+    results = []
+    for spec, config_path in SPECS.items():
+        for sample in resolved_samples(config_path):
+            version = geometry.read_detx(sample["geometry"]).version
+            centre = version is not None and version < 4
+            for file in sample["files"]:
+                tag = f"{spec}-{sample['name']}-{Path(file).name[:24]}"
+                out = work / f"{tag}.zarr"
+                raw, edges = file_config(spec, sample, [file], out, args.workers, centre=centre)
+                mine = run_hepdask(raw, work / f"{tag}.yaml", 1)
+                reference = run_orcasong(args.orcasong_python, [file], sample["geometry"], edges, du_of(raw),
+                                         raw["geometry"].get("centre"), work / f"{tag}.npz", 1, "cli")
+                result = {"spec": spec, "sample": sample["name"], "file": Path(file).name,
+                          "detector": Path(sample["geometry"]).name, "centred": bool(raw["geometry"].get("centre")),
+                          **compare(out, [file], reference)}
+                results.append(result)
+                print(f"{spec:5s} {sample['name']:9s} {Path(file).name[:48]:48s} identical {result['identical']}/"
+                      f"{result['events_orcasong']} (hepdask {result['events_hepdask']}), differing {len(result['different'])}",
+                      flush=True)
+    return results
+
+
+def speed_part(args, work: Path) -> list[dict]:
+    sample = next(s for s in resolved_samples(SPECS["zt"]) if s["name"] == "neutrino")
+    source = sample["files"][0]
+    copies_dir = work / "copies"
+    shutil.rmtree(copies_dir, ignore_errors=True)
+    copies_dir.mkdir(parents=True)
+    copies = []
+    for i in range(args.copies):
+        link = copies_dir / f"copy_{i:04d}_{Path(source).name}"
+        link.symlink_to(source)
+        copies.append(str(link))
+    import uproot
+
+    with uproot.open(source) as f:
+        entries = int(f["E"].num_entries)
+    results = []
+    for label, files, conversions in (("single file", [source], ("cli", "inprocess")),
+                                      (f"{args.copies} copies", copies, ("inprocess",))):
+        out = work / f"speed-{len(files)}.zarr"
+        raw, edges = file_config("zt", sample, files, out, args.workers, centre=False)
+        mine = run_hepdask(raw, work / f"speed-{len(files)}.yaml", args.repeat)
+        n = entries * len(files)
+        row = {"input": label, "events": n, "hepdask_s": mine["best_s"], "hepdask_events_per_s": n / mine["best_s"]}
+        for convert in conversions:
+            reference = run_orcasong(args.orcasong_python, files, sample["geometry"], edges, du_of(raw), None,
+                                     work / f"speed-{len(files)}-{convert}.npz", args.repeat, convert)
+            timings = json.loads(str(reference["timings"]))
+            best = timings["best"]["total_s"]
+            row[f"orcasong_{convert}_s"] = best
+            row[f"orcasong_{convert}_events_per_s"] = n / best
+            row[f"speedup_vs_{convert}"] = best / mine["best_s"]
+            row["orcasong_versions"] = json.loads(str(reference["versions"]))
+        results.append(row)
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                          if k != "orcasong_versions"}), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--orcasong-python", required=True, help="python of a virtualenv with orcasong installed")
+    parser.add_argument("--copies", type=int, default=50, help="copies of the neutrino file for the speed run")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per tool (best is kept)")
+    parser.add_argument("--workers", type=int, default=2, help="hepdask LocalCluster workers")
+    parser.add_argument("--work-dir", type=Path, default=HERE / "_work" / "orcasong")
+    parser.add_argument("--skip-images", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args(argv)
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    report = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()}, "args": vars(args) | {"work_dir": str(work)}}
+    if not args.skip_images:
+        report["images"] = images_part(args, work)
+    if not args.skip_speed:
+        report["speed"] = speed_part(args, work)
+    (work / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"results: {work / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
