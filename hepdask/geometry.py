@@ -75,20 +75,26 @@ class Detector:
         return int(next(iter(self.columns.values())).size)
 
     @functools.cached_property
-    def _lookup(self) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    def _lookup(self) -> tuple[int, np.ndarray, np.ndarray, np.uint64, np.ndarray]:
+        """``(stride, hash keys, hash rows, hash shift, values)``: an open-addressing hash
+        table of the combined keys, and the value columns row by row (one row per channel)."""
         key_arrays = [self.columns[k] for k in self.keys]
         stride = _stride(self.path, self.keys, key_arrays)
         combined = _combine(key_arrays, stride)
         order = np.argsort(combined, kind="stable")
-        ordered = combined[order]
-        dup = np.flatnonzero(ordered[1:] == ordered[:-1])
+        dup = np.flatnonzero(combined[order][1:] == combined[order][:-1])
         if dup.size:
             row = int(order[dup[0]])
             where = ", ".join(f"{k}={int(self.columns[k][row])}" for k in self.keys)
             msg = f"{self.path}: the channel {where} appears more than once"
             raise GeometryError(msg)
-        values = np.ascontiguousarray(np.stack([self.columns[f].astype(np.float64) for f in self.fields]))
-        return ordered, order.astype(np.int64), stride, values
+        bits = max(4, int(np.ceil(np.log2(max(1, combined.size) * 2))))
+        table_keys = np.zeros(2**bits, np.int64)
+        table_rows = np.full(2**bits, -1, np.int64)
+        shift = np.uint64(64 - bits)
+        _hash_insert(combined, table_keys, table_rows, shift)
+        values = np.ascontiguousarray(np.stack([self.columns[f].astype(np.float64) for f in self.fields], axis=1))
+        return stride, table_keys, table_rows, shift, values
 
     def centre(self) -> np.ndarray:
         """Mean position of the detector's modules (DOMs), as OrcaSong centres detectors."""
@@ -131,28 +137,57 @@ def _combine(key_arrays: list[np.ndarray], stride: int) -> np.ndarray:
 # kernels
 
 
-@numba.njit(parallel=True, cache=True)
-def _join(k0, k1, stride, ordered, order, values, out, rows):  # pragma: no cover - numba
-    m = ordered.size
-    n_cols = values.shape[0]
-    for i in numba.prange(k0.size):
+#: Fibonacci hashing: multiply by 2**64 / golden ratio, keep the top bits.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@numba.njit(cache=True)
+def _slot(key, shift):  # pragma: no cover - numba
+    return np.int64((np.uint64(key) * _GOLDEN) >> shift)
+
+
+@numba.njit(cache=True)
+def _hash_insert(keys, table_keys, table_rows, shift):  # pragma: no cover - numba
+    mask = table_keys.size - 1
+    for row in range(keys.size):
+        s = _slot(keys[row], shift)
+        while table_rows[s] >= 0:
+            s = (s + 1) & mask
+        table_keys[s] = keys[row]
+        table_rows[s] = row
+
+
+@numba.njit(cache=True)
+def _join(k0, k1, stride, table_keys, table_rows, shift, values, out, rows):  # pragma: no cover - numba
+    mask = table_keys.size - 1
+    n_cols = values.shape[1]
+    previous_key, previous_row = 0, -2
+    for i in range(k0.size):
         key = k0[i] * stride + k1[i]
-        j = np.searchsorted(ordered, key)
-        if j < m and ordered[j] == key:
-            r = order[j]
-            rows[i] = r
-            for c in range(n_cols):
-                out[c, i] = values[c, r]
+        if previous_row != -2 and key == previous_key:
+            r = previous_row
         else:
-            rows[i] = -1
+            s = _slot(key, shift)
+            r = -1
+            while table_rows[s] >= 0:
+                if table_keys[s] == key:
+                    r = table_rows[s]
+                    break
+                s = (s + 1) & mask
+            previous_key, previous_row = key, r
+        rows[i] = r
+        if r >= 0:
+            for c in range(n_cols):
+                out[c, i] = values[r, c]
+        else:
             for c in range(n_cols):
                 out[c, i] = np.nan
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _calibrated_time(t, t0, tot, slewing, out):  # pragma: no cover - numba
     last = slewing.size - 1
-    for i in numba.prange(t.size):
+    for i in range(t.size):
         k = tot[i]
         if k < 0:
             k = 0
@@ -161,9 +196,9 @@ def _calibrated_time(t, t0, tot, slewing, out):  # pragma: no cover - numba
         out[i] = (t[i] + t0[i]) - slewing[k]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _first_triggered(offsets, time, triggered, out):  # pragma: no cover - numba
-    for e in numba.prange(offsets.size - 1):
+    for e in range(offsets.size - 1):
         best = np.inf
         for i in range(offsets[e], offsets[e + 1]):
             if triggered[i] != 0 and time[i] < best:
@@ -180,12 +215,12 @@ def join(detector: Detector, key_values: list[np.ndarray]) -> tuple[dict[str, np
     if len(key_values) != len(detector.keys):
         msg = f"{detector.path}: the table is keyed by {list(detector.keys)}, got {len(key_values)} key arrays"
         raise GeometryError(msg)
-    ordered, order, stride, values = detector._lookup
+    stride, table_keys, table_rows, shift, values = detector._lookup
     k0 = np.ascontiguousarray(key_values[0], dtype=np.int64)
     k1 = np.ascontiguousarray(key_values[-1], dtype=np.int64)
-    out = np.empty((values.shape[0], k0.size), np.float64)
+    out = np.empty((values.shape[1], k0.size), np.float64)
     rows = np.empty(k0.size, np.int64)
-    _join(k0, k1, stride, ordered, order, values, out, rows)
+    _join(k0, k1, stride, table_keys, table_rows, shift, values, out, rows)
     return dict(zip(detector.fields, out)), rows
 
 

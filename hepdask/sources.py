@@ -208,10 +208,18 @@ def _flatten_hits(path: str, arrays: dict, hits: dict[str, str], start: int):
 
 
 def _event_values(array, index: int | None) -> np.ndarray:
+    """One value per event: the branch itself, or element *index* of each event's list
+    (negative counts from the end), as float64 with NaN where the list is too short."""
     if index is None:
         return ak.to_numpy(array)
-    picked = ak.pad_none(array, abs(index) + 1 if index >= 0 else abs(index), axis=1)[:, index]
-    return ak.to_numpy(ak.fill_none(ak.values_astype(picked, np.float64), np.nan))
+    counts = ak.to_numpy(ak.num(array, axis=1)).astype(np.int64)
+    flat = ak.to_numpy(ak.flatten(array, axis=1)).astype(np.float64)
+    position = np.full(counts.size, index, np.int64) if index >= 0 else counts + index
+    present = (position >= 0) & (position < counts)
+    starts = np.cumsum(counts) - counts
+    out = np.full(counts.size, np.nan)
+    out[present] = flat[(starts + position)[present]]
+    return out
 
 
 def read(

@@ -359,3 +359,32 @@ def test_config_checks_geometry_fields(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="image axis field 'pos_zz' is not a hit field; did you mean 'pos_z'"):
         load(path)
+
+
+def test_event_values_pick_one_element_per_event():
+    from hepdask.sources import _event_values
+
+    lists = ak.Array([[1, 2, 3], [], [4]])
+    np.testing.assert_array_equal(_event_values(lists, 0), [1, np.nan, 4])
+    np.testing.assert_array_equal(_event_values(lists, -1), [3, np.nan, 4])
+    np.testing.assert_array_equal(_event_values(lists, 1), [2, np.nan, np.nan])
+
+
+def test_time_centring_triggered_only_and_window():
+    from hepdask.build import HIT_COUNTERS, _time
+    from hepdask.config import Time
+
+    offsets = np.array([0, 4, 6, 6])
+    hits = {"time": np.array([80.0, 90.0, 400.0, 95.0, 5.0, 7.0]), "trig": np.array([0, 1, 1, 1, 0, 0])}
+    counts = dict.fromkeys(HIT_COUNTERS, 0)
+    spec = Time(field="time", triggered="trig", reference="first_triggered", triggered_only=True, window=(0, 200))
+    new_offsets, new_hits = _time(spec, offsets, hits, counts)
+    # event 0: reference 90, the earliest triggered hit (not 80, which is untriggered) -> times
+    # -10, 0, 310, 5: -10 is dropped as untriggered, 310 is outside [0, 200]. Event 1 has no
+    # triggered hit, event 2 no hit at all: neither has a time reference.
+    assert new_offsets.tolist() == [0, 2, 2, 2]
+    assert new_hits["time"].tolist() == [0.0, 5.0]
+    assert counts == {"unknown_channel": 0, "no_trigger_events": 2, "not_triggered": 3, "outside_time_window": 1}
+    centred_only = Time(field="time", triggered="trig", reference="first_triggered")
+    _, kept = _time(centred_only, offsets, hits, dict.fromkeys(HIT_COUNTERS, 0))
+    assert kept["time"][:4].tolist() == [-10.0, 0.0, 310.0, 5.0] and np.isnan(kept["time"][4:]).all()
