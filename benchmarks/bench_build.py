@@ -278,7 +278,7 @@ def bench_write(client, config, built: Path, target: Path) -> dict:
     splits = list(source.attrs.get(store.PREFIX + "splits", sorted(source.group_keys())))
     image = source[splits[0]]["image"]
     layout = build.image_layout(config)
-    per_chunk = build.chunk_events(config, layout)
+    per_chunk = build.chunk_events(config)
     spec = store.ArraySpec(str(image.dtype), tuple(image.shape[1:]))
     sizes = {s: source[s]["image"].shape[0] for s in splits}
     shutil.rmtree(target, ignore_errors=True)

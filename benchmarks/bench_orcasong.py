@@ -11,12 +11,12 @@ and run
     python benchmarks/bench_orcasong.py --orcasong-python VENV/bin/python
         [--copies 100] [--repeat 3] [--orcasong-repeat 1] [--workers 2] [--work-dir benchmarks/_work/orcasong]
 
-(1) Images. For the two specs of ``configs/km3net-mu-vs-nu.yaml`` (z-t of one string) and
-    ``configs/km3net-mu-vs-nu-xyzt.yaml`` (x-y-z-t of the detector), and for every file of
-    both samples: hepdask builds a store from that file alone (the config, with shuffle off
-    and one split); OrcaSong converts it with ``h5extractf`` and bins it with ``FileBinner``
+(1) Images. ``configs/km3net-mu-vs-nu.yaml`` makes two images per event: z-t of one string
+    (``image``) and x-y-z-t of the detector (``image_xyzt``). For every file of both samples,
+    hepdask builds a store from that file alone (the config, with shuffle off and one split);
+    OrcaSong converts it with ``h5extractf`` and bins it with ``FileBinner``, once per image
     (the same detector file, ``center_time``, time-slewing correction, edges
-    ``numpy.linspace(lo, hi, bins + 1)`` of the config's axes; for z-t a DU filter after the
+    ``numpy.linspace(lo, hi, bins + 1)`` of the image's axes; for z-t a DU filter after the
     time centring). Images are matched by ROOT entry and compared exactly.
     The x-y-z-t config centres each detector at x = y = 0. OrcaSong's ``center_hits_to``
     fails on detx v4/v5 files (km3pipe's ``Detector.dom_table`` cannot unpack their DOM
@@ -48,7 +48,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SPECS = {"zt": REPO / "configs" / "km3net-mu-vs-nu.yaml", "xyzt": REPO / "configs" / "km3net-mu-vs-nu-xyzt.yaml"}
+CONFIG = REPO / "configs" / "km3net-mu-vs-nu.yaml"
 
 
 def resolved_samples(config_path: Path) -> list[dict]:
@@ -60,33 +60,40 @@ def resolved_samples(config_path: Path) -> list[dict]:
             for s in config.samples]
 
 
-def file_config(spec: str, sample: dict, files: list[str], out: Path, workers: int, *, centre: bool) -> tuple[dict, list]:
-    """The spec's config for *files* of *sample* alone, and OrcaSong's bin_edges_list.
+def file_config(sample: dict, files: list[str], out: Path, workers: int, *, centre: bool) -> tuple[dict, dict]:
+    """The config for *files* of *sample* alone, and OrcaSong's bin_edges_list per image array.
 
     Without *centre* (a detx v4/v5 detector) the x and y ranges move to the detector's frame.
     """
     from hepdask import geometry
 
-    raw = yaml.safe_load(SPECS[spec].read_text())
+    raw = yaml.safe_load(CONFIG.read_text())
     raw["samples"] = [{"name": sample["name"], "label": sample["label"], "files": files,
                        "geometry": sample["geometry"]}]
     raw["output"].update(path=str(out), split={"train": 1.0}, shuffle=False, overwrite=True)
     raw.setdefault("cluster", {})["workers"] = workers
+    images = {"image": raw["image"], **{f"image_{k}": v for k, v in (raw.get("images") or {}).items()}}
     if raw["geometry"].get("centre") and not centre:
         middle = geometry.read_detx(sample["geometry"]).centre()
-        for axis in raw["image"]["axes"]:
-            for i, name in enumerate(("pos_x", "pos_y", "pos_z")):
-                if axis["field"] == name and raw["geometry"]["centre"][i] is not None:
-                    lo, hi = axis["range"]
-                    axis["range"] = [float(lo + middle[i] - raw["geometry"]["centre"][i]),
-                                     float(hi + middle[i] - raw["geometry"]["centre"][i])]
+        target = raw["geometry"]["centre"]
+        for image in images.values():
+            for axis in image["axes"]:
+                for i, name in enumerate(("pos_x", "pos_y", "pos_z")):
+                    if axis["field"] == name and target[i] is not None:
+                        lo, hi = axis["range"]
+                        axis["range"] = [float(lo + middle[i] - target[i]), float(hi + middle[i] - target[i])]
         raw["geometry"]["centre"] = None
-    edges = [[a["field"], np.linspace(a["range"][0], a["range"][1], a["bins"] + 1).tolist()] for a in raw["image"]["axes"]]
+    edges = {array: [[a["field"], np.linspace(a["range"][0], a["range"][1], a["bins"] + 1).tolist()]
+                     for a in image["axes"]] for array, image in images.items()}
     return raw, edges
 
 
-def du_of(raw: dict) -> int | None:
-    cut = (raw.get("selection") or {}).get("hits")
+def image_section(raw: dict, array: str) -> dict:
+    return raw["image"] if array == "image" else raw["images"][array[len("image_"):]]
+
+
+def du_of(image: dict) -> int | None:
+    cut = image.get("hits")
     if not cut:
         return None
     field, op, value = cut.split("#")[0].split()
@@ -129,13 +136,13 @@ def run_orcasong(python: str, files: list[str], detx: str, edges: list, du: int 
         return {key: npz[key] for key in npz.files}
 
 
-def compare(store: Path, files: list[str], reference: dict) -> dict:
+def compare(store: Path, array: str, files: list[str], reference: dict) -> dict:
     """Match images by (file, ROOT entry); count identical and differing events."""
     import hepdask
 
     ds = hepdask.open_dataset(store, "train")
     mine = {(str(f), int(e)): i for i, (f, e) in enumerate(zip(ds.source_file.values, ds.entry.values))}
-    images = ds.image.values
+    images = ds[array].values
     theirs = {(files[int(k)], int(e)): i for i, (k, e) in enumerate(zip(reference["file_index"], reference["entry"]))}
     same, differ = 0, []
     for key, j in theirs.items():
@@ -159,29 +166,30 @@ def images_part(args, work: Path) -> list[dict]:
     from hepdask import geometry
 
     results = []
-    for spec, config_path in SPECS.items():
-        for sample in resolved_samples(config_path):
-            version = geometry.read_detx(sample["geometry"]).version
-            centre = version is not None and version < 4
-            for file in sample["files"]:
-                tag = f"{spec}-{sample['name']}-{Path(file).name[:24]}"
-                out = work / f"{tag}.zarr"
-                raw, edges = file_config(spec, sample, [file], out, args.workers, centre=centre)
-                run_hepdask(raw, work / f"{tag}.yaml", 1)
-                reference = run_orcasong(args.orcasong_python, [file], sample["geometry"], edges, du_of(raw),
-                                         raw["geometry"].get("centre"), work / f"{tag}.npz", 1, "cli")
-                result = {"spec": spec, "sample": sample["name"], "file": Path(file).name,
+    for sample in resolved_samples(CONFIG):
+        version = geometry.read_detx(sample["geometry"]).version
+        centre = version is not None and version < 4
+        for file in sample["files"]:
+            tag = f"{sample['name']}-{Path(file).name[:24]}"
+            out = work / f"{tag}.zarr"
+            raw, edges = file_config(sample, [file], out, args.workers, centre=centre)
+            run_hepdask(raw, work / f"{tag}.yaml", 1)
+            for array, array_edges in edges.items():
+                reference = run_orcasong(args.orcasong_python, [file], sample["geometry"], array_edges,
+                                         du_of(image_section(raw, array)), raw["geometry"].get("centre"),
+                                         work / f"{tag}-{array}.npz", 1, "cli")
+                result = {"array": array, "sample": sample["name"], "file": Path(file).name,
                           "detector": Path(sample["geometry"]).name, "centred": bool(raw["geometry"].get("centre")),
-                          **compare(out, [file], reference)}
+                          **compare(out, array, [file], reference)}
                 results.append(result)
-                print(f"{spec:5s} {sample['name']:9s} {Path(file).name[:48]:48s} identical {result['identical']}/"
+                print(f"{array:10s} {sample['name']:9s} {Path(file).name[:48]:48s} identical {result['identical']}/"
                       f"{result['events_orcasong']} (hepdask {result['events_hepdask']}), differing {len(result['different'])}",
                       flush=True)
     return results
 
 
 def speed_part(args, work: Path) -> list[dict]:
-    sample = next(s for s in resolved_samples(SPECS["zt"]) if s["name"] == "neutrino")
+    sample = next(s for s in resolved_samples(CONFIG) if s["name"] == "neutrino")
     source = sample["files"][0]
     copies_dir = work / "copies"
     shutil.rmtree(copies_dir, ignore_errors=True)
@@ -198,12 +206,14 @@ def speed_part(args, work: Path) -> list[dict]:
     results = []
     for label, files in (("single file", [source]), (f"{args.copies} copies", copies)):
         out = work / f"speed-{len(files)}.zarr"
-        raw, edges = file_config("zt", sample, files, out, args.workers, centre=False)
+        raw, edges = file_config(sample, files, out, args.workers, centre=False)
+        raw.pop("images", None)  # the speed run makes the z-t image only, in both tools
         mine = run_hepdask(raw, work / f"speed-{len(files)}.yaml", args.repeat)
         n = entries * len(files)
         row = {"input": label, "events": n, "hepdask_s": mine["best_s"], "hepdask_events_per_s": n / mine["best_s"]}
         for convert in ("cli", "inprocess"):
-            reference = run_orcasong(args.orcasong_python, files, sample["geometry"], edges, du_of(raw), None,
+            reference = run_orcasong(args.orcasong_python, files, sample["geometry"], edges["image"],
+                                     du_of(raw["image"]), None,
                                      work / f"speed-{len(files)}-{convert}.npz", args.orcasong_repeat, convert)
             timings = json.loads(str(reference["timings"]))
             best = timings["best"]["total_s"]

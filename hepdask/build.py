@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, binning, examples, geometry, selection, sources, store, truth
-from .config import AUTO_CHUNK_BYTES, Config, Geometry, Labels, Time
+from .config import AUTO_CHUNK_BYTES, Config, Geometry, Image, Labels, Time
 from .errors import BuildError, GeometryError, HepdaskError, InputFileError, StoreError
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,13 @@ class Bar:
 
 def image_layout(config: Config) -> binning.ImageLayout:
     """The binning layout the config's ``image`` section describes."""
+    return layout_of(config.image)
+
+
+def layout_of(image: Image) -> binning.ImageLayout:
+    """The binning layout one image section describes."""
     axes = []
-    for spec in config.image.axes:
+    for spec in image.axes:
         if spec.edges is not None:
             axis = binning.BinAxis.explicit(spec.label, spec.edges, spec.units)
         elif spec.scale == "log":
@@ -99,9 +104,44 @@ def image_layout(config: Config) -> binning.ImageLayout:
         else:
             axis = binning.BinAxis.uniform(spec.label, spec.bins, *spec.range, spec.units)
         axes.append(axis.downsampled(spec.downsample) if spec.downsample > 1 else axis)
-    if config.image.format == "xyz":
+    if image.format == "xyz":
         return binning.xyz_layout(axes)
     return binning.histogram_layout(axes)
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image of every event: stored as array ``array`` with dims ``dim_prefix + dim``."""
+
+    array: str
+    axis_fields: tuple[str, ...]
+    weight: str | None
+    dtype: str
+    layout: binning.ImageLayout
+    hit_cut: str | None
+    dim_prefix: str
+
+    @classmethod
+    def from_config(cls, array: str, image: Image) -> ImageJob:
+        prefix = "" if array == "image" else array[len("image_"):] + "_"
+        return cls(array, tuple(a.field for a in image.axes), image.weight, image.resolved_dtype,
+                   layout_of(image), image.hits, prefix)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return (*self.axis_fields, *([self.weight] if self.weight else []))
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return tuple(self.dim_prefix + d for d in self.layout.dims)
+
+    @property
+    def event_bytes(self) -> int:
+        return self.layout.size * np.dtype(self.dtype).itemsize
+
+
+def image_jobs(config: Config) -> tuple[ImageJob, ...]:
+    return tuple(ImageJob.from_config(array, image) for array, image in config.all_images().items())
 
 
 @dataclass(frozen=True)
@@ -112,10 +152,8 @@ class Job:
     hits: dict[str, str]
     events: dict[str, str]
     step_size: int
-    axis_fields: tuple[str, ...]
-    weight: str | None
-    dtype: str
-    layout: binning.ImageLayout
+    #: The main image (array ``image``) first, then the ``images`` section's.
+    images: tuple[ImageJob, ...]
     hit_cut: str | None
     event_cut: str | None
     staging: str
@@ -141,14 +179,21 @@ class Job:
         return cls(
             tree=config.tree, hits=dict(config.hits), events=events,
             step_size=config.read.step_size,
-            axis_fields=tuple(a.field for a in config.image.axes), weight=config.image.weight,
-            dtype=config.image.resolved_dtype, layout=image_layout(config),
-            hit_cut=config.selection.hits, event_cut=config.selection.events,
+            images=image_jobs(config), hit_cut=config.selection.hits, event_cut=config.selection.events,
             staging=str(store.staging_path(config.output.path)),
             on_bad_file=config.read.on_bad_file,
             geometry=config.geometry, detectors=detectors, time=config.time,
             truth_prefix=config.truth.prefix if config.truth is not None else None, labels=config.labels,
         )
+
+    @property
+    def layout(self) -> binning.ImageLayout:
+        """The main image's layout."""
+        return self.images[0].layout
+
+    @property
+    def dtype(self) -> str:
+        return self.images[0].dtype
 
     def detector(self, sample: str) -> geometry.Detector | None:
         """The (per-process cached) detector table of *sample*, or None without geometry."""
@@ -194,7 +239,8 @@ def _stage(partition: sources.Partition, job: Job) -> store.Staged:
         event_names += truth.truth_fields(job.truth_prefix)
     hit_cut = selection.hit_cut(job.hit_cut, hit_names)
     event_cut = selection.event_cut(job.event_cut, event_names)
-    stats = binning.BinStats(tuple(a.name for a in job.layout.axes))
+    image_cuts = {img.array: selection.hit_cut(img.hit_cut, hit_names) for img in job.images}
+    stats = {img.array: binning.BinStats(tuple(a.name for a in img.layout.axes)) for img in job.images}
     counts = dict.fromkeys(HIT_COUNTERS, 0) if job.geometry is not None or job.time is not None else None
     entries_read = 0
     writer = store.PartitionWriter(job.staging, partition.key)
@@ -218,22 +264,35 @@ def _stage(partition: sources.Partition, job: Job) -> store.Staged:
                 hits = {k: v[hit_mask] for k, v in hits.items()}
                 events = {k: v[keep] for k, v in events.items()}
                 entries = entries[keep]
-            coords = np.stack([hits[f] for f in job.axis_fields]) if hits else np.zeros((len(job.axis_fields), 0))
-            weights = hits[job.weight] if job.weight else None
-            images, step_stats = binning.bin_events(coords, offsets, job.layout, weights=weights, dtype=job.dtype)
-            stats += step_stats
+            images = {}
+            for img in job.images:
+                images[img.array], step_stats = _bin(img, image_cuts[img.array], offsets, hits)
+                stats[img.array] += step_stats
             labels = {}
             if job.labels is not None:
                 labels["label"] = truth.map_labels(events[job.labels.field], job.labels.map, job.labels.default,
                                                    where=partition.file)
-            writer.append({"image": images, "entry": entries, **labels, **events})
-        info = {"entries": entries_read, "stats": stats.to_dict(), **sources.file_info(partition.file)}
+            writer.append({**images, "entry": entries, **labels, **events})
+        info = {"entries": entries_read, "stats": stats["image"].to_dict(), **sources.file_info(partition.file)}
+        if len(job.images) > 1:
+            info["image_stats"] = {k: v.to_dict() for k, v in stats.items() if k != "image"}
         if counts is not None:
             info["hit_counts"] = counts
     except BaseException:
         writer.abort()
         raise
     return writer.close(info)
+
+
+def _bin(img: ImageJob, cut, offsets: np.ndarray, hits: dict[str, np.ndarray]):
+    """One image of every event of a step: its own hit cut, then the binning kernel."""
+    if cut is not None:
+        mask = cut(hits)
+        offsets = selection.apply_hit_mask(offsets, mask)
+        hits = {f: hits[f][mask] for f in img.fields}
+    coords = np.stack([hits[f] for f in img.axis_fields]) if hits else np.zeros((len(img.axis_fields), 0))
+    weights = hits[img.weight] if img.weight else None
+    return binning.bin_events(coords, offsets, img.layout, weights=weights, dtype=img.dtype)
 
 
 #: What the geometry join and the time handling count per partition (in the report).
@@ -321,6 +380,8 @@ class BuildReport:
     plan: dict[str, Any] = field(default_factory=dict)
     bad_files: list[dict[str, str]] = field(default_factory=list)
     hit_counts: dict[str, int] = field(default_factory=dict)
+    #: The ``images`` section's images: shape, dtype and hit statistics of each.
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def events_written(self) -> int:
@@ -343,6 +404,7 @@ class BuildReport:
             "events_per_second": round(self.events_per_second, 1),
             "bad_files": self.bad_files,
             **({"hit_counts": self.hit_counts} if self.hit_counts else {}),
+            **({"images": self.images} if self.images else {}),
         }
 
 
@@ -415,7 +477,7 @@ def _check_detectors(config: Config) -> None:
         if detector is None:
             return
         fields = known | set(detector.fields) | set(detector.keys)
-        for name in [a.field for a in config.image.axes] + ([config.image.weight] if config.image.weight else []):
+        for name in sorted({f for img in job.images for f in img.fields}):
             if name not in fields:
                 msg = (
                     f"image field {name!r} is neither a read hit field nor a column of the detector file "
@@ -424,11 +486,12 @@ def _check_detectors(config: Config) -> None:
                 raise GeometryError(msg)
 
 
-def chunk_events(config: Config, layout: binning.ImageLayout) -> int:
+def chunk_events(config: Config) -> int:
+    """Events per chunk: the configured number, or ~AUTO_CHUNK_BYTES of images (all of an
+    event's images together) per chunk."""
     if config.output.chunk_events != "auto":
         return int(config.output.chunk_events)
-    image_bytes = layout.size * np.dtype(config.image.resolved_dtype).itemsize
-    return max(1, AUTO_CHUNK_BYTES // image_bytes)
+    return max(1, AUTO_CHUNK_BYTES // sum(img.event_bytes for img in image_jobs(config)))
 
 
 def plan_report(config: Config, partitions, first_entries: dict[str, int], generated: dict[str, int]) -> BuildReport:
@@ -436,9 +499,10 @@ def plan_report(config: Config, partitions, first_entries: dict[str, int], gener
     report = BuildReport(config.name, config.output.path, dry_run=True)
     report.image_shape = layout.shape
     report.image_dtype = config.image.resolved_dtype
-    report.chunk_events = chunk_events(config, layout)
+    report.chunk_events = chunk_events(config)
     report.n_partitions = len(partitions)
-    image_bytes = layout.size * np.dtype(report.image_dtype).itemsize
+    image_bytes = sum(img.event_bytes for img in image_jobs(config))
+    report.images = {img.array: {"shape": list(img.layout.shape), "dtype": img.dtype} for img in image_jobs(config)[1:]}
     estimate = 0
     for sample in config.samples:
         n_files = sum(1 for p in partitions if p.sample == sample.name)
@@ -619,10 +683,11 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     counts = [s.n_events for s in staged]
     plans = store.assign(counts, config.output.split, seed=config.output.shuffle.seed,
                          shuffle=config.output.shuffle.enabled)
-    arrays, dims = _array_specs(config, layout, staged)
-    per_chunk = chunk_events(config, layout)
+    arrays, dims = _array_specs(config, job.images, staged)
+    per_chunk = chunk_events(config)
+    coordinates = [c for img in job.images for c in _coordinates(img.layout, img.dim_prefix)]
     store.prepare(
-        config.output.path, {k: v.size for k, v in plans.items()}, arrays, dims, _coordinates(layout),
+        config.output.path, {k: v.size for k, v in plans.items()}, arrays, dims, coordinates,
         chunk_events=per_chunk, compressor=(config.output.compressor.name, config.output.compressor.level),
         attrs={store.PREFIX + "building": True},
         array_attrs={"label": _label_attrs(config)},
@@ -631,7 +696,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         i: {"label": p.label, "sample": p.sample, "source_file": p.file} for i, p in enumerate(partitions)
     }
     ranges = {split: store.chunk_ranges(plan.size, per_chunk) for split, plan in plans.items()}
-    chunk_bytes = per_chunk * arrays["image"].itemsize
+    chunk_bytes = per_chunk * sum(img.event_bytes for img in job.images)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     group = _chunks_per_task(sum(map(len, ranges.values())), chunk_bytes, n_workers)
     writes = []
@@ -649,7 +714,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     _wait(client, writes, bar, write_task)
 
     report.image_shape, report.image_dtype, report.chunk_events = layout.shape, job.dtype, per_chunk
-    _fill_report(report, config, layout, partitions, staged, plans)
+    _fill_report(report, config, job.images, partitions, staged, plans)
     bad = {b["path"]: b for b in report.bad_files}
     manifest = [
         {"path": p.file, "sample": p.sample, "label": p.label, "entries": s.info.get("entries", 0),
@@ -700,9 +765,9 @@ def _chunks_per_task(n_chunks: int, chunk_bytes: int, n_workers: int) -> int:
     return min(by_bytes, by_balance)
 
 
-def _array_specs(config: Config, layout: binning.ImageLayout, staged: list[store.Staged]):
-    arrays = {
-        "image": store.ArraySpec(config.image.resolved_dtype, layout.shape),
+def _array_specs(config: Config, images: tuple[ImageJob, ...], staged: list[store.Staged]):
+    arrays = {img.array: store.ArraySpec(img.dtype, img.layout.shape) for img in images}
+    arrays |= {
         "label": store.ArraySpec("int32"),
         "sample": store.ArraySpec("str"),
         "source_file": store.ArraySpec("str"),
@@ -712,29 +777,34 @@ def _array_specs(config: Config, layout: binning.ImageLayout, staged: list[store
     for name in config.event_fields():
         arrays[name] = example.arrays[name] if example else store.ArraySpec("float64")
     dims = dict.fromkeys(arrays, ())
-    dims["image"] = layout.dims
+    for img in images:
+        dims[img.array] = img.dims
     return arrays, dims
 
 
-def _coordinates(layout: binning.ImageLayout) -> list[store.Coordinate]:
+def _coordinates(layout: binning.ImageLayout, prefix: str = "") -> list[store.Coordinate]:
+    """Coordinates of an image's dims (named ``prefix + dim``): bin centres, edges, units."""
     kinds = {binning.UNIFORM: "linear", binning.LOG: "log", binning.EXPLICIT: "explicit"}
     if layout.channel_names:
         n = layout.shape[0]
         described = {"u": "rows: first axis of each projection", "v": "columns: second axis of each projection"}
-        coords = [store.Coordinate(d, np.arange(n, dtype=np.int64), {"description": described[d]}) for d in ("u", "v")]
+        coords = [store.Coordinate(prefix + d, np.arange(n, dtype=np.int64), {"description": described[d]})
+                  for d in ("u", "v")]
         axes_attrs = {a.name: {"edges": a.edges.tolist(), "units": a.units, "scale": kinds[a.kind]} for a in layout.axes}
-        coords.append(store.Coordinate("projection", np.array(layout.channel_names),
+        coords.append(store.Coordinate(prefix + "projection", np.array(layout.channel_names),
                                        {"axes": axes_attrs}))
         return coords
     return [
-        store.Coordinate(a.name, a.centers, {"edges": a.edges.tolist(), "units": a.units, "scale": kinds[a.kind]})
+        store.Coordinate(prefix + a.name, a.centers,
+                         {"edges": a.edges.tolist(), "units": a.units, "scale": kinds[a.kind]})
         for a in layout.axes
     ]
 
 
-def _fill_report(report: BuildReport, config: Config, layout: binning.ImageLayout, partitions, staged,
+def _fill_report(report: BuildReport, config: Config, images: tuple[ImageJob, ...], partitions, staged,
                  plans) -> None:
-    stats = binning.BinStats(tuple(a.name for a in layout.axes))
+    stats = binning.BinStats(tuple(a.name for a in images[0].layout.axes))
+    extra = {img.array: binning.BinStats(tuple(a.name for a in img.layout.axes)) for img in images[1:]}
     for sample in config.samples:
         report.samples[sample.name] = {"files": 0, "read": 0, "selected": 0}
     for p, s in zip(partitions, staged):
@@ -744,6 +814,8 @@ def _fill_report(report: BuildReport, config: Config, layout: binning.ImageLayou
         entry["selected"] += s.n_events
         if "stats" in s.info:
             stats += binning.BinStats.from_dict(s.info["stats"])
+        for name, image_stats in s.info.get("image_stats", {}).items():
+            extra[name] += binning.BinStats.from_dict(image_stats)
         for name, n in s.info.get("hit_counts", {}).items():
             report.hit_counts[name] = report.hit_counts.get(name, 0) + int(n)
     index = {s.name: i for i, s in enumerate(config.samples)}
@@ -752,4 +824,6 @@ def _fill_report(report: BuildReport, config: Config, layout: binning.ImageLayou
         by_sample = np.bincount(part_sample[plan.part], minlength=len(config.samples)) if plan.size else np.zeros(len(config.samples), int)
         report.splits[split] = {"events": plan.size, **{s.name: int(n) for s, n in zip(config.samples, by_sample)}}
     report.hits = stats.to_dict()
+    report.images = {img.array: {"shape": list(img.layout.shape), "dtype": img.dtype, "hits": extra[img.array].to_dict()}
+                     for img in images[1:]}
 

@@ -207,6 +207,8 @@ def print_plan(config, report, console) -> None:
     plan = report.plan
     console.print(f"partitions: {report.n_partitions:,} (one per file, read {config.read.step_size:,} entries at a time)")
     console.print(f"image: shape {tuple(report.image_shape)} {report.image_dtype}, {report.chunk_events:,} events per chunk")
+    for name, image in report.images.items():
+        console.print(f"{name}: shape {tuple(image['shape'])} {image['dtype']}")
     console.print(f"estimated output: {plan['estimated_events']:,} events, "
                   f"{plan['estimated_uncompressed_bytes'] / 2**20:,.1f} MiB uncompressed ({plan['note']})")
     console.print(f"output: {config.output.path}")
@@ -225,6 +227,13 @@ def print_build(report, console) -> None:
         f"hits: {hits.get('hits', 0):,} after cuts, {hits.get('in_image', 0):,} in the image, "
         f"{hits.get('nan', 0):,} NaN, {hits.get('clipped', 0):,} clipped", ["axis", "underflow", "overflow"], rows,
     ))
+    for name, image in report.images.items():
+        h = image["hits"]
+        rows = [(a, h["underflow"][a], h["overflow"][a]) for a in h["underflow"]]
+        console.print(_table(
+            f"{name} {tuple(image['shape'])}: {h['hits']:,} hits, {h['in_image']:,} in the image, "
+            f"{h['nan']:,} NaN, {h['clipped']:,} clipped", ["axis", "underflow", "overflow"], rows,
+        ))
     if report.hit_counts:
         described = {
             "unknown_channel": "hits on channels not in the detector file (dropped)",

@@ -138,6 +138,8 @@ class Image(_Model):
     format: Literal["histogram", "xyz", "z_split"] = "histogram"
     weight: str | None = None
     dtype: ImageDtype | None = None
+    #: A hit cut for this image alone (after ``selection``), e.g. ``du == 2`` for one string.
+    hits: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Image:
@@ -364,6 +366,8 @@ class Config(_Model):
     truth: Truth | None = None
     labels: Labels | None = None
     image: Image
+    #: More images of the same events, each stored as ``image_<name>`` with dims ``<name>_<axis>``.
+    images: dict[str, Image] = {}
     selection: Selection = Selection()
     read: Read = Read()
     output: Output
@@ -376,13 +380,19 @@ class Config(_Model):
             msg = f"sample names must be unique, got {names}"
             raise ValueError(msg)
         hit_fields = self.hit_fields()
-        for axis in self.image.axes:
-            if axis.field not in hit_fields:
-                msg = f"image axis field {axis.field!r} is not a hit field{did_you_mean(axis.field, hit_fields)} (hit fields: {sorted(hit_fields)})"
+        for key in self.images:
+            if not _ARRAY_NAME.match(key):
+                msg = f"images: name {key!r} must be a plain identifier (it names the array image_{key})"
                 raise ValueError(msg)
-        if self.image.weight is not None and self.image.weight not in hit_fields:
-            msg = f"image.weight {self.image.weight!r} is not a hit field{did_you_mean(self.image.weight, hit_fields)}"
-            raise ValueError(msg)
+        for where, image in self.all_images().items():
+            where = "image" if where == "image" else f"images.{where[len('image_'):]}"
+            for axis in image.axes:
+                if axis.field not in hit_fields:
+                    msg = f"{where} axis field {axis.field!r} is not a hit field{did_you_mean(axis.field, hit_fields)} (hit fields: {sorted(hit_fields)})"
+                    raise ValueError(msg)
+            if image.weight is not None and image.weight not in hit_fields:
+                msg = f"{where}.weight {image.weight!r} is not a hit field{did_you_mean(image.weight, hit_fields)}"
+                raise ValueError(msg)
         self._check_geometry(hit_fields)
         event_fields = self.event_fields()
         if self.labels is not None and self.labels.field not in event_fields:
@@ -392,12 +402,16 @@ class Config(_Model):
             if not _ARRAY_NAME.match(name):
                 msg = f"event field name {name!r} must be a plain identifier (it names a stored array)"
                 raise ValueError(msg)
-        reserved = {"image", "label", "sample", "source_file", "entry", "event", *self.output.split}
+        reserved = {*self.all_images(), "label", "sample", "source_file", "entry", "event", *self.output.split}
         clash = reserved & set(event_fields)
         if clash:
             msg = f"event field names {sorted(clash)} clash with store arrays {sorted(reserved)}"
             raise ValueError(msg)
         return self
+
+    def all_images(self) -> dict[str, Image]:
+        """Every image of the build by its array name: ``image``, then ``image_<name>``."""
+        return {"image": self.image, **{f"image_{k}": v for k, v in self.images.items()}}
 
     def hit_fields(self) -> list[str]:
         """Hit fields after the geometry join: the read ones and what the detector adds."""

@@ -1,5 +1,5 @@
 """KM3NeT: detx geometry of every version, the calibration join, time handling, MC truth,
-labels, and builds of configs/km3net-mu-vs-nu*.yaml, on the real files of km3net-testdata."""
+labels, and builds of configs/km3net-mu-vs-nu.yaml, on the real files of km3net-testdata."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from hepdask.errors import ConfigError, GeometryError
 kd = pytest.importorskip("km3net_testdata")
 REPO = Path(__file__).resolve().parents[1]
 ZT_CONFIG = REPO / "configs" / "km3net-mu-vs-nu.yaml"
-XYZT_CONFIG = REPO / "configs" / "km3net-mu-vs-nu-xyzt.yaml"
 NU_FILE = "offline/mcv6.0.gsg_muon_highE-CC_50-500GeV.km3sim.jterbr00008357.jorcarec.aanet.905.root"
 DATA_FILE = "offline/km3net_offline.root"
 
@@ -209,7 +208,7 @@ def zt_store(client, tmp_path_factory):
     return config, report, out
 
 
-def _expected_images(config, sample_file: str, detector_file: str, du: int | None, centre=None):
+def _expected_images(image, sample_file: str, detector_file: str, du: int | None, centre=None):
     """Images made the OrcaSong way: plain-Python calibration, time centring on the first
     triggered hit, then numpy.histogramdd per event."""
     det = geometry.read_detx(detector_file)
@@ -219,7 +218,7 @@ def _expected_images(config, sample_file: str, detector_file: str, du: int | Non
         for i, axis in enumerate("xyz"):
             if centre[i] is not None:
                 cal[f"pos_{axis}"] = cal[f"pos_{axis}"] + (centre[i] - det.centre()[i])
-    edges = [np.linspace(*a.range, a.bins + 1) for a in config.image.axes]
+    edges = [np.linspace(*a.range, a.bins + 1) for a in image.axes]
     images = []
     for e in range(offsets.size - 1):
         sl = slice(offsets[e], offsets[e + 1])
@@ -227,7 +226,7 @@ def _expected_images(config, sample_file: str, detector_file: str, du: int | Non
         time = time - time[hits["trig"][sl] != 0].min()
         keep = np.ones(time.size, bool) if du is None else cal["du"][sl] == du
         values = {**{k: v[sl] for k, v in cal.items()}, "time": time}
-        sample = [values[a.field][keep] for a in config.image.axes]
+        sample = [values[a.field][keep] for a in image.axes]
         images.append(np.histogramdd(sample, bins=edges)[0])
     return np.array(images)
 
@@ -238,7 +237,7 @@ def test_zt_images_equal_orcasong_style_histograms(zt_store):
     checked = 0
     for sample in config.samples:
         for file in sample.files:
-            expected = _expected_images(config, file, sample.geometry, du=2)
+            expected = _expected_images(config.image, file, sample.geometry, du=2)
             assert 0 < expected.max() < 255  # hits on the string, no saturation: uint8 equals histogramdd
             for split in ds.values():
                 mine = (split.source_file.values == file)
@@ -271,19 +270,22 @@ def test_truth_fields_are_stored(zt_store):
     assert np.isnan(data["mc_energy"]) and data["det_id"] == 44  # real data: no MC truth
 
 
-def test_xyzt_build_centres_both_detectors(client, tmp_path):
-    out = tmp_path / "xyzt.zarr"
-    config = _config(XYZT_CONFIG, out, "output.shuffle.enabled=false", "output.split={train: 1.0}")
-    report = hepdask.build_dataset(config, client=client, progress=False)
-    assert report.hits["underflow"]["pos_x"] == report.hits["overflow"]["pos_x"] == 0
-    ds = hepdask.open_dataset(out, "train")
-    assert ds.image.shape[1:] == (12, 6, 18, 50)
-    for sample in config.samples:
-        file = sample.files[0]
-        expected = _expected_images(config, file, sample.geometry, du=None, centre=(0.0, 0.0, None))
-        mine = ds.source_file.values == file
-        for image, entry in zip(ds.image.values[mine], ds.entry.values[mine]):
-            np.testing.assert_array_equal(image, expected[entry])
+def test_xyzt_images_centre_both_detectors(zt_store):
+    config, report, out = zt_store
+    assert report.images["image_xyzt"]["hits"]["underflow"]["pos_x"] == 0
+    assert report.images["image_xyzt"]["hits"]["overflow"]["pos_y"] == 0
+    checked = 0
+    for split in ("train", "val", "test"):
+        ds = hepdask.open_dataset(out, split)
+        assert ds.image_xyzt.dims[1:] == ("xyzt_pos_x", "xyzt_pos_y", "xyzt_pos_z", "xyzt_time")
+        for sample in config.samples:
+            for file in sample.files:
+                expected = _expected_images(config.images["xyzt"], file, sample.geometry, du=None, centre=(0.0, 0.0, None))
+                mine = ds.source_file.values == file
+                for image, entry in zip(ds.image_xyzt.values[mine], ds.entry.values[mine]):
+                    np.testing.assert_array_equal(image, expected[entry])
+                    checked += 1
+    assert checked == 180
 
 
 def test_labels_from_a_truth_field(client, tmp_path):
@@ -388,3 +390,20 @@ def test_time_centring_triggered_only_and_window():
     centred_only = Time(field="time", triggered="trig", reference="first_triggered")
     _, kept = _time(centred_only, offsets, hits, dict.fromkeys(HIT_COUNTERS, 0))
     assert kept["time"][:4].tolist() == [-10.0, 0.0, 310.0, 5.0] and np.isnan(kept["time"][4:]).all()
+
+
+def test_images_section_is_validated(tmp_path, capsys):
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["images"]["x-y"] = raw["images"].pop("xyzt")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="images: name 'x-y' must be a plain identifier"):
+        load(path)
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["images"]["xyzt"]["axes"][0]["field"] = "pos_xx"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="images.xyzt axis field 'pos_xx' is not a hit field; did you mean 'pos_x'"):
+        load(path)
+    assert cli(["build-dataset", str(ZT_CONFIG), "--dry-run", "--output", str(tmp_path / "o.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "image: shape (18, 100) uint8" in out and "image_xyzt: shape (12, 6, 18, 50) uint8" in out
