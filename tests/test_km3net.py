@@ -402,7 +402,7 @@ def test_images_section_is_validated(tmp_path, capsys):
     raw = yaml.safe_load(ZT_CONFIG.read_text())
     raw["images"]["xyzt"]["axes"][0]["field"] = "pos_xx"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="images.xyzt axis field 'pos_xx' is not a hit field; did you mean 'pos_x'"):
+    with pytest.raises(ConfigError, match=r"images\.xyzt axis field 'pos_xx' is not a hit field; did you mean 'pos_x'"):
         load(path)
     assert cli(["build-dataset", str(ZT_CONFIG), "--dry-run", "--output", str(tmp_path / "o.zarr")]) == 0
     out = capsys.readouterr().out
