@@ -6,6 +6,7 @@ its stage (``sources``, ``selection``, ``binning``, ``store``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -592,6 +593,13 @@ def _prepare_output(config: Config) -> bool:
                 "pass --overwrite (output.overwrite=true) to discard it and start over"
             )
             raise StoreError(msg)
+        changed = [p for p, digest in detector_digests(config).items() if record.get("detectors", {}).get(p) != digest]
+        if changed:
+            msg = (
+                f"{str(staging)!r} holds an interrupted build made with other contents of the detector "
+                f"file(s) {changed}; pass --overwrite (output.overwrite=true) to start over"
+            )
+            raise StoreError(msg)
         store.clean_staging(staging)
         shutil.rmtree(output, ignore_errors=True)
         return True
@@ -603,8 +611,17 @@ def _prepare_output(config: Config) -> bool:
         raise StoreError(msg)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir(parents=True)
-    store.write_build_record(staging, {"config_hash": config.content_hash(), "version": __version__})
+    store.write_build_record(staging, {"config_hash": config.content_hash(), "version": __version__,
+                                       "detectors": detector_digests(config)})
     return False
+
+
+def detector_digests(config: Config) -> dict[str, str]:
+    """sha256 of every detector file the build joins: a resumed build must use the same ones."""
+    if config.geometry is None:
+        return {}
+    paths = sorted({s.geometry or config.geometry.file for s in config.samples})
+    return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
 
 
 def _raise_task_error(future, err: BaseException) -> None:
@@ -730,6 +747,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         store.PREFIX + "config": config.to_yaml(),
         store.PREFIX + "config_hash": config.content_hash(),
         store.PREFIX + "manifest": manifest,
+        **({store.PREFIX + "detectors": detector_digests(config)} if config.geometry is not None else {}),
         store.PREFIX + "splits": list(plans),
         store.PREFIX + "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         store.PREFIX + "building": False,

@@ -407,3 +407,22 @@ def test_images_section_is_validated(tmp_path, capsys):
     assert cli(["build-dataset", str(ZT_CONFIG), "--dry-run", "--output", str(tmp_path / "o.zarr")]) == 0
     out = capsys.readouterr().out
     assert "image: shape (18, 100) uint8" in out and "image_xyzt: shape (12, 6, 18, 50) uint8" in out
+
+
+def test_resume_refuses_a_changed_detector_file(tmp_path):
+    from hepdask.build import _prepare_output
+
+    detector = tmp_path / "orca4.detx"
+    shutil.copy(detx("km3net_offline.detx"), detector)
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["samples"] = raw["samples"][:1]
+    raw["samples"][0]["geometry"] = str(detector)
+    raw["output"]["path"] = str(tmp_path / "o.zarr")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load(path)
+    assert _prepare_output(config) is False  # a fresh staging area, as a killed build leaves it
+    assert _prepare_output(config) is True  # same config and detector: resumes
+    detector.write_text(detector.read_text().replace("207261.022", "207262.022", 1))
+    with pytest.raises(hepdask.errors.StoreError, match=r"other contents of the detector file\(s\) \[.*orca4\.detx"):
+        _prepare_output(config)
