@@ -426,3 +426,32 @@ def test_resume_refuses_a_changed_detector_file(tmp_path):
     detector.write_text(detector.read_text().replace("207261.022", "207262.022", 1))
     with pytest.raises(hepdask.errors.StoreError, match=r"other contents of the detector file\(s\) \[.*orca4\.detx"):
         _prepare_output(config)
+
+
+def test_mc_hits_joined_by_pmt_id(client, tmp_path):
+    # The MUPAGE file holds MC hits only (no dom_id/channel_id): they are joined by pmt_id on
+    # the ARCA21 detector they were simulated in. MC hit times get no t0 (as in km3pipe).
+    mupage = "mupage/mcv8.1.mupage_tuned_100G.sirene.jterbr00013288.10.root"
+    raw = {
+        "name": "mupage-mc-hits", "tree": "E",
+        "samples": [{"name": "mupage", "label": 0, "files": f"km3net-testdata:{mupage}"}],
+        "hits": {"pmt_id": "Evt/mc_hits/mc_hits.pmt_id", "t": "Evt/mc_hits/mc_hits.t"},
+        "geometry": {"file": "km3net-testdata:detx/KM3NeT_00000133_20221025.detx", "keys": {"pmt_id": "pmt_id"}},
+        "image": {"axes": [{"field": "pos_z", "bins": 20, "range": [0, 800]}, {"field": "t", "bins": 50, "range": [0, 5000]}]},
+        "output": {"path": str(tmp_path / "mc.zarr"), "split": {"train": 1.0}, "shuffle": False},
+    }
+    path = tmp_path / "mc.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load(path)
+    hepdask.build_dataset(config, client=client, progress=False)
+    ds = hepdask.open_dataset(tmp_path / "mc.zarr", "train")
+    det = geometry.read_detx(detx("KM3NeT_00000133_20221025.detx"))
+    z_of = dict(zip(det.columns["pmt_id"].astype(int), det.columns["pos_z"]))
+    tree = uproot.open(kd.data_path(mupage))["E"]
+    pmt, t = tree["Evt/mc_hits/mc_hits.pmt_id"].array(), tree["Evt/mc_hits/mc_hits.t"].array()
+    edges = [np.linspace(0, 800, 21), np.linspace(0, 5000, 51)]
+    assert ds.sizes["event"] == 10
+    for image, entry in zip(ds.image.values, ds.entry.values):
+        z = np.array([z_of[int(p)] for p in pmt[entry]])
+        np.testing.assert_array_equal(image, np.histogramdd([z, ak.to_numpy(t[entry])], bins=edges)[0])
+    assert ds.image.values.sum() > 0
