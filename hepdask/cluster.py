@@ -73,7 +73,11 @@ def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
         },
         **SCHEDULER_SETTINGS,
     }
-    with dask.config.set(settings):
+    # distributed's Nanny applies pre-spawn-environ with os.environ.update in *this* process
+    # (distributed 2026.8, nanny.py); left there, NUMBA_NUM_THREADS=1 makes the client's next
+    # numba compilation fail once numba's threads run. So the client's values come back.
+    previous = {name: os.environ.get(name) for name in environ}
+    with dask.config.set(settings), _restored_environ(previous):
         try:
             cluster = LocalCluster(
                 n_workers=workers,
@@ -91,7 +95,21 @@ def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
         with Client(cluster, security=security) as client:
             yield client
     finally:
-        cluster.close()
+        with _restored_environ(previous):
+            cluster.close()
+
+
+@contextmanager
+def _restored_environ(values: dict[str, str | None]):
+    """Run the block, then put *values* back into os.environ (None: the name was unset)."""
+    try:
+        yield
+    finally:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager

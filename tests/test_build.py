@@ -312,3 +312,18 @@ def test_a_client_that_holds_other_builds_results_does_not_mix_them_in(ldmx_data
     assert report.bad_files == []
     assert sum(s["selected"] for s in report.samples.values()) == report.events_written > 0
     del held
+
+
+def test_local_cluster_leaves_the_client_environment_alone(monkeypatch):
+    # distributed's Nanny os.environ.update()s its pre-spawn environment in the client process;
+    # a NUMBA_NUM_THREADS left behind there breaks the client's next numba compilation.
+    import os
+
+    from hepdask import cluster
+    from hepdask.config import Cluster
+
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    with cluster.connect(Cluster(workers=1, dashboard_address=":0"), say=lambda _: None, log_directory=None) as client:
+        assert client.run(lambda: os.environ["NUMBA_NUM_THREADS"]) == {w: "1" for w in client.scheduler_info()["workers"]}
+        assert "NUMBA_NUM_THREADS" not in os.environ
+    assert "NUMBA_NUM_THREADS" not in os.environ
