@@ -324,6 +324,6 @@ def test_local_cluster_leaves_the_client_environment_alone(monkeypatch):
 
     monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
     with cluster.connect(Cluster(workers=1, dashboard_address=":0"), say=lambda _: None, log_directory=None) as client:
-        assert client.run(lambda: os.environ["NUMBA_NUM_THREADS"]) == {w: "1" for w in client.scheduler_info()["workers"]}
+        assert client.run(lambda: os.environ["NUMBA_NUM_THREADS"]) == dict.fromkeys(client.scheduler_info()["workers"], "1")
         assert "NUMBA_NUM_THREADS" not in os.environ
     assert "NUMBA_NUM_THREADS" not in os.environ
