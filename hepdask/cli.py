@@ -253,6 +253,9 @@ def print_info(info: dict, console) -> None:
              s["chunk_events"], " ".join(f"{k}:{v:,}" for k, v in s["labels"].items()))
             for split, s in info["splits"].items()]
     console.print(_table("splits", ["split", "events", "image", "dims", "dtype", "chunk", "labels"], rows))
+    more = {name: image for s in info["splits"].values() for name, image in s.get("more_images", {}).items()}
+    for name, image in more.items():
+        console.print(f"{name}: {'x'.join(map(str, image['shape']))} {image['dtype']} ({', '.join(image['dims'])})")
     rows = [(name, s["label"], s["files"], s["entries"], s["selected"]) for name, s in info["samples"].items()]
     console.print(_table("provenance", ["sample", "label", "files", "entries", "selected"], rows))
 

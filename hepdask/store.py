@@ -446,6 +446,11 @@ def store_info(path: str | Path) -> dict[str, Any]:
             "dtype": str(image.dtype),
             "chunk_events": int(image.chunks[0]),
             "labels": {int(v): int(c) for v, c in zip(values, counts)},
+            "more_images": {
+                name: {"shape": list(group[name].shape[1:]), "dims": list(group[name].metadata.dimension_names[1:]),
+                       "dtype": str(group[name].dtype)}
+                for name in sorted(group.array_keys()) if name.startswith("image_")
+            },
         }
     manifest = attrs.get(PREFIX + "manifest", [])
     by_sample: dict[str, dict[str, int]] = {}

@@ -455,3 +455,11 @@ def test_mc_hits_joined_by_pmt_id(client, tmp_path):
         z = np.array([z_of[int(p)] for p in pmt[entry]])
         np.testing.assert_array_equal(image, np.histogramdd([z, ak.to_numpy(t[entry])], bins=edges)[0])
     assert ds.image.values.sum() > 0
+
+
+def test_info_lists_every_image(zt_store, capsys):
+    _, _, out = zt_store
+    assert cli(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "image_xyzt: 12x6x18x50 uint8 (xyzt_pos_x, xyzt_pos_y, xyzt_pos_z, xyzt_time)" in text
+    assert store.store_info(out)["splits"]["train"]["image_shape"] == [18, 100]
