@@ -12,8 +12,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
-from .errors import ConfigError, HepdaskError
+from .errors import ConfigError, HepdaskError, StoreError, did_you_mean
 
 EXIT_USER_ERROR = 2
 EXIT_VERIFY_FAILED = 1
@@ -60,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
                          help="mirror over these devices (all visible GPUs if none are named)")
     devices.add_argument("--OneDeviceStrategy", dest="one_device", metavar="DEVICE", help="train on one device")
     train.add_argument("--epochs", type=int, help="fit.epochs")
+
+    show = sub.add_parser("show", help="plot event images of a store (projected onto two dims) as a PNG")
+    show.add_argument("store")
+    show.add_argument("--split", default="train")
+    show.add_argument("--image", default="image", help="image array: image or image_<name>")
+    show.add_argument("--events", type=int, default=6, help="how many events (spread over the labels)")
+    show.add_argument("--dims", help="two image dims to show, e.g. pos_z,time (default: the first two)")
+    show.add_argument("--output", help="PNG path (default: next to the store)")
 
     verify = sub.add_parser("verify", help="check a store: complete, no missing chunks, no leftovers")
     verify.add_argument("store")
@@ -167,6 +177,51 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(args: argparse.Namespace) -> int:
+    from . import plots
+    from .store import open_dataset
+
+    ds = open_dataset(args.store, args.split)
+    images = [name for name in ds.data_vars if name == "image" or name.startswith("image_")]
+    if args.image not in images:
+        msg = f"{args.store}: no image array {args.image!r} in split {args.split!r}{did_you_mean(args.image, images)} (images: {images})"
+        raise StoreError(msg)
+    array = ds[args.image]
+    dims = list(array.dims[1:])
+    prefix = "" if args.image == "image" else args.image[len("image_"):] + "_"
+    wanted = args.dims.split(",") if args.dims else dims[:2]
+    chosen = [d if d in dims or prefix + d not in dims else prefix + d for d in (w.strip() for w in wanted)]
+    for name in chosen:
+        if name not in dims:
+            msg = f"{args.store}: {args.image} has no dim {name!r}{did_you_mean(name, dims)} (dims: {dims})"
+            raise StoreError(msg)
+    if len(chosen) != 2 or chosen[0] == chosen[1]:
+        msg = f"--dims takes two different dims of {args.image} ({dims}), got {wanted}"
+        raise ConfigError(msg)
+    picks = _spread_over_labels(ds.label.values, max(1, args.events))
+    shown = array.isel(event=picks).sum(dim=[d for d in dims if d not in chosen]).transpose("event", *chosen).values
+    titles = [f"{ds.sample.values[i]} entry {int(ds.entry.values[i])}\nlabel {int(ds.label.values[i])}" for i in picks]
+    edges = [ds[d].attrs.get("edges") if d in ds.coords else None for d in chosen]
+    extent = [edges[1][0], edges[1][-1], edges[0][0], edges[0][-1]] if all(edges) else None
+    units = [ds[d].attrs.get("units", "") if d in ds.coords else "" for d in chosen]
+    labels = [f"{d} [{u}]" if u else d for d, u in zip(chosen, units)]
+    output = Path(args.output) if args.output else Path(f"{str(args.store).rstrip('/')}.{args.split}.{args.image}.png")
+    plots.event_images(shown, titles, output, dims=labels, extent=extent)
+    print(f"{len(picks)} events of {args.store} ({args.split}, {args.image}: {chosen[0]} vs {chosen[1]}) -> {output}")
+    return 0
+
+
+def _spread_over_labels(labels, n: int) -> list[int]:
+    """Up to *n* event indices, taken in turn from each label's first events."""
+    by_label = [list(np.flatnonzero(labels == value)) for value in np.unique(labels)]
+    picks: list[int] = []
+    while len(picks) < min(n, len(labels)):
+        for indices in by_label:
+            if indices and len(picks) < n:
+                picks.append(int(indices.pop(0)))
+    return sorted(picks)
+
+
 def _verify(args: argparse.Namespace) -> int:
     from .store import verify
 
@@ -265,7 +320,8 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or not record.name.startswith(("distributed", "dask_jobqueue"))
 
 
-COMMANDS = {"build-dataset": _build, "info": _info, "train": _train, "verify": _verify, "make-example-data": _example}
+COMMANDS = {"build-dataset": _build, "info": _info, "show": _show, "train": _train, "verify": _verify,
+            "make-example-data": _example}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -463,3 +463,13 @@ def test_info_lists_every_image(zt_store, capsys):
     text = capsys.readouterr().out
     assert "image_xyzt: 12x6x18x50 uint8 (xyzt_pos_x, xyzt_pos_y, xyzt_pos_z, xyzt_time)" in text
     assert store.store_info(out)["splits"]["train"]["image_shape"] == [18, 100]
+
+
+def test_show_plots_projections_of_any_image(zt_store, tmp_path, capsys):
+    _, _, out = zt_store
+    png = tmp_path / "xy.png"
+    assert cli(["show", str(out), "--image", "image_xyzt", "--dims", "pos_x,pos_y", "--events", "4", "--output", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "4 events" in capsys.readouterr().out
+    assert cli(["show", str(out), "--image", "image_xyzt", "--dims", "pos_x,pos_w", "--output", str(png)]) == 2
+    assert "image_xyzt has no dim 'pos_w'" in capsys.readouterr().err
