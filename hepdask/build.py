@@ -449,7 +449,8 @@ def probe(config: Config, partitions: list[sources.Partition]) -> dict[str, int]
     every tried file shares, such as a misspelt branch, stops the build here.
     """
     tries = PROBE_FILES if config.read.on_bad_file == "skip" else 1
-    _check_detectors(config)
+    job = Job.from_config(config)
+    _check_detectors(config, job)
     entries = {}
     for sample in config.samples:
         candidates = [p for p in partitions if p.sample == sample.name][:tries]
@@ -457,7 +458,7 @@ def probe(config: Config, partitions: list[sources.Partition]) -> dict[str, int]
             try:
                 file, tree = sources.open_tree(partition.file, config.tree)
                 with file:
-                    sources.check_branches(tree, partition.file, config.tree, config.hits, Job.from_config(config).events)
+                    sources.check_branches(tree, partition.file, config.tree, job.hits, job.events)
                     entries[sample.name] = int(tree.num_entries)
                 break
             except InputFileError:
@@ -466,10 +467,9 @@ def probe(config: Config, partitions: list[sources.Partition]) -> dict[str, int]
     return entries
 
 
-def _check_detectors(config: Config) -> None:
+def _check_detectors(config: Config, job: Job) -> None:
     """Read every detector file on the client (a bad one fails before any task runs) and
     check that the image axes name fields the hits will have."""
-    job = Job.from_config(config)
     known = set(config.hits)
     if config.geometry is not None and config.geometry.time is not None:
         known.add(config.geometry.calibrated)
@@ -477,6 +477,12 @@ def _check_detectors(config: Config) -> None:
         detector = job.detector(sample.name)
         if detector is None:
             return
+        if config.geometry.time is not None and "t0" not in detector.fields:
+            msg = (
+                f"geometry.time is set but the detector file {detector.path} has no 't0' column to add "
+                f"(columns: {sorted(detector.fields)}); unset geometry.time or add the column"
+            )
+            raise GeometryError(msg)
         fields = known | set(detector.fields) | set(detector.keys)
         for name in sorted({f for img in job.images for f in img.fields}):
             if name not in fields:

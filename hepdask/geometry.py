@@ -102,13 +102,14 @@ class Detector:
 
     def shifted(self, target: tuple[float | None, float | None, float | None]) -> Detector:
         """The detector translated so that its centre lies at *target* (None: axis untouched)."""
-        centre = self.centre()
-        shift = np.array([0.0 if t is None else t - c for t, c in zip(target, centre)])
         columns = dict(self.columns)
-        for i, name in enumerate(("pos_x", "pos_y", "pos_z")):
+        for name in ("pos_x", "pos_y", "pos_z"):
             if name not in columns:
                 msg = f"{self.path}: cannot centre the detector: it has no {name!r} column"
                 raise GeometryError(msg)
+        centre = self.centre()
+        shift = np.array([0.0 if t is None else t - c for t, c in zip(target, centre)])
+        for i, name in enumerate(("pos_x", "pos_y", "pos_z")):
             columns[name] = columns[name] + shift[i]
         return Detector(self.path, self.keys, columns, self.det_id, self.version, self.module_positions + shift)
 

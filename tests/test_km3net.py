@@ -473,3 +473,24 @@ def test_show_plots_projections_of_any_image(zt_store, tmp_path, capsys):
     assert "4 events" in capsys.readouterr().out
     assert cli(["show", str(out), "--image", "image_xyzt", "--dims", "pos_x,pos_w", "--output", str(png)]) == 2
     assert "image_xyzt has no dim 'pos_w'" in capsys.readouterr().err
+
+
+def test_csv_without_t0_is_refused_when_times_are_calibrated(tmp_path, capsys):
+    table = tmp_path / "cells.csv"
+    det = geometry.read_detx(detx("km3net_offline.detx"))
+    rows = zip(det.columns["dom_id"], det.columns["channel_id"], det.columns["pos_z"], det.columns["du"])
+    table.write_text("dom_id,channel_id,pos_z,du\n" + "\n".join(f"{a},{b},{c},{d}" for a, b, c, d in rows))
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["samples"] = raw["samples"][:1]
+    raw["samples"][0]["geometry"] = str(table)
+    raw.pop("images")
+    raw["geometry"].pop("det_id")
+    raw["output"]["path"] = str(tmp_path / "o.zarr")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli(["build-dataset", str(path), "--dry-run"]) == 2
+    assert "cells.csv: cannot centre the detector: it has no 'pos_x' column" in capsys.readouterr().err
+    raw["geometry"].pop("centre")
+    path.write_text(yaml.safe_dump(raw))
+    assert cli(["build-dataset", str(path), "--dry-run"]) == 2
+    assert "cells.csv has no 't0' column" in capsys.readouterr().err
