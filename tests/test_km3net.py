@@ -304,7 +304,7 @@ def test_labels_from_a_truth_field(client, tmp_path):
     assert set(expected) >= {1, 2}
 
 
-def test_unknown_channel_policy(client, tmp_path, capsys):
+def test_unknown_channel_policy(client, tmp_path):
     # The ORCA6 neutrino file read with the ORCA4 detector: a third of its hits are on DOMs
     # ORCA4 does not have. det_id is not checked here, so the channel check is what fires.
     raw = yaml.safe_load(ZT_CONFIG.read_text())
@@ -314,8 +314,9 @@ def test_unknown_channel_policy(client, tmp_path, capsys):
     raw["output"]["path"] = str(tmp_path / "unknown.zarr")
     path = tmp_path / "unknown.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert cli(["build-dataset", str(path), "--no-progress", "--workers", "1"]) == 2
-    err = capsys.readouterr().err
+    with pytest.raises(GeometryError) as caught:
+        hepdask.build_dataset(load(path), client=client, progress=False)
+    err = str(caught.value)
     assert "mcv6.0.gsg_muon_highE-CC" in err and "a hit's channel (dom_id=" in err and "km3net_offline.detx" in err
     assert not store.is_complete(tmp_path / "unknown.zarr")
     config = load(path, ["geometry.on_unknown=drop", "output.overwrite=true"])
@@ -323,15 +324,14 @@ def test_unknown_channel_policy(client, tmp_path, capsys):
     assert report.hit_counts["unknown_channel"] == 5486  # hits on ORCA6-only DOMs
 
 
-def test_det_id_mismatch_names_file_and_ids(tmp_path, capsys):
+def test_det_id_mismatch_names_file_and_ids(client, tmp_path):
     raw = yaml.safe_load(ZT_CONFIG.read_text())
     raw["samples"][1]["geometry"] = "km3net-testdata:detx/km3net_offline.detx"
     raw["output"]["path"] = str(tmp_path / "mismatch.zarr")
     path = tmp_path / "mismatch.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert cli(["build-dataset", str(path), "--no-progress", "--workers", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "det_id 49 does not match the detector file" in err and "(det_id 44)" in err
+    with pytest.raises(GeometryError, match=r"aanet\.905\.root: entry 0: det_id 49 does not match the detector file .*km3net_offline\.detx \(det_id 44\)"):
+        hepdask.build_dataset(load(path), client=client, progress=False)
     assert not store.is_complete(tmp_path / "mismatch.zarr")
 
 
