@@ -164,6 +164,13 @@ def _join(k0, k1, stride, table_keys, table_rows, shift, values, out, rows):  # 
     n_cols = values.shape[1]
     previous_key, previous_row = 0, -2
     for i in range(k0.size):
+        if stride > 0 and (k1[i] < 0 or k1[i] >= stride):
+            # A second key outside the table's range would alias another channel's
+            # combined key (dom * stride + stride == (dom + 1) * stride): not in the table.
+            rows[i] = -1
+            for c in range(n_cols):
+                out[c, i] = np.nan
+            continue
         key = k0[i] * stride + k1[i]
         if previous_row != -2 and key == previous_key:
             r = previous_row

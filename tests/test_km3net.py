@@ -163,6 +163,14 @@ def test_unknown_channels_are_marked():
     assert np.isnan(joined["pos_x"][1:]).all()
 
 
+def test_channel_beyond_the_table_does_not_alias_the_next_dom():
+    # detx_v1: DOMs 1..6 with channels 0..2; (dom 1, channel 3) must not be read as (dom 2, channel 0)
+    det = geometry.read_detx(detx("detx_v1.detx"))
+    joined, rows = geometry.join(det, [np.array([1, 1, 2, 2]), np.array([3, -1, 0, 2])])
+    assert rows.tolist()[:2] == [-1, -1] and (rows[2:] >= 0).all()
+    assert np.isnan(joined["pos_x"][:2]).all() and joined["pmt_id"][2:].tolist() == [4.0, 6.0]
+
+
 def test_first_triggered_time():
     offsets = np.array([0, 3, 3, 5])
     time = np.array([5.0, 2.0, 1.0, 7.0, 9.0])
