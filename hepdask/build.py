@@ -196,6 +196,13 @@ class Job:
     def dtype(self) -> str:
         return self.images[0].dtype
 
+    def hit_names(self, detector: geometry.Detector | None) -> list[str]:
+        """The hit fields after the geometry join: the read ones, the detector's columns and
+        the calibrated time."""
+        if detector is None:
+            return list(self.hits)
+        return [*self.hits, *detector.fields, *([self.geometry.calibrated] if self.geometry.time else [])]
+
     def detector(self, sample: str) -> geometry.Detector | None:
         """The (per-process cached) detector table of *sample*, or None without geometry."""
         if self.geometry is None:
@@ -232,9 +239,7 @@ def _unchanged(done: store.Staged, partition: sources.Partition) -> bool:
 
 def _stage(partition: sources.Partition, job: Job) -> store.Staged:
     detector = job.detector(partition.sample)
-    hit_names = list(job.hits)
-    if detector is not None:
-        hit_names += [*detector.fields, *([job.geometry.calibrated] if job.geometry.time else [])]
+    hit_names = job.hit_names(detector)
     event_names = list(job.events)
     if job.truth_prefix is not None:
         event_names += truth.truth_fields(job.truth_prefix)
@@ -470,9 +475,6 @@ def probe(config: Config, partitions: list[sources.Partition]) -> dict[str, int]
 def _check_detectors(config: Config, job: Job) -> None:
     """Read every detector file on the client (a bad one fails before any task runs) and
     check that the image axes name fields the hits will have."""
-    known = set(config.hits)
-    if config.geometry is not None and config.geometry.time is not None:
-        known.add(config.geometry.calibrated)
     for sample in config.samples:
         detector = job.detector(sample.name)
         if detector is None:
@@ -483,7 +485,7 @@ def _check_detectors(config: Config, job: Job) -> None:
                 f"(columns: {sorted(detector.fields)}); unset geometry.time or add the column"
             )
             raise GeometryError(msg)
-        fields = known | set(detector.fields) | set(detector.keys)
+        fields = set(job.hit_names(detector))
         for name in sorted({f for img in job.images for f in img.fields}):
             if name not in fields:
                 msg = (
