@@ -169,36 +169,52 @@ def load_staged(staging: str | Path, key: str) -> Staged | None:
 
 
 def read_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray) -> np.ndarray:
-    """Rows *rows* of a staged array, read with ``preadv`` one contiguous run at a time.
+    """Rows *rows* of a staged array, read with ``preadv``.
 
-    The file is opened for this call only: a write task touching thousands of partitions
-    holds no file descriptors and no memory maps (which would count in the worker's RSS).
+    Runs of wanted rows less than ``COALESCE_BYTES`` apart are read in one call (the rows in
+    between are read and dropped): a shuffled build wants scattered rows, and one system call
+    per row costs more than reading a few unwanted ones. The file is opened for this call
+    only: a write task touching thousands of partitions holds no file descriptors and no
+    memory maps (which would count in the worker's RSS).
     """
     spec = staged.arrays[name]
     rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.empty((0, *spec.shape), dtype=spec.dtype)
     order = np.argsort(rows, kind="stable")
     ordered = rows[order]
     size = spec.itemsize
-    buffer = bytearray(rows.size * size)
+    gap = max(1, COALESCE_BYTES // size)
+    breaks = np.flatnonzero(np.diff(ordered) > gap) + 1
+    starts = ordered[np.concatenate([[0], breaks]).astype(np.int64)]
+    stops = ordered[np.concatenate([breaks - 1, [rows.size - 1]]).astype(np.int64)] + 1
+    buffer = bytearray(int((stops - starts).sum()) * size)
     view = memoryview(buffer)
-    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
-    starts = np.concatenate([[0], breaks]).astype(np.int64)
-    stops = np.concatenate([breaks, [rows.size]]).astype(np.int64)
     path = f"{staging}/{staged.key}/{name}.bin"
     fd = os.open(path, os.O_RDONLY)
     try:
+        at = 0
         for a, b in zip(starts.tolist(), stops.tolist()):
             want = (b - a) * size
-            got = os.preadv(fd, [view[a * size : b * size]], int(ordered[a]) * size)
+            got = os.preadv(fd, [view[at : at + want]], a * size)
             if got != want:
-                msg = f"staged file {path} is truncated: wanted {want} bytes at row {ordered[a]}, got {got}"
+                msg = f"staged file {path} is truncated: wanted {want} bytes at row {a}, got {got}"
                 raise StoreError(msg)
+            at += want
     finally:
         os.close(fd)
-    values = np.frombuffer(buffer, dtype=spec.dtype).reshape(rows.size, *spec.shape)
-    out = np.empty_like(values)
-    out[order] = values
+    values = np.frombuffer(buffer, dtype=spec.dtype).reshape(-1, *spec.shape)
+    # Position of each wanted row in the buffer: its offset within its run plus the rows of
+    # the runs before it.
+    run = np.searchsorted(starts, ordered, side="right") - 1
+    before = np.concatenate([[0], np.cumsum(stops - starts)[:-1]])
+    out = np.empty((rows.size, *spec.shape), dtype=spec.dtype)
+    out[order] = values[before[run] + ordered - starts[run]]
     return out
+
+
+#: Wanted rows closer than this in a staged file are read with one system call.
+COALESCE_BYTES = 32 * 2**10
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +343,10 @@ def write_chunks(
 
     ``part``/``row`` say, for every event from ``ranges[0][0]`` on, which staged partition
     and row it comes from; ``constants`` holds per-partition values (label, sample, source
-    file) that are not staged.
+    file) that are not staged. Consecutive chunks are gathered together, up to
+    ``GATHER_BYTES`` of rows at a time, so a shuffled build reads each staged file once per
+    span instead of once per chunk: with global shuffling nearly every chunk takes rows from
+    nearly every partition.
     """
     staging = Path(staging)
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)[split]
@@ -336,21 +355,24 @@ def write_chunks(
         array = group[name]
         if array.metadata.dimension_names[0] == "event":
             targets[name] = array
-    origin = ranges[0][0]
-    written = 0
     for start, stop in ranges:
         for name, array in targets.items():
             chunk = array.chunks[0]
             if start % chunk or (stop % chunk and stop != array.shape[0]):
                 msg = f"{path}/{split}/{name}: region [{start}, {stop}) is not aligned to chunks of {chunk}"
                 raise StoreError(msg)
-        parts = part[start - origin : stop - origin]
-        rows = row[start - origin : stop - origin]
+    origin = ranges[0][0]
+    event_bytes = max(_event_bytes(a) for a in targets.values()) if targets else 1
+    written = 0
+    for span in _spans(ranges, max(1, GATHER_BYTES // event_bytes)):
+        first, last = span[0][0], span[-1][1]
+        parts = part[first - origin : last - origin]
+        rows = row[first - origin : last - origin]
         order = np.argsort(parts, kind="stable")
         bounds = np.flatnonzero(np.diff(parts[order])) + 1
         for name, array in targets.items():
             kind_object = array.dtype.kind in "OT"
-            buffer = np.empty((stop - start, *array.shape[1:]), dtype=object if kind_object else array.dtype)
+            buffer = np.empty((last - first, *array.shape[1:]), dtype=object if kind_object else array.dtype)
             for where in np.split(order, bounds):
                 p = int(parts[where[0]])
                 record = staged[p]
@@ -358,9 +380,30 @@ def write_chunks(
                     buffer[where] = read_rows(staging, record, name, rows[where])
                 else:
                     buffer[where] = constants[p][name]
-            array[start:stop] = buffer
-        written += stop - start
+            for start, stop in span:
+                array[start:stop] = buffer[start - first : stop - first]
+        written += last - first
     return written
+
+
+#: Bytes of rows (of the widest stored array) a write task gathers at once.
+GATHER_BYTES = 64 * 2**20
+
+
+def _event_bytes(array) -> int:
+    per_event = int(np.prod(array.shape[1:], dtype=np.int64))
+    return per_event * (8 if array.dtype.kind in "OT" else np.dtype(array.dtype).itemsize)
+
+
+def _spans(ranges: list[tuple[int, int]], max_events: int) -> list[list[tuple[int, int]]]:
+    """*ranges* in runs of consecutive ranges of at most *max_events* events (one range at least)."""
+    spans: list[list[tuple[int, int]]] = []
+    for start, stop in ranges:
+        if spans and stop - spans[-1][0][0] <= max_events:
+            spans[-1].append((start, stop))
+        else:
+            spans.append([(start, stop)])
+    return spans
 
 
 def finalize(path: str | Path, attrs: Mapping[str, Any]) -> None:

@@ -118,6 +118,26 @@ def test_same_inputs_give_identical_chunks_with_one_and_two_workers(built, ldmx_
     assert first == second
 
 
+def _set_gather_bytes(value):
+    from hepdask import store
+
+    previous, store.GATHER_BYTES = store.GATHER_BYTES, value
+    return previous
+
+
+def test_write_tasks_gathering_one_chunk_at_a_time_write_the_same_chunks(built, ldmx_data, client, tmp_path):
+    _, _, out = built
+    data, _ = ldmx_data
+    previous = client.run(_set_gather_bytes, 1)
+    try:
+        config = from_dict(demo_config(data, tmp_path / "small-spans.zarr"))
+        hepdask.build_dataset(config, client=client, progress=False)
+    finally:
+        for value in set(previous.values()):
+            client.run(_set_gather_bytes, value)
+    assert chunk_hashes(tmp_path / "small-spans.zarr") == chunk_hashes(out)
+
+
 def test_unshuffled_split_keeps_source_order(ldmx_data, client, tmp_path):
     data, _ = ldmx_data
     config = from_dict(demo_config(data, tmp_path / "s.zarr", **{"output.shuffle": False}))
