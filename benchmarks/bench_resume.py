@@ -1,12 +1,17 @@
 """How long a resumed build takes after a SIGKILL, against a clean build of the same config.
 
-    python benchmarks/bench_resume.py [--config configs/demo.yaml] [--kill-at 0.5] [--repeat 2]
+    python benchmarks/bench_resume.py [--config configs/demo.yaml] [--kill-at 0.5] [--repeat 2] [--scale 8]
 
 1. A clean `hepdask build-dataset` (the CLI, in a subprocess: start-up, LocalCluster and all).
 2. The same command, killed with SIGKILL (the whole process group: client and workers) at
    `--kill-at` of the clean build's wall time.
 3. The same command again: it resumes from the staging area. Its wall time is compared with
    the clean build's (target: at most 60 %), and its chunks with the clean build's (identical).
+
+``--scale N`` builds a dataset N times the config's (its generated samples get N times the
+files, generated into the work dir first, not timed). A resume at a fraction f of a clean
+build of wall time T costs about (1 - f) T + F, where F is what every run pays whatever its
+size (interpreter, imports, LocalCluster start and shut-down), so the ratio depends on T.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ def chunk_hashes(path: Path) -> dict[str, str]:
     }
 
 
-def command(config: Path, output: Path, *extra: str) -> list[str]:
+def command(config: Path, output: Path, *extra: str, overrides: tuple[str, ...] = ()) -> list[str]:
+    sets = [arg for override in overrides for arg in ("--set", override)]
     return [sys.executable, "-m", "hepdask.cli", "build-dataset", str(config), "--no-progress",
-            "--output", str(output), *extra]
+            "--output", str(output), *sets, *extra]
 
 
 def run(cmd: list[str]) -> float:
@@ -64,27 +70,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-at", type=float, default=0.5, help="fraction of the clean build's wall time")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "_work" / "resume"))
+    parser.add_argument("--scale", type=int, default=1, help="build a dataset this many times the config's")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     config = Path(args.config)
     clean_out, resumed_out = work / "clean.zarr", work / "resumed.zarr"
+    overrides: tuple[str, ...] = ()
+    if args.scale > 1:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_build import scaled_overrides
+
+        from hepdask.config import load
+
+        overrides = tuple(scaled_overrides(load(config), work / f"data-x{args.scale}", args.scale))
+
+    def build(output: Path, *extra: str) -> list[str]:
+        return command(config, output, *extra, overrides=overrides)
 
     # Generate the inputs (if the config generates them) and warm numba's cache: not timed.
-    run(command(config, work / "warm.zarr", "--overwrite"))
+    run(build(work / "warm.zarr", "--overwrite"))
     shutil.rmtree(work / "warm.zarr", ignore_errors=True)
 
     rows = []
     for attempt in range(args.repeat):
-        clean = run(command(config, clean_out, "--overwrite"))
+        clean = run(build(clean_out, "--overwrite"))
         for path in (resumed_out, resumed_out.with_name(resumed_out.name + ".hepdask-staging")):
             shutil.rmtree(path, ignore_errors=True)
-        killed_after, staged_at_kill = killed_run(command(config, resumed_out), args.kill_at * clean, resumed_out)
-        resumed = run(command(config, resumed_out))
+        killed_after, staged_at_kill = killed_run(build(resumed_out), args.kill_at * clean, resumed_out)
+        resumed = run(build(resumed_out))
         identical = chunk_hashes(clean_out) == chunk_hashes(resumed_out)
         rows.append((attempt + 1, clean, killed_after, staged_at_kill, resumed, resumed / clean, identical))
 
-    print(f"config {config}, kill at {args.kill_at:.0%} of the clean build's wall time, {os.cpu_count()} cores")
+    print(f"config {config} x{args.scale}, kill at {args.kill_at:.0%} of the clean build's wall time, {os.cpu_count()} cores")
     print("| run | clean build s | killed after s | partitions staged at the kill | resumed build s | resumed / clean | chunks identical |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for run_id, clean, killed_after, staged_at_kill, resumed, ratio, identical in rows:

@@ -283,7 +283,7 @@ def stage_pipeline(tf, path: Path, stages: str, batch_size: int, buffer: int, pa
         x, y = tf.numpy_function(read, [index], types, stateful=False)
         return tf.ensure_shape(x, (None, *SHAPE)), tf.ensure_shape(y, (None,))
 
-    ds = tf.data.Dataset.from_generator(lambda: plan.chunk_indices(None),
+    ds = tf.data.Dataset.from_generator(lambda: (c for _, c in plan.chunk_indices(None)),
                                         output_signature=tf.TensorSpec((), tf.int64))
     ds = ds.map(read_chunk, num_parallel_calls=parallel_reads or tf.data.AUTOTUNE, deterministic=True)
     if stages == "rebatch":
