@@ -287,7 +287,7 @@ def bench_write(client, config, built: Path, target: Path) -> dict:
 
     # One task per run of whole chunks, grouped exactly as the build groups its write tasks.
     ranges = {s: store.chunk_ranges(n, per_chunk) for s, n in sizes.items()}
-    n_workers = len(client.scheduler_info()["workers"])
+    n_workers = len(client.nthreads())
     group = build._chunks_per_task(sum(map(len, ranges.values())), per_chunk * spec.itemsize, n_workers)
     runs = [(s, r[i][0], r[min(i + group, len(r)) - 1][1]) for s, r in ranges.items() for i in range(0, len(r), group)]
 

@@ -722,7 +722,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     }
     ranges = {split: store.chunk_ranges(plan.size, per_chunk) for split, plan in plans.items()}
     chunk_bytes = per_chunk * sum(img.event_bytes for img in job.images)
-    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    n_workers = max(1, len(client.nthreads()))
     group = _chunks_per_task(sum(map(len, ranges.values())), chunk_bytes, n_workers)
     writes = []
     for split, plan in plans.items():

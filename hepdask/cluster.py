@@ -278,20 +278,20 @@ def wait_for_workers(client, cluster, n_workers: int, timeout: float, say: Calla
     """
     deadline = time.monotonic() + timeout
     last, reported = "", set()
-    while len(client.scheduler_info().get("workers", {})) < n_workers:
+    while len(client.nthreads()) < n_workers:
         ids = [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]
         states = job_states(ids)
         summary = ", ".join(f"job {i} {s[0]}" + (f" ({s[1]})" if s[1] not in ("None", "") else "")
                             for i, s in sorted(states.items()))  # fmt: skip
         if summary and summary != last:
-            joined = len(client.scheduler_info().get("workers", {}))
+            joined = len(client.nthreads())
             say(f"waiting for workers ({joined}/{n_workers} joined): {summary}")
             last = summary
         ended = [i for i in ids if i not in states and i not in reported]
         for job_id in ended:
             reported.add(job_id)
             say(f"job {job_id} ended before its worker joined\n{job_log_tail(log_directory, job_id)}".rstrip())
-        if ids and len(reported) == len(ids) and not client.scheduler_info().get("workers"):
+        if ids and len(reported) == len(ids) and not client.nthreads():
             msg = f"every SLURM job ({', '.join(ids)}) ended without its worker joining; see the output above"
             raise ClusterError(msg)
         if time.monotonic() > deadline:
