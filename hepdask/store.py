@@ -380,8 +380,7 @@ def write_chunks(
                     buffer[where] = read_rows(staging, record, name, rows[where])
                 else:
                     buffer[where] = constants[p][name]
-            for start, stop in span:
-                array[start:stop] = buffer[start - first : stop - first]
+            array[first:last] = buffer
         written += last - first
     return written
 
