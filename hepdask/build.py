@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, binning, examples, geometry, selection, sources, store, truth
-from .config import AUTO_CHUNK_BYTES, Config, Geometry, Image, Labels, Time
+from .config import AUTO_CHUNK_BYTES, Config, Geometry, Image, Labels, Time, image_dim_prefix
 from .errors import BuildError, GeometryError, HepdaskError, InputFileError, StoreError
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,8 @@ class ImageJob:
 
     @classmethod
     def from_config(cls, array: str, image: Image) -> ImageJob:
-        prefix = "" if array == "image" else array[len("image_"):] + "_"
         return cls(array, tuple(a.field for a in image.axes), image.weight, image.resolved_dtype,
-                   layout_of(image), image.hits, prefix)
+                   layout_of(image), image.hits, image_dim_prefix(array))
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -495,12 +494,17 @@ def _check_detectors(config: Config, job: Job) -> None:
                 raise GeometryError(msg)
 
 
-def chunk_events(config: Config) -> int:
+def chunk_events(config: Config, images: tuple[ImageJob, ...] | None = None) -> int:
     """Events per chunk: the configured number, or ~AUTO_CHUNK_BYTES of images (all of an
-    event's images together) per chunk."""
+    event's *images* together, the config's by default) per chunk."""
     if config.output.chunk_events != "auto":
         return int(config.output.chunk_events)
-    return max(1, AUTO_CHUNK_BYTES // sum(img.event_bytes for img in image_jobs(config)))
+    return max(1, AUTO_CHUNK_BYTES // event_bytes(images if images is not None else image_jobs(config)))
+
+
+def event_bytes(images: tuple[ImageJob, ...]) -> int:
+    """Bytes of all of one event's images."""
+    return sum(img.event_bytes for img in images)
 
 
 def plan_report(config: Config, partitions, first_entries: dict[str, int], generated: dict[str, int]) -> BuildReport:
@@ -508,10 +512,11 @@ def plan_report(config: Config, partitions, first_entries: dict[str, int], gener
     report = BuildReport(config.name, config.output.path, dry_run=True)
     report.image_shape = layout.shape
     report.image_dtype = config.image.resolved_dtype
-    report.chunk_events = chunk_events(config)
+    images = image_jobs(config)
+    report.chunk_events = chunk_events(config, images)
     report.n_partitions = len(partitions)
-    image_bytes = sum(img.event_bytes for img in image_jobs(config))
-    report.images = {img.array: {"shape": list(img.layout.shape), "dtype": img.dtype} for img in image_jobs(config)[1:]}
+    image_bytes = event_bytes(images)
+    report.images = {img.array: {"shape": list(img.layout.shape), "dtype": img.dtype} for img in images[1:]}
     estimate = 0
     for sample in config.samples:
         n_files = sum(1 for p in partitions if p.sample == sample.name)
@@ -709,7 +714,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     plans = store.assign(counts, config.output.split, seed=config.output.shuffle.seed,
                          shuffle=config.output.shuffle.enabled)
     arrays, dims = _array_specs(config, job.images, staged)
-    per_chunk = chunk_events(config)
+    per_chunk = chunk_events(config, job.images)
     coordinates = [c for img in job.images for c in _coordinates(img.layout, img.dim_prefix)]
     store.prepare(
         config.output.path, {k: v.size for k, v in plans.items()}, arrays, dims, coordinates,
@@ -721,7 +726,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         i: {"label": p.label, "sample": p.sample, "source_file": p.file} for i, p in enumerate(partitions)
     }
     ranges = {split: store.chunk_ranges(plan.size, per_chunk) for split, plan in plans.items()}
-    chunk_bytes = per_chunk * sum(img.event_bytes for img in job.images)
+    chunk_bytes = per_chunk * event_bytes(job.images)
     n_workers = max(1, len(client.nthreads()))
     group = _chunks_per_task(sum(map(len, ranges.values())), chunk_bytes, n_workers)
     writes = []
@@ -748,6 +753,8 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
          **({"exception": bad[p.file]["exception"], "message": bad[p.file]["message"]} if p.file in bad else {})}
         for p, s in zip(partitions, staged)
     ]
+    # The digests the build checked at its start (and a resume checked again), not a re-read.
+    record = store.read_build_record(job.staging) or {}
     report.wall_seconds = time.perf_counter() - started
     store.finalize(config.output.path, {
         store.PREFIX + "statistics": report.to_dict(),
@@ -755,7 +762,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         store.PREFIX + "config": config.to_yaml(),
         store.PREFIX + "config_hash": config.content_hash(),
         store.PREFIX + "manifest": manifest,
-        **({store.PREFIX + "detectors": detector_digests(config)} if config.geometry is not None else {}),
+        **({store.PREFIX + "detectors": record.get("detectors", {})} if config.geometry is not None else {}),
         store.PREFIX + "splits": list(plans),
         store.PREFIX + "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         store.PREFIX + "building": False,

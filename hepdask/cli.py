@@ -179,6 +179,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from . import plots
+    from .config import image_dim_prefix
     from .store import open_dataset
 
     ds = open_dataset(args.store, args.split)
@@ -188,7 +189,7 @@ def _show(args: argparse.Namespace) -> int:
         raise StoreError(msg)
     array = ds[args.image]
     dims = list(array.dims[1:])
-    prefix = "" if args.image == "image" else args.image[len("image_"):] + "_"
+    prefix = image_dim_prefix(args.image)
     wanted = args.dims.split(",") if args.dims else dims[:2]
     chosen = [d if d in dims or prefix + d not in dims else prefix + d for d in (w.strip() for w in wanted)]
     for name in chosen:

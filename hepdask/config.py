@@ -483,6 +483,12 @@ class Config(_Model):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def image_dim_prefix(array: str) -> str:
+    """The prefix of an image array's dims: ``""`` for ``image``, ``"<name>_"`` for ``image_<name>``."""
+    return "" if array == "image" else array[len("image_"):] + "_"
+
+
+
 # --------------------------------------------------------------------------------------------
 # loading
 
