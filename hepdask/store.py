@@ -51,14 +51,23 @@ def staging_path(store: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """dtype and per-event shape of one staged array."""
+    """dtype and per-event shape of one staged array, and how it is staged.
+
+    A *sparse* array is staged as its non-zero elements only (see ``PartitionWriter``).
+    """
 
     dtype: str
     shape: tuple[int, ...] = ()
+    sparse: bool = False
 
     @property
     def itemsize(self) -> int:
         return int(np.dtype(self.dtype).itemsize * np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def size(self) -> int:
+        """Elements per event."""
+        return int(np.prod(self.shape, dtype=np.int64))
 
 
 @dataclass
@@ -71,19 +80,28 @@ class Staged:
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        arrays = {k: {"dtype": v.dtype, "shape": list(v.shape)} for k, v in self.arrays.items()}
+        arrays = {k: {"dtype": v.dtype, "shape": list(v.shape), **({"sparse": True} if v.sparse else {})}
+                  for k, v in self.arrays.items()}
         return {"key": self.key, "n_events": self.n_events, "arrays": arrays, "info": self.info}
 
     @classmethod
     def from_json(cls, data: dict) -> Staged:
-        arrays = {k: ArraySpec(v["dtype"], tuple(v["shape"])) for k, v in data["arrays"].items()}
+        arrays = {k: ArraySpec(v["dtype"], tuple(v["shape"]), bool(v.get("sparse", False)))
+                  for k, v in data["arrays"].items()}
         return cls(data["key"], int(data["n_events"]), arrays, data.get("info", {}))
 
 
 class PartitionWriter:
     """Append a partition's events step by step; ``close(info)`` publishes them atomically.
 
-    The arrays' dtypes and per-event shapes are taken from the first step appended.
+    The arrays' dtypes and per-event shapes are taken from the first step appended. A dense
+    array is staged as ``<name>.bin``, its raw bytes. An image array whose first step is
+    mostly zeros (``_stage_sparse``) is staged as its non-zero elements: ``<name>.nnz`` (int32
+    non-zero count per event), ``<name>.idx`` (int32 flat position of each non-zero element
+    within its event) and ``<name>.val`` (the element). "Zero" means all bits zero, so -0.0
+    and NaN are kept and the rows read back are byte-identical. Calorimeter and hit-count
+    images are ~95 % zeros: staging them dense wrote, and the write phase read back, 20
+    times the bytes.
     """
 
     def __init__(self, staging: str | Path, key: str) -> None:
@@ -98,8 +116,11 @@ class PartitionWriter:
     def append(self, arrays: Mapping[str, np.ndarray]) -> None:
         arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
         if not self.specs:
-            self.specs = {name: ArraySpec(str(a.dtype), a.shape[1:]) for name, a in arrays.items()}
-            self._files = {name: open(self.tmp / f"{name}.bin", "wb") for name in self.specs}
+            self.specs = {name: ArraySpec(str(a.dtype), a.shape[1:], _stage_sparse(a)) for name, a in arrays.items()}
+            self._files = {
+                f"{name}{suffix}": open(self.tmp / f"{name}{suffix}", "wb")
+                for name, spec in self.specs.items() for suffix in (SPARSE_FILES if spec.sparse else (".bin",))
+            }
         n = {a.shape[0] for a in arrays.values()}
         if set(arrays) != set(self.specs) or len(n) != 1:
             msg = f"staging {self.key}: arrays {sorted(arrays)} of lengths {sorted(n)} do not match {sorted(self.specs)}"
@@ -109,7 +130,14 @@ class PartitionWriter:
             if array.shape[1:] != spec.shape:
                 msg = f"staging {self.key}/{name}: got shape {array.shape}, expected (n, *{spec.shape})"
                 raise StoreError(msg)
-            self._files[name].write(array.tobytes())
+            if spec.sparse:
+                flat = array.reshape(array.shape[0], spec.size)
+                nonzero = _bits(flat) != 0
+                self._files[f"{name}.nnz"].write(nonzero.sum(axis=1, dtype=np.int32).tobytes())
+                self._files[f"{name}.idx"].write(np.nonzero(nonzero)[1].astype(np.int32).tobytes())
+                self._files[f"{name}.val"].write(flat[nonzero].tobytes())
+            else:
+                self._files[f"{name}.bin"].write(array.tobytes())
         self.n_events += n.pop()
 
     def close(self, info: Mapping[str, Any]) -> Staged:
@@ -132,6 +160,27 @@ class PartitionWriter:
         for f in self._files.values():
             f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+#: The files of a sparse staged array, after its name.
+SPARSE_FILES = (".nnz", ".idx", ".val")
+#: Stage an image sparse when its non-zero elements and their int32 positions take at most
+#: this fraction of its dense bytes.
+SPARSE_MAX_FRACTION = 0.5
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    """*array*'s elements as unsigned integers of the same size (zero only for all-zero bits)."""
+    return array.view(f"u{array.dtype.itemsize}")
+
+
+def _stage_sparse(array: np.ndarray) -> bool:
+    """Whether *array* (a first step of events) is an image that pays to stage sparse."""
+    if array.ndim < 2 or array.shape[0] == 0 or array.dtype.itemsize not in (1, 2, 4, 8):
+        return False
+    flat = np.ascontiguousarray(array).reshape(array.shape[0], -1)
+    nonzero = int(np.count_nonzero(_bits(flat)))
+    return nonzero * (4 + array.dtype.itemsize) <= SPARSE_MAX_FRACTION * flat.nbytes
 
 
 BUILD_RECORD = "build.json"
@@ -169,13 +218,14 @@ def load_staged(staging: str | Path, key: str) -> Staged | None:
 
 
 def read_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray) -> np.ndarray:
-    """Rows *rows* of a staged array, read with ``preadv``.
+    """Rows *rows* of a staged array (dense, whatever its staging), read with ``preadv``.
 
-    Runs of wanted rows less than ``COALESCE_BYTES`` apart are read in one call (the rows in
-    between are read and dropped): a shuffled build wants scattered rows, and one system call
-    per row costs more than reading a few unwanted ones. The file is opened for this call
-    only: a write task touching thousands of partitions holds no file descriptors and no
-    memory maps (which would count in the worker's RSS).
+    Runs of wanted rows (of a sparse array: of their non-zero elements) less than
+    ``COALESCE_BYTES`` apart are read in one call, the bytes in between read and dropped: a
+    shuffled build wants scattered rows, and one system call per row costs more than reading
+    a few unwanted ones. Files are opened for this call only: a write task touching thousands
+    of partitions holds no file descriptors and no memory maps (which would count in the
+    worker's RSS).
     """
     spec = staged.arrays[name]
     rows = np.asarray(rows, dtype=np.int64)
@@ -183,34 +233,56 @@ def read_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray) 
         return np.empty((0, *spec.shape), dtype=spec.dtype)
     order = np.argsort(rows, kind="stable")
     ordered = rows[order]
-    size = spec.itemsize
-    gap = max(1, COALESCE_BYTES // size)
-    breaks = np.flatnonzero(np.diff(ordered) > gap) + 1
-    starts = ordered[np.concatenate([[0], breaks]).astype(np.int64)]
-    stops = ordered[np.concatenate([breaks - 1, [rows.size - 1]]).astype(np.int64)] + 1
-    buffer = bytearray(int((stops - starts).sum()) * size)
+    base = f"{staging}/{staged.key}/{name}"
+    if not spec.sparse:
+        values, at = _read_ranges(base + ".bin", ordered, ordered + 1, spec.itemsize)
+        out = np.empty((rows.size, *spec.shape), dtype=spec.dtype)
+        out[order] = np.frombuffer(values, dtype=spec.dtype).reshape(-1, *spec.shape)[at]
+        return out
+    nnz = np.fromfile(base + ".nnz", dtype=np.int32)
+    if nnz.size != staged.n_events:
+        msg = f"staged file {base}.nnz is truncated: {nnz.size} of {staged.n_events} events"
+        raise StoreError(msg)
+    ptr = np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)])
+    starts, lengths = ptr[ordered], nnz[ordered].astype(np.int64)
+    positions, at = _read_ranges(base + ".idx", starts, starts + lengths, 4)
+    values, _ = _read_ranges(base + ".val", starts, starts + lengths, np.dtype(spec.dtype).itemsize)
+    # Element k of wanted row j sits at at[j] + k in both buffers.
+    first = np.cumsum(lengths) - lengths
+    take = np.repeat(at - first, lengths) + np.arange(int(lengths.sum()))
+    out = np.zeros((rows.size, spec.size), dtype=spec.dtype)
+    out[np.repeat(order, lengths), np.frombuffer(positions, np.int32)[take]] = np.frombuffer(values, spec.dtype)[take]
+    return out.reshape(rows.size, *spec.shape)
+
+
+def _read_ranges(path: str, starts: np.ndarray, stops: np.ndarray, itemsize: int) -> tuple[bytearray, np.ndarray]:
+    """Read the sorted, disjoint element ranges ``[starts[i], stops[i])`` of a file of
+    *itemsize*-byte elements; ranges less than ``COALESCE_BYTES`` apart share one read.
+
+    Returns the bytes read and, per range, the element offset in them where it begins.
+    """
+    gap = COALESCE_BYTES // itemsize
+    breaks = np.flatnonzero(starts[1:] - stops[:-1] > gap) + 1
+    run_starts = starts[np.concatenate([[0], breaks]).astype(np.int64)]
+    run_stops = stops[np.concatenate([breaks - 1, [starts.size - 1]]).astype(np.int64)]
+    lengths = run_stops - run_starts
+    buffer = bytearray(int(lengths.sum()) * itemsize)
     view = memoryview(buffer)
-    path = f"{staging}/{staged.key}/{name}.bin"
     fd = os.open(path, os.O_RDONLY)
     try:
         at = 0
-        for a, b in zip(starts.tolist(), stops.tolist()):
-            want = (b - a) * size
-            got = os.preadv(fd, [view[at : at + want]], a * size)
+        for a, n in zip(run_starts.tolist(), lengths.tolist()):
+            want = n * itemsize
+            got = os.preadv(fd, [view[at : at + want]], a * itemsize) if want else 0
             if got != want:
-                msg = f"staged file {path} is truncated: wanted {want} bytes at row {a}, got {got}"
+                msg = f"staged file {path} is truncated: wanted {want} bytes at element {a}, got {got}"
                 raise StoreError(msg)
             at += want
     finally:
         os.close(fd)
-    values = np.frombuffer(buffer, dtype=spec.dtype).reshape(-1, *spec.shape)
-    # Position of each wanted row in the buffer: its offset within its run plus the rows of
-    # the runs before it.
-    run = np.searchsorted(starts, ordered, side="right") - 1
-    before = np.concatenate([[0], np.cumsum(stops - starts)[:-1]])
-    out = np.empty((rows.size, *spec.shape), dtype=spec.dtype)
-    out[order] = values[before[run] + ordered - starts[run]]
-    return out
+    run = np.searchsorted(run_starts, starts, side="right") - 1
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return buffer, before[run] + starts - run_starts[run]
 
 
 #: Wanted rows closer than this in a staged file are read with one system call.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import xarray as xr
 import zarr
 
 import hepdask
-from hepdask import store
+from hepdask import build, sources, store
 from hepdask.cli import main as cli
 from hepdask.config import from_dict
 
@@ -136,6 +137,33 @@ def test_write_tasks_gathering_one_chunk_at_a_time_write_the_same_chunks(built, 
         for value in set(previous.values()):
             client.run(_set_gather_bytes, value)
     assert chunk_hashes(tmp_path / "small-spans.zarr") == chunk_hashes(out)
+
+
+def _set_sparse_fraction(value):
+    from hepdask import store
+
+    previous, store.SPARSE_MAX_FRACTION = store.SPARSE_MAX_FRACTION, value
+    return previous
+
+
+def test_images_staged_dense_or_sparse_give_the_same_chunks(built, ldmx_data, client, tmp_path):
+    config, _, out = built
+    data, _ = ldmx_data
+    # The demo's energy images are mostly zeros: staged sparse by default.
+    partition = sources.plan([(s.name, s.label, s.files) for s in config.samples])[0]
+    job = dataclasses.replace(build.Job.from_config(config), staging=str(tmp_path / "staging"))
+    record = build.process_partition(partition, job)
+    assert record["arrays"]["image"].get("sparse") is True
+    assert not record["arrays"]["entry"].get("sparse")
+
+    previous = client.run(_set_sparse_fraction, -1.0)  # nothing pays: every image staged dense
+    try:
+        assert client.run(_set_sparse_fraction, -1.0) == dict.fromkeys(previous, -1.0)
+        hepdask.build_dataset(from_dict(demo_config(data, tmp_path / "dense.zarr")), client=client, progress=False)
+    finally:
+        for value in set(previous.values()):
+            client.run(_set_sparse_fraction, value)
+    assert chunk_hashes(tmp_path / "dense.zarr") == chunk_hashes(out)
 
 
 def test_unshuffled_split_keeps_source_order(ldmx_data, client, tmp_path):

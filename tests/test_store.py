@@ -1,4 +1,5 @@
-"""Staged rows are read back exactly, whatever the order, gaps and coalescing of the rows asked for."""
+"""Staged rows are read back exactly, whatever the order, gaps and coalescing of the rows asked
+for, and whether they were staged dense or sparse."""
 
 from __future__ import annotations
 
@@ -29,6 +30,58 @@ def test_read_rows_returns_the_rows_asked_for_in_their_order(staged, monkeypatch
         np.testing.assert_array_equal(store.read_rows(staging, record, "image", rows), images[rows])
         np.testing.assert_array_equal(store.read_rows(staging, record, "entry", rows), entries[rows])
     assert store.read_rows(staging, record, "image", np.zeros(0, np.int64)).shape == (0, 3, 4)
+
+
+@pytest.fixture
+def sparse_staged(tmp_path):
+    """Mostly-zero images, as calorimeter images are, with -0.0, NaN, empty and full events."""
+    rng = np.random.default_rng(11)
+    images = np.where(rng.random((500, 6, 8)) < 0.05, rng.normal(size=(500, 6, 8)), 0).astype(np.float32)
+    images[3] = 0.0
+    images[4] = 1.0
+    images[5, 0, 0], images[5, 1, 1], images[6, 2, 2] = -0.0, np.nan, np.inf
+    counts = (images != 0).astype(np.uint8)
+    writer = store.PartitionWriter(tmp_path, "p1")
+    for step in range(0, 500, 120):
+        writer.append({"image": images[step : step + 120], "counts": counts[step : step + 120]})
+    return tmp_path, writer.close({}), images, counts
+
+
+def test_mostly_zero_images_are_staged_sparse_and_read_back_bit_for_bit(sparse_staged, monkeypatch):
+    staging, record, images, counts = sparse_staged
+    assert record.arrays["image"].sparse and record.arrays["counts"].sparse
+    assert store.Staged.from_json(record.to_json()).arrays == record.arrays
+    assert not (staging / "p1" / "image.bin").exists()
+    dense_bytes = images.nbytes
+    sparse_bytes = sum((staging / "p1" / f"image{s}").stat().st_size for s in store.SPARSE_FILES)
+    assert sparse_bytes < 0.2 * dense_bytes
+    rng = np.random.default_rng(3)
+    for coalesce in (1, 48, store.COALESCE_BYTES, 10**9):
+        monkeypatch.setattr(store, "COALESCE_BYTES", coalesce)
+        for rows in (rng.permutation(500)[:37], np.array([499, 0, 3, 4, 5, 6, 250, 251]), np.arange(500)[::-1],
+                     np.array([3]), rng.choice(500, 300, replace=False)):
+            got = store.read_rows(staging, record, "image", rows)
+            assert got.dtype == images.dtype
+            assert got.tobytes() == images[rows].tobytes()  # -0.0 and NaN included
+            np.testing.assert_array_equal(store.read_rows(staging, record, "counts", rows), counts[rows])
+    assert store.read_rows(staging, record, "image", np.zeros(0, np.int64)).shape == (0, 6, 8)
+
+
+def test_dense_images_stay_dense(staged):
+    _, record, _, _ = staged
+    assert not record.arrays["image"].sparse and not record.arrays["entry"].sparse
+
+
+def test_read_rows_names_a_truncated_sparse_staged_file(sparse_staged):
+    staging, record, _, _ = sparse_staged
+    path = staging / "p1" / "image.val"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(store.StoreError, match=r"p1/image\.val is truncated"):
+        store.read_rows(staging, record, "image", np.array([5, 400]))
+    nnz = staging / "p1" / "counts.nnz"
+    nnz.write_bytes(nnz.read_bytes()[:40])
+    with pytest.raises(store.StoreError, match=r"p1/counts\.nnz is truncated: 10 of 500 events"):
+        store.read_rows(staging, record, "counts", np.array([5]))
 
 
 def test_read_rows_names_a_truncated_staged_file(staged):
