@@ -32,6 +32,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from .binning import nonzero_elements
 from .errors import StoreError
 
 COMPLETE = "hepdask:complete"
@@ -131,11 +132,8 @@ class PartitionWriter:
                 msg = f"staging {self.key}/{name}: got shape {array.shape}, expected (n, *{spec.shape})"
                 raise StoreError(msg)
             if spec.sparse:
-                flat = array.reshape(array.shape[0], spec.size)
-                nonzero = _bits(flat) != 0
-                self._files[f"{name}.nnz"].write(nonzero.sum(axis=1, dtype=np.int32).tobytes())
-                self._files[f"{name}.idx"].write(np.nonzero(nonzero)[1].astype(np.int32).tobytes())
-                self._files[f"{name}.val"].write(flat[nonzero].tobytes())
+                for suffix, part in zip(SPARSE_FILES, nonzero_elements(array)):
+                    self._files[f"{name}{suffix}"].write(part.tobytes())
             else:
                 self._files[f"{name}.bin"].write(array.tobytes())
         self.n_events += n.pop()
@@ -169,17 +167,14 @@ SPARSE_FILES = (".nnz", ".idx", ".val")
 SPARSE_MAX_FRACTION = 0.5
 
 
-def _bits(array: np.ndarray) -> np.ndarray:
-    """*array*'s elements as unsigned integers of the same size (zero only for all-zero bits)."""
-    return array.view(f"u{array.dtype.itemsize}")
-
-
 def _stage_sparse(array: np.ndarray) -> bool:
     """Whether *array* (a first step of events) is an image that pays to stage sparse."""
     if array.ndim < 2 or array.shape[0] == 0 or array.dtype.itemsize not in (1, 2, 4, 8):
         return False
     flat = np.ascontiguousarray(array).reshape(array.shape[0], -1)
-    nonzero = int(np.count_nonzero(_bits(flat)))
+    if flat.shape[1] >= 2**31:  # positions are int32
+        return False
+    nonzero = int(np.count_nonzero(flat.view(f"u{flat.dtype.itemsize}")))
     return nonzero * (4 + array.dtype.itemsize) <= SPARSE_MAX_FRACTION * flat.nbytes
 
 

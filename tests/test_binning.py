@@ -14,6 +14,7 @@ from hepdask.binning import (
     bin_events,
     downsample,
     histogram_layout,
+    nonzero_elements,
     xyz_layout,
 )
 
@@ -186,3 +187,29 @@ def test_kernels_run_without_jit():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "uint8", "uint16"])
+def test_nonzero_elements_are_every_nonzero_bit_pattern_in_order(dtype):
+    rng = np.random.default_rng(5)
+    images = (rng.random((7, 4, 5)) < 0.2) * rng.integers(1, 9, (7, 4, 5))
+    images = images.astype(dtype)
+    images[2] = 0
+    images[3] = 1
+    if dtype.startswith("float"):
+        images[4, 0, 0], images[4, 1, 1], images[5, 3, 4] = -0.0, np.nan, -np.inf
+    counts, positions, values = nonzero_elements(images)
+    flat = images.reshape(7, -1)
+    nonzero = flat.view(f"u{flat.dtype.itemsize}") != 0
+    np.testing.assert_array_equal(counts, nonzero.sum(axis=1))
+    np.testing.assert_array_equal(positions, np.nonzero(nonzero)[1])
+    assert values.tobytes() == flat[nonzero].tobytes()
+    assert counts.dtype == positions.dtype == np.int32 and values.dtype == images.dtype
+    dense = np.zeros_like(flat)
+    dense[np.repeat(np.arange(7), counts), positions] = values
+    assert dense.tobytes() == flat.tobytes()
+
+
+def test_nonzero_elements_of_no_events():
+    counts, positions, values = nonzero_elements(np.zeros((0, 3, 3), np.float32))
+    assert counts.shape == positions.shape == values.shape == (0,)
