@@ -613,8 +613,9 @@ def _prepare_output(config: Config) -> bool:
                 f"file(s) {changed}; pass --overwrite (output.overwrite=true) to start over"
             )
             raise StoreError(msg)
+        # The store is kept: if it was prepared for the same write plan, the chunks its
+        # finished write tasks wrote are kept too (``_run`` decides once it has the plan).
         store.clean_staging(staging)
-        shutil.rmtree(output, ignore_errors=True)
         return True
     elif output.exists():
         msg = (
@@ -716,12 +717,18 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     arrays, dims = _array_specs(config, job.images, staged)
     per_chunk = chunk_events(config, job.images)
     coordinates = [c for img in job.images for c in _coordinates(img.layout, img.dim_prefix)]
-    store.prepare(
-        config.output.path, {k: v.size for k, v in plans.items()}, arrays, dims, coordinates,
-        chunk_events=per_chunk, compressor=(config.output.compressor.name, config.output.compressor.level),
-        attrs={store.PREFIX + "building": True},
-        array_attrs={"label": _label_attrs(config)},
-    )
+    plan_id = store.plan_digest(config.content_hash(), staged)
+    finished = set()
+    if store.prepared_for(config.output.path, plan_id):
+        finished = store.written_tasks(job.staging, plan_id)
+    else:
+        shutil.rmtree(config.output.path, ignore_errors=True)
+        store.prepare(
+            config.output.path, {k: v.size for k, v in plans.items()}, arrays, dims, coordinates,
+            chunk_events=per_chunk, compressor=(config.output.compressor.name, config.output.compressor.level),
+            attrs={store.PREFIX + "building": True},
+            array_attrs={"label": _label_attrs(config)}, plan=plan_id,
+        )
     constants = {
         i: {"label": p.label, "sample": p.sample, "source_file": p.file} for i, p in enumerate(partitions)
     }
@@ -730,17 +737,26 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     n_workers = max(1, len(client.nthreads()))
     group = _chunks_per_task(sum(map(len, ranges.values())), chunk_bytes, n_workers)
     writes = []
+    n_tasks = 0
     for split, plan in plans.items():
         for i in range(0, len(ranges[split]), group):
+            n_tasks += 1
             task_ranges = ranges[split][i : i + group]
             start, stop = task_ranges[0][0], task_ranges[-1][1]
+            name = f"{split}-{start}-{stop}"
+            if name in finished:
+                continue
             part, row = plan.part[start:stop], plan.row[start:stop]
             used = {int(p): staged[int(p)] for p in np.unique(part)}
             writes.append(client.submit(
                 store.write_chunks, config.output.path, split, task_ranges, part, row, used,
-                {p: constants[p] for p in used}, job.staging, key=f"write-{job.build_id}-{split}-{start}",
+                {p: constants[p] for p in used}, job.staging, store.written_marker(job.staging, plan_id, name),
+                key=f"write-{job.build_id}-{name}",
             ))
-    write_task = bar.add("write chunks", len(writes))
+    if finished:
+        bar.print(f"resuming: {n_tasks - len(writes)} of {n_tasks} write tasks had finished")
+    write_task = bar.add("write chunks", n_tasks)
+    bar.advance(write_task, n_tasks - len(writes))
     _wait(client, writes, bar, write_task)
 
     report.image_shape, report.image_dtype, report.chunk_events = layout.shape, job.dtype, per_chunk

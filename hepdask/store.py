@@ -18,6 +18,7 @@ event field, and a coordinate per image axis (bin centres; edges and units in it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -356,8 +357,14 @@ def prepare(
     compressor: tuple[str, int],
     attrs: Mapping[str, Any],
     array_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+    plan: str | None = None,
 ) -> None:
-    """Create the empty store: one group per split with every array and coordinate."""
+    """Create the empty store: one group per split with every array and coordinate.
+
+    *plan*, the digest of what the write tasks will put where (``plan_digest``), is recorded
+    last, once every array exists: a resumed build keeps a store prepared for its plan and
+    its finished write tasks (``prepared_for``).
+    """
     array_attrs = array_attrs or {}
     root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=dict(attrs))
     codec = compressors(*compressor)
@@ -379,6 +386,43 @@ def prepare(
                 attributes=coord.attrs, compressors=None,
             )
             array[...] = coord.values
+    if plan is not None:
+        root.attrs[PLAN] = plan
+
+
+#: Root attribute: the digest of the write plan the store was prepared for.
+PLAN = PREFIX + "plan"
+
+
+def plan_digest(config_hash: str, partitions: Iterable[Staged]) -> str:
+    """What decides every stored event's split, position and content: the config and, per
+    partition in order, its key, events and source file's size and mtime."""
+    identity = [config_hash, *([p.key, p.n_events, p.info.get("size"), p.info.get("mtime")] for p in partitions)]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+def prepared_for(path: str | Path, plan: str) -> bool:
+    """Whether *path* is an unfinished store fully prepared for *plan* (so a resumed build
+    may keep it and the chunks its finished write tasks wrote)."""
+    try:
+        attrs = zarr.open_group(str(path), mode="r", zarr_format=3).attrs
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
+        return False
+    return attrs.get(PLAN) == plan and not attrs.get(COMPLETE, False)
+
+
+WRITTEN = "written"
+
+
+def written_marker(staging: str | Path, plan: str, task: str) -> Path:
+    """The file a write task leaves in the staging area once its chunks are all written."""
+    return Path(staging) / WRITTEN / plan[:16] / task
+
+
+def written_tasks(staging: str | Path, plan: str) -> set[str]:
+    """The write tasks of *plan* that finished (a resumed build skips them)."""
+    directory = Path(staging) / WRITTEN / plan[:16]
+    return {p.name for p in directory.iterdir()} if directory.is_dir() else set()
 
 
 def _zarr_dtype(dtype: str):
@@ -405,8 +449,10 @@ def write_chunks(
     staged: Mapping[int, Staged],
     constants: Mapping[int, Mapping[str, Any]],
     staging: str | Path,
+    done: str | Path | None = None,
 ) -> int:
-    """Fill the consecutive event ranges *ranges* (each exactly whole chunks) of *split*.
+    """Fill the consecutive event ranges *ranges* (each exactly whole chunks) of *split*;
+    then create the file *done* (``written_marker``), if given.
 
     ``part``/``row`` say, for every event from ``ranges[0][0]`` on, which staged partition
     and row it comes from; ``constants`` holds per-partition values (label, sample, source
@@ -452,6 +498,9 @@ def write_chunks(
                     buffer[where] = constants[p][name]
             array[first:last] = buffer
         written += last - first
+    if done is not None:
+        Path(done).parent.mkdir(parents=True, exist_ok=True)
+        Path(done).touch()
     return written
 
 
@@ -476,7 +525,15 @@ def _spans(ranges: list[tuple[int, int]], max_events: int) -> list[list[tuple[in
 
 
 def finalize(path: str | Path, attrs: Mapping[str, Any]) -> None:
-    """Write the final attributes, consolidate metadata, then mark the store complete."""
+    """Remove what interrupted writers left, write the final attributes, consolidate
+    metadata, then mark the store complete.
+
+    Every write task has finished when this runs; a ``*.partial`` file is then zarr's
+    temporary copy of a chunk whose writer was killed (a dead worker, a killed build) and
+    whose chunk a rerun of the task wrote again.
+    """
+    for leftover in Path(path).rglob("*.partial"):
+        leftover.unlink(missing_ok=True)
     root = zarr.open_group(str(path), mode="r+", zarr_format=3)
     root.attrs.update(dict(attrs))
     with warnings.catch_warnings():

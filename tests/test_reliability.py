@@ -226,6 +226,74 @@ def test_resume_refuses_another_config_and_rebuilds_changed_files(ldmx_data, cli
     assert store.verify(tmp_path / "r.zarr") == []
 
 
+def _fail_writes_of(split):
+    """On a worker: make write tasks of *split* fail, after leaving a half-written chunk
+    behind as a killed writer would."""
+    from hepdask import store as worker_store
+
+    original = getattr(worker_store.write_chunks, "original", worker_store.write_chunks)
+    if split is None:
+        worker_store.write_chunks = original
+        return
+
+    def failing(path, this_split, ranges, *args, **kwargs):
+        if this_split == split:
+            chunks = Path(path) / this_split / "image" / "c"
+            chunks.mkdir(parents=True, exist_ok=True)
+            (chunks / f"{ranges[0][0]}.dead.partial").write_bytes(b"half")
+            msg = f"injected failure writing {this_split}"
+            raise RuntimeError(msg)
+        return original(path, this_split, ranges, *args, **kwargs)
+
+    failing.original = original
+    worker_store.write_chunks = failing
+
+
+def test_a_build_stopped_in_its_write_phase_resumes_without_rewriting_finished_chunks(ldmx_data, client, tmp_path):
+    data, _ = ldmx_data
+    raw = demo_config(data, tmp_path / "w.zarr", **{"output.chunk_events": 64})
+    clean = tmp_path / "clean.zarr"
+    clean_report = hepdask.build_dataset(from_dict(demo_config(data, clean, **{"output.chunk_events": 64})),
+                                         client=client, progress=False)
+    client.run(_fail_writes_of, "test")
+    try:
+        with pytest.raises(BuildError, match="injected failure writing test"):
+            hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    finally:
+        client.run(_fail_writes_of, None)
+    out = tmp_path / "w.zarr"
+    assert not store.is_complete(out)
+    train_chunks = sorted((out / "train" / "image" / "c").iterdir())
+    assert train_chunks, "the train split's write tasks finished before the failure"
+    before = {p: p.stat().st_mtime_ns for p in train_chunks}
+
+    report = hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    assert report.events_written == clean_report.events_written > 0
+    assert {p: p.stat().st_mtime_ns for p in train_chunks} == before  # kept, not written again
+    assert chunk_hashes(out) == chunk_hashes(clean)
+    assert store.verify(out) == []  # the dead writer's .partial file is gone
+
+
+def test_a_resumed_build_whose_plan_changed_rewrites_the_store(ldmx_data, client, tmp_path):
+    data, files = ldmx_data
+    raw = demo_config(data, tmp_path / "p.zarr", **{"output.chunk_events": 64})
+    client.run(_fail_writes_of, "test")
+    try:
+        with pytest.raises(BuildError, match="injected failure"):
+            hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    finally:
+        client.run(_fail_writes_of, None)
+    touched = files["signal"][0]
+    os.utime(touched, (time.time() + 120, time.time() + 120))  # restaged: another write plan
+    hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    clean = tmp_path / "clean.zarr"
+    hepdask.build_dataset(from_dict(demo_config(data, clean, **{"output.chunk_events": 64})), client=client,
+                          progress=False)
+    assert chunk_hashes(tmp_path / "p.zarr") == chunk_hashes(clean)
+    attrs = zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs
+    assert attrs[store.PLAN] != zarr.open_group(str(clean), mode="r").attrs[store.PLAN]
+
+
 def test_a_failed_build_is_not_complete(ldmx_data, client, tmp_path):
     data, files = ldmx_data
     raw = demo_config(data, tmp_path / "f.zarr", **{"read.on_bad_file": "skip", "read.max_bad_fraction": 0.0})
