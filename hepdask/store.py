@@ -235,20 +235,46 @@ def read_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray) 
         out = np.empty((rows.size, *spec.shape), dtype=spec.dtype)
         out[order] = np.frombuffer(values, dtype=spec.dtype).reshape(-1, *spec.shape)[at]
         return out
+    counts, positions, values = read_sparse_rows(staging, staged, name, rows)
+    return densify(counts, positions, values, spec).reshape(rows.size, *spec.shape)
+
+
+def read_sparse_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray):
+    """Rows *rows* of a sparse staged array as ``(counts, positions, values)``
+    (``binning.nonzero_elements``' form), in the order asked for."""
+    spec = staged.arrays[name]
+    rows = np.asarray(rows, dtype=np.int64)
+    base = f"{staging}/{staged.key}/{name}"
     nnz = np.fromfile(base + ".nnz", dtype=np.int32)
     if nnz.size != staged.n_events:
         msg = f"staged file {base}.nnz is truncated: {nnz.size} of {staged.n_events} events"
         raise StoreError(msg)
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
     ptr = np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)])
-    starts, lengths = ptr[ordered], nnz[ordered].astype(np.int64)
-    positions, at = _read_ranges(base + ".idx", starts, starts + lengths, 4)
-    values, _ = _read_ranges(base + ".val", starts, starts + lengths, np.dtype(spec.dtype).itemsize)
-    # Element k of wanted row j sits at at[j] + k in both buffers.
-    first = np.cumsum(lengths) - lengths
-    take = np.repeat(at - first, lengths) + np.arange(int(lengths.sum()))
-    out = np.zeros((rows.size, spec.size), dtype=spec.dtype)
-    out[np.repeat(order, lengths), np.frombuffer(positions, np.int32)[take]] = np.frombuffer(values, spec.dtype)[take]
-    return out.reshape(rows.size, *spec.shape)
+    starts = ptr[ordered]
+    positions, at = _read_ranges(base + ".idx", starts, starts + nnz[ordered], 4)
+    values, _ = _read_ranges(base + ".val", starts, starts + nnz[ordered], np.dtype(spec.dtype).itemsize)
+    # Row rows[j] begins at at[inverse[j]] in both buffers.
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    counts = nnz[rows]
+    lengths = counts.astype(np.int64)
+    take = np.repeat(at[inverse] - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+    return counts, np.frombuffer(positions, np.int32)[take], np.frombuffer(values, spec.dtype)[take]
+
+
+def densify(counts: np.ndarray, positions: np.ndarray, values: np.ndarray, spec: ArraySpec,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """``(n, spec.size)`` dense rows from ``nonzero_elements``' form (into *out*, if given:
+    a reused buffer costs no page faults)."""
+    if out is None:
+        out = np.zeros((counts.size, spec.size), dtype=spec.dtype)
+    else:
+        out = out[: counts.size]
+        out.fill(0)
+    out[np.repeat(np.arange(counts.size), counts), positions] = values
+    return out
 
 
 def _read_ranges(path: str, starts: np.ndarray, stops: np.ndarray, itemsize: int) -> tuple[bytearray, np.ndarray]:
@@ -456,10 +482,10 @@ def write_chunks(
 
     ``part``/``row`` say, for every event from ``ranges[0][0]`` on, which staged partition
     and row it comes from; ``constants`` holds per-partition values (label, sample, source
-    file) that are not staged. Consecutive chunks are gathered together, up to
-    ``GATHER_BYTES`` of rows at a time, so a shuffled build reads each staged file once per
-    span instead of once per chunk: with global shuffling nearly every chunk takes rows from
-    nearly every partition.
+    file) that are not staged. With global shuffling nearly every chunk takes rows from
+    nearly every partition, so each staged file is read once per task where its rows are
+    small in memory (sparse images, per-event scalars), and once per span of consecutive
+    chunks (up to ``GATHER_BYTES`` of rows) for dense images.
     """
     staging = Path(staging)
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)[split]
@@ -477,25 +503,30 @@ def write_chunks(
             if start % chunk or (stop % chunk and stop != array.shape[0]):
                 msg = f"{path}/{split}/{name}: region [{start}, {stop}) is not aligned to chunks of {chunk}"
                 raise StoreError(msg)
-    origin = ranges[0][0]
+    origin, end = ranges[0][0], ranges[-1][1]
+    order = np.argsort(part, kind="stable")
+    # The task's events of each partition: (partition, positions in the task).
+    groups = [(int(part[w[0]]), w) for w in np.split(order, np.flatnonzero(np.diff(part[order])) + 1) if w.size]
+    # What is small in memory is gathered once for the whole task, each staged file read
+    # once: per-partition constants, per-event scalars and sparse images. Dense images are
+    # gathered per span of at most GATHER_BYTES.
+    whole = {name: _gather_task(name, array, groups, row, staged, constants, staging, end - origin)
+             for name, array in targets.items()}
     event_bytes = max(_event_bytes(a) for a in targets.values()) if targets else 1
     written = 0
     for span in _spans(ranges, max(1, GATHER_BYTES // event_bytes)):
         first, last = span[0][0], span[-1][1]
-        parts = part[first - origin : last - origin]
-        rows = row[first - origin : last - origin]
-        order = np.argsort(parts, kind="stable")
-        bounds = np.flatnonzero(np.diff(parts[order])) + 1
+        a, b = first - origin, last - origin
+        parts, rows = part[a:b], row[a:b]
+        span_order = np.argsort(parts, kind="stable")
+        bounds = np.flatnonzero(np.diff(parts[span_order])) + 1
         for name, array in targets.items():
-            kind_object = array.dtype.kind in "OT"
-            buffer = np.empty((last - first, *array.shape[1:]), dtype=object if kind_object else array.dtype)
-            for where in np.split(order, bounds):
-                p = int(parts[where[0]])
-                record = staged[p]
-                if name in record.arrays:
-                    buffer[where] = read_rows(staging, record, name, rows[where])
-                else:
-                    buffer[where] = constants[p][name]
+            if whole[name] is not None:
+                array[first:last] = whole[name].rows(a, b)
+                continue
+            buffer = np.empty((b - a, *array.shape[1:]), dtype=array.dtype)
+            for where in np.split(span_order, bounds):
+                buffer[where] = read_rows(staging, staged[int(parts[where[0]])], name, rows[where])
             array[first:last] = buffer
         written += last - first
     if done is not None:
@@ -504,8 +535,68 @@ def write_chunks(
     return written
 
 
-#: Bytes of rows (of the widest stored array) a write task gathers at once.
+#: Bytes of dense rows (of the widest densely staged array) a write task gathers at once.
 GATHER_BYTES = 64 * 2**20
+#: Per-event arrays of at most this many bytes per event are gathered for a whole task.
+SMALL_EVENT_BYTES = 64
+
+
+@dataclass
+class _DenseRows:
+    values: np.ndarray
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        return self.values[a:b]
+
+
+@dataclass
+class _SparseRows:
+    """A write task's rows of a sparse image, in task order, as ``nonzero_elements`` gives them."""
+
+    counts: np.ndarray
+    ptr: np.ndarray
+    positions: np.ndarray
+    values: np.ndarray
+    spec: ArraySpec
+    #: The dense rows of the latest span, reused for the next (zarr has encoded them).
+    buffer: np.ndarray | None = None
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        if self.buffer is None or self.buffer.shape[0] < b - a:
+            self.buffer = np.empty((b - a, self.spec.size), dtype=self.spec.dtype)
+        lo, hi = self.ptr[a], self.ptr[b]
+        dense = densify(self.counts[a:b], self.positions[lo:hi], self.values[lo:hi], self.spec, self.buffer)
+        return dense.reshape(b - a, *self.spec.shape)
+
+
+def _gather_task(name, array, groups, row, staged, constants, staging, n: int):
+    """All *n* rows of a write task of one array, if they are small in memory; else None."""
+    specs = [staged[p].arrays[name] for p, _ in groups if name in staged[p].arrays]
+    if not specs:  # a per-partition constant (label, sample, source file)
+        values = np.empty(n, dtype=object if array.dtype.kind in "OT" else array.dtype)
+        for p, where in groups:
+            values[where] = constants[p][name]
+        return _DenseRows(values)
+    if all(spec.sparse for spec in specs):
+        counts = np.zeros(n, np.int32)
+        pieces = []
+        for p, where in groups:
+            c, positions, values = read_sparse_rows(staging, staged[p], name, row[where])
+            counts[where] = c
+            pieces.append((where, c.astype(np.int64), positions, values))
+        ptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        positions = np.empty(int(ptr[-1]), np.int32)
+        values = np.empty(int(ptr[-1]), specs[0].dtype)
+        for where, c, pos, val in pieces:
+            dest = np.repeat(ptr[where] - (np.cumsum(c) - c), c) + np.arange(pos.size)
+            positions[dest], values[dest] = pos, val
+        return _SparseRows(counts, ptr, positions, values, specs[0])
+    if max(spec.itemsize for spec in specs) <= SMALL_EVENT_BYTES:
+        values = np.empty((n, *array.shape[1:]), dtype=array.dtype)
+        for p, where in groups:
+            values[where] = read_rows(staging, staged[p], name, row[where])
+        return _DenseRows(values)
+    return None
 
 
 def _event_bytes(array) -> int:

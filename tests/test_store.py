@@ -97,3 +97,37 @@ def test_spans_keep_whole_ranges_within_the_budget():
     assert store._spans(ranges, 20) == [[(0, 10), (10, 20)], [(20, 30), (30, 35)]]
     assert store._spans(ranges, 5) == [[r] for r in ranges]
     assert store._spans(ranges, 100) == [ranges]
+
+
+def test_a_write_task_gathers_sparse_and_small_rows_of_many_partitions_in_task_order(tmp_path):
+    rng = np.random.default_rng(9)
+    staged, images, entries = {}, {}, {}
+    for p in range(3):
+        images[p] = np.where(rng.random((40, 5, 6)) < 0.1, rng.normal(size=(40, 5, 6)), 0).astype(np.float32)
+        entries[p] = np.arange(40, dtype=np.int64) + 100 * p
+        writer = store.PartitionWriter(tmp_path, f"p{p}")
+        writer.append({"image": images[p], "entry": entries[p]})
+        staged[p] = writer.close({})
+        assert staged[p].arrays["image"].sparse
+    part = rng.integers(0, 3, 70)  # the task's events, shuffled over the partitions
+    row = np.empty(70, np.int64)
+    for p in range(3):
+        where = np.flatnonzero(part == p)
+        row[where] = rng.permutation(40)[: where.size]
+    order = np.argsort(part, kind="stable")
+    groups = [(int(part[w[0]]), w) for w in np.split(order, np.flatnonzero(np.diff(part[order])) + 1)]
+    expected_images = np.stack([images[p][r] for p, r in zip(part, row)])
+    expected_entries = np.array([entries[p][r] for p, r in zip(part, row)])
+
+    class Target:  # what _gather_task looks at of a Zarr array
+        def __init__(self, dtype, shape):
+            self.dtype, self.shape = np.dtype(dtype), (70, *shape)
+
+    sparse = store._gather_task("image", Target("float32", (5, 6)), groups, row, staged, {}, tmp_path, 70)
+    small = store._gather_task("entry", Target("int64", ()), groups, row, staged, {}, tmp_path, 70)
+    labels = {p: {"label": p + 4} for p in range(3)}
+    constant = store._gather_task("label", Target("int32", ()), groups, row, staged, labels, tmp_path, 70)
+    for a, b in ((0, 70), (0, 1), (13, 52), (69, 70)):
+        assert sparse.rows(a, b).tobytes() == expected_images[a:b].tobytes()
+        np.testing.assert_array_equal(small.rows(a, b), expected_entries[a:b])
+        np.testing.assert_array_equal(constant.rows(a, b), part[a:b] + 4)
