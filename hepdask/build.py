@@ -736,6 +736,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     chunk_bytes = per_chunk * event_bytes(job.images)
     n_workers = max(1, len(client.nthreads()))
     group = _chunks_per_task(sum(map(len, ranges.values())), chunk_bytes, n_workers)
+    slim = [s.slim() for s in staged]
     writes = []
     n_tasks = 0
     for split, plan in plans.items():
@@ -747,11 +748,11 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
             if name in finished:
                 continue
             part, row = plan.part[start:stop], plan.row[start:stop]
-            used = {int(p): staged[int(p)] for p in np.unique(part)}
+            used = np.unique(part).tolist()
+            sources_of_task = store.Sources({p: slim[p] for p in used}, {p: constants[p] for p in used})
             writes.append(client.submit(
-                store.write_chunks, config.output.path, split, task_ranges, part, row, used,
-                {p: constants[p] for p in used}, job.staging, store.written_marker(job.staging, plan_id, name),
-                key=f"write-{job.build_id}-{name}",
+                store.write_chunks, config.output.path, split, task_ranges, part, row, sources_of_task,
+                job.staging, store.written_marker(job.staging, plan_id, name), key=f"write-{job.build_id}-{name}",
             ))
     if finished:
         bar.print(f"resuming: {n_tasks - len(writes)} of {n_tasks} write tasks had finished")
