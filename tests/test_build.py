@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -119,31 +120,32 @@ def test_same_inputs_give_identical_chunks_with_one_and_two_workers(built, ldmx_
     assert first == second
 
 
-def _set_gather_bytes(value):
+def _set_store_constant(name, value):
     from hepdask import store
 
-    previous, store.GATHER_BYTES = store.GATHER_BYTES, value
+    previous = getattr(store, name)
+    setattr(store, name, value)
     return previous
+
+
+@contextmanager
+def store_constant_on_workers(client, name, value):
+    """``hepdask.store.<name> = value`` in every worker (they stage and write) for the block."""
+    previous = client.run(_set_store_constant, name, value)
+    try:
+        yield
+    finally:
+        for old in set(previous.values()):
+            client.run(_set_store_constant, name, old)
 
 
 def test_write_tasks_gathering_one_chunk_at_a_time_write_the_same_chunks(built, ldmx_data, client, tmp_path):
     _, _, out = built
     data, _ = ldmx_data
-    previous = client.run(_set_gather_bytes, 1)
-    try:
-        config = from_dict(demo_config(data, tmp_path / "small-spans.zarr"))
-        hepdask.build_dataset(config, client=client, progress=False)
-    finally:
-        for value in set(previous.values()):
-            client.run(_set_gather_bytes, value)
+    with store_constant_on_workers(client, "GATHER_BYTES", 1):
+        hepdask.build_dataset(from_dict(demo_config(data, tmp_path / "small-spans.zarr")), client=client,
+                              progress=False)
     assert chunk_hashes(tmp_path / "small-spans.zarr") == chunk_hashes(out)
-
-
-def _set_sparse_fraction(value):
-    from hepdask import store
-
-    previous, store.SPARSE_MAX_FRACTION = store.SPARSE_MAX_FRACTION, value
-    return previous
 
 
 def test_images_staged_dense_or_sparse_give_the_same_chunks(built, ldmx_data, client, tmp_path):
@@ -156,13 +158,8 @@ def test_images_staged_dense_or_sparse_give_the_same_chunks(built, ldmx_data, cl
     assert record["arrays"]["image"].get("sparse") is True
     assert not record["arrays"]["entry"].get("sparse")
 
-    previous = client.run(_set_sparse_fraction, -1.0)  # nothing pays: every image staged dense
-    try:
-        assert client.run(_set_sparse_fraction, -1.0) == dict.fromkeys(previous, -1.0)
+    with store_constant_on_workers(client, "SPARSE_MAX_FRACTION", -1.0):  # nothing pays: all dense
         hepdask.build_dataset(from_dict(demo_config(data, tmp_path / "dense.zarr")), client=client, progress=False)
-    finally:
-        for value in set(previous.values()):
-            client.run(_set_sparse_fraction, value)
     assert chunk_hashes(tmp_path / "dense.zarr") == chunk_hashes(out)
 
 

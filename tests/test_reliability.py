@@ -249,18 +249,23 @@ def _fail_writes_of(split):
     worker_store.write_chunks = failing
 
 
-def test_a_build_stopped_in_its_write_phase_resumes_without_rewriting_finished_chunks(ldmx_data, client, tmp_path):
-    data, _ = ldmx_data
-    raw = demo_config(data, tmp_path / "w.zarr", **{"output.chunk_events": 64})
-    clean = tmp_path / "clean.zarr"
-    clean_report = hepdask.build_dataset(from_dict(demo_config(data, clean, **{"output.chunk_events": 64})),
-                                         client=client, progress=False)
+def _build_failing_in_write_phase(raw: dict, client) -> None:
+    """Build *raw* with the test split's write tasks failing: it stops in its write phase."""
     client.run(_fail_writes_of, "test")
     try:
         with pytest.raises(BuildError, match="injected failure writing test"):
             hepdask.build_dataset(from_dict(raw), client=client, progress=False)
     finally:
         client.run(_fail_writes_of, None)
+
+
+def test_a_build_stopped_in_its_write_phase_resumes_without_rewriting_finished_chunks(ldmx_data, client, tmp_path):
+    data, _ = ldmx_data
+    raw = demo_config(data, tmp_path / "w.zarr", **{"output.chunk_events": 64})
+    clean = tmp_path / "clean.zarr"
+    clean_report = hepdask.build_dataset(from_dict(demo_config(data, clean, **{"output.chunk_events": 64})),
+                                         client=client, progress=False)
+    _build_failing_in_write_phase(raw, client)
     out = tmp_path / "w.zarr"
     assert not store.is_complete(out)
     train_chunks = sorted((out / "train" / "image" / "c").iterdir())
@@ -277,12 +282,7 @@ def test_a_build_stopped_in_its_write_phase_resumes_without_rewriting_finished_c
 def test_a_resumed_build_whose_plan_changed_rewrites_the_store(ldmx_data, client, tmp_path):
     data, files = ldmx_data
     raw = demo_config(data, tmp_path / "p.zarr", **{"output.chunk_events": 64})
-    client.run(_fail_writes_of, "test")
-    try:
-        with pytest.raises(BuildError, match="injected failure"):
-            hepdask.build_dataset(from_dict(raw), client=client, progress=False)
-    finally:
-        client.run(_fail_writes_of, None)
+    _build_failing_in_write_phase(raw, client)
     touched = files["signal"][0]
     os.utime(touched, (time.time() + 120, time.time() + 120))  # restaged: another write plan
     hepdask.build_dataset(from_dict(raw), client=client, progress=False)
