@@ -3,13 +3,15 @@
 A build writes in three steps, as pangeo-forge does:
 
 1. ``stage``: each partition's events land in the staging area beside the store
-   (``<store>.hepdask-staging/<key>/``), one raw file per array, moved into place by an
-   atomic rename when the partition is complete, so a task that runs twice is harmless.
-2. ``assign`` + ``write_chunk``: a seeded permutation decides every event's split and
-   position; each task then fills exactly one chunk of every array of one split, so no two
-   tasks ever write into the same Zarr chunk.
-3. ``finalize``: coordinates, attributes and consolidated metadata, then the completion
-   marker ``hepdask:complete`` as the very last write, and the staging area is removed.
+   (``<store>.hepdask-staging/<key>/``), one raw file per array (a mostly-zero image: its
+   non-zero bins), moved into place by an atomic rename when the partition is complete, so
+   a task that runs twice is harmless.
+2. ``assign`` + ``write_chunks``: a seeded permutation decides every event's split and
+   position; each task then fills a run of whole chunks of every array of one split, so no
+   two tasks ever write into the same Zarr chunk, and leaves a marker once done: a resumed
+   build of the same plan (``plan_digest``) skips the tasks that finished.
+3. ``finalize``: attributes and consolidated metadata, then the completion marker
+   ``hepdask:complete`` as the very last write; the build then removes the staging area.
 
 Layout, per split group (``train``, ``val``, ``test``): ``image(event, <axes>)``,
 ``label(event)``, ``sample(event)``, ``source_file(event)``, ``entry(event)``, one array per
