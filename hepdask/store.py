@@ -415,9 +415,9 @@ def prepare(
             array = group.create_array(
                 coord.name, shape=coord.values.shape, chunks=coord.values.shape,
                 dtype=_zarr_dtype(str(coord.values.dtype)), dimension_names=[coord.name],
-                attributes=coord.attrs, compressors=None,
+                attributes=coord.attrs, compressors=None, config={"write_empty_chunks": True},
             )
-            array[...] = coord.values
+            array[...] = coord.values  # written even if all zeros (one bin centred on 0)
     if plan is not None:
         root.attrs[PLAN] = plan
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 
 from hepdask import store
 
@@ -131,3 +132,12 @@ def test_a_write_task_gathers_sparse_and_small_rows_of_many_partitions_in_task_o
         assert sparse.rows(a, b).tobytes() == expected_images[a:b].tobytes()
         np.testing.assert_array_equal(small.rows(a, b), expected_entries[a:b])
         np.testing.assert_array_equal(constant.rows(a, b), part[a:b] + 4)
+
+
+def test_a_coordinate_equal_to_the_fill_value_is_written(tmp_path):
+    """zarr skips chunks equal to the fill value by default; verify would call them missing."""
+    coords = [store.Coordinate("x", np.zeros(1)), store.Coordinate("y", np.array([-0.5, 0.5]))]
+    store.prepare(tmp_path / "s.zarr", {"train": 3}, {"label": store.ArraySpec("int32")}, {"label": ()}, coords,
+                  chunk_events=2, compressor=("zstd", 1), attrs={})
+    assert (tmp_path / "s.zarr" / "train" / "x" / "c" / "0").is_file()
+    assert store._missing_chunks(tmp_path / "s.zarr", zarr.open_group(str(tmp_path / "s.zarr"))["train"]["x"]) == []
