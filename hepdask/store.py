@@ -265,9 +265,14 @@ def read_sparse_rows(staging: str | Path, staged: Staged, name: str, rows: np.nd
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
     counts = nnz[rows]
-    lengths = counts.astype(np.int64)
-    take = np.repeat(at[inverse] - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+    take = _segments(at[inverse], counts)
     return counts, np.frombuffer(positions, np.int32)[take], np.frombuffer(values, spec.dtype)[take]
+
+
+def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices ``starts[0] .. starts[0] + lengths[0] - 1``, then those of segment 1, ..."""
+    lengths = lengths.astype(np.int64)
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
 
 
 def densify(counts: np.ndarray, positions: np.ndarray, values: np.ndarray, spec: ArraySpec,
@@ -446,14 +451,19 @@ def prepared_for(path: str | Path, plan: str) -> bool:
 WRITTEN = "written"
 
 
+def _written(staging: str | Path, plan: str) -> Path:
+    """The staging area's directory of *plan*'s finished write tasks."""
+    return Path(staging) / WRITTEN / plan[:16]
+
+
 def written_marker(staging: str | Path, plan: str, task: str) -> Path:
     """The file a write task leaves in the staging area once its chunks are all written."""
-    return Path(staging) / WRITTEN / plan[:16] / task
+    return _written(staging, plan) / task
 
 
 def written_tasks(staging: str | Path, plan: str) -> set[str]:
     """The write tasks of *plan* that finished (a resumed build skips them)."""
-    directory = Path(staging) / WRITTEN / plan[:16]
+    directory = _written(staging, plan)
     return {p.name for p in directory.iterdir()} if directory.is_dir() else set()
 
 
@@ -600,12 +610,12 @@ def _gather_task(name, array, groups, row, staged, constants, staging, n: int):
         for p, where in groups:
             c, positions, values = read_sparse_rows(staging, staged[p], name, row[where])
             counts[where] = c
-            pieces.append((where, c.astype(np.int64), positions, values))
+            pieces.append((where, c, positions, values))
         ptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         positions = np.empty(int(ptr[-1]), np.int32)
         values = np.empty(int(ptr[-1]), specs[0].dtype)
         for where, c, pos, val in pieces:
-            dest = np.repeat(ptr[where] - (np.cumsum(c) - c), c) + np.arange(pos.size)
+            dest = _segments(ptr[where], c)
             positions[dest], values[dest] = pos, val
         return _SparseRows(counts, ptr, positions, values, specs[0])
     if max(spec.itemsize for spec in specs) <= SMALL_EVENT_BYTES:
