@@ -561,17 +561,18 @@ def build_dataset(
             return plan_report(config, partitions, first_entries, generated)
         if _prepare_output(config):
             bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
-        context = nullcontext(client) if client is not None else _connect(config, bar)
+        context = nullcontext(client) if client is not None else _connect(config, bar, len(partitions))
         with context as active:
             report_path = Path(config.output.path + ".performance-report.html")
             with _performance_report(report_path if config.cluster.performance_report else None):
                 return _run(config, partitions, active, bar, started)
 
 
-def _connect(config: Config, bar: Bar):
+def _connect(config: Config, bar: Bar, n_partitions: int):
     from . import cluster
 
-    return cluster.connect(config.cluster, say=bar.print, log_directory=config.output.path + ".slurm-logs")
+    return cluster.connect(config.cluster, say=bar.print, log_directory=config.output.path + ".slurm-logs",
+                           in_process=config.cluster.in_process(n_partitions))
 
 
 def _performance_report(path: Path | None):

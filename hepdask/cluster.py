@@ -2,7 +2,9 @@
 
 ``kind: local`` (the default) starts a LocalCluster with one single-threaded worker process
 per core, scheduler and dashboard on 127.0.0.1; ``kind: slurm`` a dask-jobqueue SLURMCluster;
-``kind: address`` connects to a running scheduler. The schedulers hepdask starts queue tasks
+``kind: address`` connects to a running scheduler. A small local build (one partition, or
+``processes: false``) runs one worker thread inside this process instead: starting worker
+processes costs more than such a build. The schedulers hepdask starts queue tasks
 themselves (``worker-saturation: 1.0``), so a worker that dies takes only its running task's
 retry count with it. Worker processes get ``NUMBA_NUM_THREADS`` equal to their thread count,
 so the binning kernels do not oversubscribe the cores that Dask already fills.
@@ -40,13 +42,15 @@ def default_workers() -> int:
 
 @contextmanager
 def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
-            log_directory: str | Path | None = None) -> Iterator:
+            log_directory: str | Path | None = None, in_process: bool = False) -> Iterator:
     """Yield a connected ``distributed.Client`` for *spec*; close what was started.
+
+    *in_process* (``kind: local`` only) runs one single-threaded worker in this process.
 
     For SLURM, the worker job is checked with ``sbatch --test-only`` first, then the cluster
     scales adaptively and the build waits (saying why) for ``minimum_jobs`` jobs' workers.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if spec.kind == "slurm":
         with _slurm_client(spec, say, log_directory) as client:
@@ -65,6 +69,11 @@ def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
             client.close()
         return
 
+    if in_process:
+        with _local_cluster(spec, security, n_workers=1, threads_per_worker=1, processes=False) as cluster, \
+                Client(cluster, security=security) as client:
+            yield client
+        return
     workers = spec.workers or default_workers()
     environ = {"NUMBA_NUM_THREADS": str(spec.threads_per_worker)}
     settings = {
@@ -78,25 +87,46 @@ def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
     # numba compilation fail once numba's threads run. So the client's values come back.
     previous = {name: os.environ.get(name) for name in environ}
     with dask.config.set(settings), _restored_environ(previous):
-        try:
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=spec.threads_per_worker,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=spec.dashboard_address,
-                memory_limit=spec.memory_limit,
-                **({"security": security, "protocol": "tls://"} if security is not None else {}),
-            )
-        except (OSError, TimeoutError, ValueError) as err:
-            msg = f"cannot start a LocalCluster of {workers} workers: {err}"
-            raise ClusterError(msg) from None
+        cluster = _start_local(spec, security, n_workers=workers, threads_per_worker=spec.threads_per_worker,
+                               processes=True)
     try:
         with Client(cluster, security=security) as client:
             yield client
     finally:
         with _restored_environ(previous):
             cluster.close()
+
+
+def _start_local(spec: Cluster, security, *, n_workers: int, threads_per_worker: int, processes: bool):
+    from distributed import LocalCluster
+
+    # A worker in this process talks to the scheduler over inproc:// (no host, no port)
+    # unless TLS is asked for.
+    network = {"host": "127.0.0.1"} if processes or security is not None else {}
+    try:
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            dashboard_address=spec.dashboard_address,
+            memory_limit=spec.memory_limit,
+            **network,
+            **({"security": security, "protocol": "tls://"} if security is not None else {}),
+        )
+    except (OSError, TimeoutError, ValueError, RuntimeError) as err:
+        where = "worker processes" if processes else "worker in this process"
+        msg = f"cannot start a LocalCluster of {n_workers} {where}: {err}"
+        raise ClusterError(msg) from None
+
+
+@contextmanager
+def _local_cluster(spec: Cluster, security, **kwargs) -> Iterator:
+    with dask.config.set(SCHEDULER_SETTINGS):
+        cluster = _start_local(spec, security, **kwargs)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @contextmanager

@@ -327,14 +327,21 @@ class Cluster(_Model):
     jobqueue/slurm.yaml), scaled adaptively between ``minimum_jobs`` and ``jobs`` jobs; the
     build starts once ``minimum_jobs`` jobs' workers have joined (``worker_timeout`` seconds
     at most).
+
+    ``processes`` (``local`` only): ``true`` starts worker processes, ``false`` runs one
+    single-threaded worker inside the hepdask process (no process start-up, no protection
+    against a file that crashes its worker). Unset, a plan of one partition runs in the
+    process (there is nothing to run in parallel) and any larger plan on worker processes.
+    ``dashboard_address: null`` starts no dashboard.
     """
 
     kind: Literal["local", "slurm", "address"] = "local"
     address: str | None = None
     workers: Annotated[int, Field(gt=0)] | None = None
     threads_per_worker: Annotated[int, Field(gt=0)] = 1
+    processes: bool | None = None
     memory_limit: str = "auto"
-    dashboard_address: str = "127.0.0.1:8787"
+    dashboard_address: str | None = "127.0.0.1:8787"
     tls: Tls | None = None
     profile: str | None = None
     jobs: Annotated[int, Field(gt=0)] = 4
@@ -350,7 +357,22 @@ class Cluster(_Model):
         if self.minimum_jobs > self.jobs:
             msg = f"cluster.minimum_jobs ({self.minimum_jobs}) exceeds cluster.jobs ({self.jobs})"
             raise ValueError(msg)
+        if self.processes is False:
+            if self.kind != "local":
+                msg = f"cluster.processes false runs the build in this process; cluster.kind is {self.kind!r}"
+                raise ValueError(msg)
+            for key in ("workers", "threads_per_worker"):
+                if (getattr(self, key) or 1) > 1:
+                    msg = (f"cluster.processes false runs one single-threaded worker in this process; "
+                           f"cluster.{key} is {getattr(self, key)}")
+                    raise ValueError(msg)
         return self
+
+    def in_process(self, n_partitions: int) -> bool:
+        """Whether a plan of *n_partitions* runs on a worker inside this process."""
+        if self.kind != "local":
+            return False
+        return not self.processes if self.processes is not None else n_partitions <= 1
 
 
 class Config(_Model):

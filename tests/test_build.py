@@ -120,6 +120,38 @@ def test_same_inputs_give_identical_chunks_with_one_and_two_workers(built, ldmx_
     assert first == second
 
 
+def test_a_build_inside_this_process_writes_the_same_chunks(built, ldmx_data, tmp_path):
+    """cluster.processes false: one worker thread in the hepdask process, the same bytes."""
+    _, _, out = built
+    data, _ = ldmx_data
+    here = from_dict(demo_config(data, tmp_path / "here.zarr", cluster={"processes": False, "dashboard_address": None}))
+    hepdask.build_dataset(here, progress=False)
+    assert chunk_hashes(tmp_path / "here.zarr") == chunk_hashes(out)
+
+
+def test_a_plan_of_one_partition_runs_inside_this_process(ldmx_data, tmp_path, monkeypatch):
+    from hepdask import cluster
+
+    connected = []
+    connect = cluster.connect
+
+    def spy(spec, **kwargs):
+        connected.append(kwargs["in_process"])
+        return connect(spec, **kwargs)
+
+    monkeypatch.setattr(cluster, "connect", spy)
+    data, files = ldmx_data
+    one_file = demo_config(data, tmp_path / "auto.zarr", **{"read.step_size": 1000})
+    one_file["samples"] = [{"name": "signal", "label": 1, "files": [files["signal"][0]]}]
+    hepdask.build_dataset(from_dict(one_file), progress=False)
+    one_file["output"]["path"] = str(tmp_path / "processes.zarr")
+    one_file["cluster"]["processes"] = True
+    hepdask.build_dataset(from_dict(one_file), progress=False)
+    assert connected == [True, False]
+    assert len(chunk_hashes(tmp_path / "auto.zarr")) > 2
+    assert chunk_hashes(tmp_path / "auto.zarr") == chunk_hashes(tmp_path / "processes.zarr")
+
+
 def _set_store_constant(name, value):
     from hepdask import store
 

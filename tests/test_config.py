@@ -65,11 +65,22 @@ def test_unknown_key_is_rejected_with_a_suggestion(tmp_path):
         ({"image.format": "xyz"}, "exactly three axes"),
         ({"event": {"label": "eventNumber"}}, "clash"),
         ({"cluster": {"kind": "address"}}, "needs cluster.address"),
+        ({"cluster": {"processes": False, "workers": 2}}, "cluster.workers is 2"),
+        ({"cluster": {"processes": False, "kind": "address", "address": "tcp://h:1"}}, "cluster.kind is 'address'"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(_config(tmp_path, **change))
+
+
+def test_small_plans_run_in_this_process_unless_told_otherwise():
+    from hepdask.config import Cluster
+
+    assert Cluster().in_process(1) and not Cluster().in_process(2)
+    assert not Cluster(processes=True).in_process(1)
+    assert Cluster(processes=False).in_process(50)
+    assert not Cluster(kind="address", address="tcp://h:1").in_process(1)
 
 
 def test_overrides_set_nested_keys_and_list_items(tmp_path):
