@@ -261,6 +261,7 @@ def tf_dataset(
     field (the image): ``log1p``, ``divide_by_max`` (the split's maximum), ``add_channel_axis``,
     ``channels_first_to_last``; ``cast`` sets the image dtype. ``epochs=None`` repeats forever
     (pair it with ``steps_per_epoch``).
+    Each new iteration of the dataset continues the epoch count where the last one stopped.
     """
     tf = _import_tf()
     if batch_size < 1:
@@ -287,15 +288,22 @@ def tf_dataset(
         arrays = tf.numpy_function(read_shuffled, [pair[0], pair[1]], out_types, stateful=False)
         return tuple(tf.ensure_shape(a, (None, *source.shapes[f])) for a, f in zip(arrays, fields))
 
-    # Each new iteration of the dataset (Keras starts one per epoch) continues the planner's
-    # epochs instead of starting again at epoch 0, so every pass reads a new chunk order.
-    passes = itertools.count()
+    # The (epoch, chunk) pairs come one epoch at a time from a numbered epoch counter: each
+    # new iteration of the dataset (Keras starts one per epoch) continues the planner's epochs
+    # instead of starting again at epoch 0, so every pass reads a new chunk order. (A
+    # from_generator of the pairs, one Python call per chunk, cost a third of the throughput.)
+    started = itertools.count()
 
-    def indices_of_next_pass():
-        first = next(passes) * (epochs or 0)
-        return plan.chunk_indices(epochs, first_epoch=first)
+    def next_epoch(_):
+        epoch = next(started)
+        chunks = plan.chunks(epoch)
+        return np.stack([np.full(chunks.size, epoch, np.int64), chunks.astype(np.int64)], axis=1)
 
-    indices = tf.data.Dataset.from_generator(indices_of_next_pass, output_signature=tf.TensorSpec((2,), tf.int64))
+    def pairs_of_next_epoch(unused):
+        pairs = tf.numpy_function(next_epoch, [unused], tf.int64, stateful=True)
+        return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(pairs, (None, 2)))
+
+    indices = tf.data.Dataset.range(1).repeat(epochs).flat_map(pairs_of_next_epoch)
     options = tf.data.Options()
     options.deterministic = True
     dataset = indices.map(read_chunk, num_parallel_calls=parallel_reads or autotune, deterministic=True)
