@@ -20,6 +20,9 @@ least one full pass over the split (the pipelines repeat, so several passes may 
     batch order shuffled every epoch, iterated directly (``for i in range(len(seq)): seq[i]``);
     once uncompressed and once gzip level 1.
 
+Every measurement runs with the glibc malloc tuning that ``tf_dataset`` applies
+(``hepdask.tfdata.tune_malloc``), so (b) and (c) get the same allocator as (a).
+
 Peak RSS: a psutil thread samples the process every 10 ms (and ``ru_maxrss`` at the end);
 "base" is the RSS after the dataset is built, before the first batch.
 
@@ -187,6 +190,11 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     per_chunk = chunk_events()
     buffer = args.shuffle_buffer or 2 * per_chunk
     B = args.batch_size
+    # tf_dataset tunes glibc's malloc for chunk-sized buffers (hepdask.tfdata.tune_malloc);
+    # every measurement runs with the same tuning, so the baselines are like for like.
+    from hepdask.tfdata import tune_malloc
+
+    tune_malloc()
     if kind.startswith("python-read"):
         return measure_python_reads(path, int(kind.rsplit("-", 1)[1]), args)
 
@@ -283,8 +291,16 @@ def stage_pipeline(tf, path: Path, stages: str, batch_size: int, buffer: int, pa
         x, y = tf.numpy_function(read, [index], types, stateful=False)
         return tf.ensure_shape(x, (None, *SHAPE)), tf.ensure_shape(y, (None,))
 
-    ds = tf.data.Dataset.from_generator(lambda: (c for _, c in plan.chunk_indices(None)),
-                                        output_signature=tf.TensorSpec((), tf.int64))
+    # Chunk indices one epoch at a time, as tf_dataset makes them (a from_generator per
+    # chunk index would cost more than the stages measured here).
+    epochs = iter(range(2**62))
+
+    def chunks_of_next_epoch(_):
+        order = tf.numpy_function(lambda _: plan.chunks(next(epochs)).astype(np.int64), [_], tf.int64,
+                                  stateful=True)
+        return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(order, (None,)))
+
+    ds = tf.data.Dataset.range(1).repeat().flat_map(chunks_of_next_epoch)
     ds = ds.map(read_chunk, num_parallel_calls=parallel_reads or tf.data.AUTOTUNE, deterministic=True)
     if stages == "rebatch":
         ds = ds.rebatch(batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -188,3 +189,8 @@ def test_divide_by_max_scales_every_split_by_the_train_maximum(tf_two_cpus, trai
                                            transforms=["divide_by_max"])))
     raw = zarr.open_group(str(train_store), mode="r")["val"]["image"][:16]
     np.testing.assert_allclose(image.numpy(), raw / np.float32(maximum), rtol=1e-6)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_malloc_tuning_applies_on_glibc():
+    assert tfdata.tune_malloc() is True
