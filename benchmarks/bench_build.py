@@ -23,7 +23,9 @@ One run, on the same input files (the demo's generated ROOT files) and the same 
 
 Every measurement gets a fresh LocalCluster (so one build's freed-but-retained memory does
 not show up in the next one's peak), warmed up before timing: every worker processes one
-partition (numba compilation, imports), then a tiny 2-file build runs on the cluster.
+partition (numba compilation, imports), then a tiny 2-file build runs on the cluster. That
+build registers hepdask's malloc tuning on the workers (``cluster.tune_malloc``), so the read
+and write baselines run with the same allocator settings as the builds.
 
     python benchmarks/bench_build.py [--config configs/demo.yaml] [--workers 2]
         [--shuffle/--no-shuffle] [--scale 2 [4 ...]] [--repeat 1] [--work-dir benchmarks/_work]

@@ -21,7 +21,7 @@ least one full pass over the split (the pipelines repeat, so several passes may 
     once uncompressed and once gzip level 1.
 
 Every measurement runs with the glibc malloc tuning that ``tf_dataset`` applies
-(``hepdask.tfdata.tune_malloc``), so (b) and (c) get the same allocator as (a).
+(``hepdask.malloc.tune``), so (b) and (c) get the same allocator as (a).
 
 Peak RSS: a psutil thread samples the process every 10 ms (and ``ru_maxrss`` at the end);
 "base" is the RSS after the dataset is built, before the first batch.
@@ -190,11 +190,11 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     per_chunk = chunk_events()
     buffer = args.shuffle_buffer or 2 * per_chunk
     B = args.batch_size
-    # tf_dataset tunes glibc's malloc for chunk-sized buffers (hepdask.tfdata.tune_malloc);
-    # every measurement runs with the same tuning, so the baselines are like for like.
-    from hepdask.tfdata import tune_malloc
+    # tf_dataset tunes glibc's malloc for chunk-sized buffers (hepdask.malloc.tune); every
+    # measurement runs with the same tuning, so the baselines are like for like.
+    from hepdask import malloc
 
-    tune_malloc()
+    malloc.tune()
     if kind.startswith("python-read"):
         return measure_python_reads(path, int(kind.rsplit("-", 1)[1]), args)
 

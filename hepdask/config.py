@@ -332,7 +332,8 @@ class Cluster(_Model):
     single-threaded worker inside the hepdask process (no process start-up, no protection
     against a file that crashes its worker). Unset, a plan of one partition runs in the
     process (there is nothing to run in parallel) and any larger plan on worker processes.
-    ``dashboard_address: null`` starts no dashboard.
+    ``dashboard_address: null`` starts no dashboard. ``tune_malloc`` sets glibc's malloc
+    thresholds on every worker so that chunk-sized buffers are reused (``hepdask.malloc``).
     """
 
     kind: Literal["local", "slurm", "address"] = "local"
@@ -348,6 +349,7 @@ class Cluster(_Model):
     minimum_jobs: Annotated[int, Field(ge=0)] = 1
     worker_timeout: Annotated[float, Field(gt=0)] = 600
     performance_report: bool = False
+    tune_malloc: bool = True
 
     @model_validator(mode="after")
     def _address(self) -> Cluster:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
+from . import malloc, store
 from .errors import ConfigError, StoreError
 
 TRANSFORMS = ("log1p", "divide_by_max", "add_channel_axis", "channels_first_to_last")
@@ -205,33 +205,6 @@ def image_maximum(path: str | Path, split: str = "train", field: str = "image") 
 # --------------------------------------------------------------------------------------------
 # the tf.data adapter
 
-#: glibc's malloc gives every buffer above its mmap threshold (adjusted between 128 KiB and
-#: 32 MiB) a fresh mapping and returns freed memory past its trim threshold to the system, so
-#: every decompressed 4 MiB chunk and every tensor copy of it page-faulted fresh memory: a
-#: quarter of a tf_dataset pipeline's CPU time (benchmarks/RESULTS.md). With these, chunk-
-#: sized buffers are reused from the heap; both are needed (either alone did not help).
-MALLOC_MMAP_THRESHOLD = 32 * 2**20
-MALLOC_TRIM_THRESHOLD = 256 * 2**20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
-
-
-def tune_malloc() -> bool:
-    """Keep chunk-sized buffers in glibc's heap (see ``MALLOC_MMAP_THRESHOLD``).
-
-    Process-wide: freed memory up to ``MALLOC_TRIM_THRESHOLD`` stays with the process. True
-    when applied; False where the C library is not glibc (nothing is changed there).
-    """
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
-                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
-
-
 def _import_tf():
     try:
         import tensorflow as tf
@@ -289,11 +262,11 @@ def tf_dataset(
     ``channels_first_to_last``; ``cast`` sets the image dtype. ``epochs=None`` repeats forever
     (pair it with ``steps_per_epoch``).
     Each new iteration of the dataset continues the epoch count where the last one stopped.
-    ``malloc_tuning`` applies ``tune_malloc`` (glibc only; process-wide).
+    ``malloc_tuning`` applies ``hepdask.malloc.tune`` (glibc only; process-wide).
     """
     tf = _import_tf()
     if malloc_tuning:
-        tune_malloc()
+        malloc.tune()
     if batch_size < 1:
         msg = f"batch_size must be positive, got {batch_size}"
         raise ConfigError(msg)

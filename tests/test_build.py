@@ -406,3 +406,11 @@ def test_local_cluster_leaves_the_client_environment_alone(monkeypatch):
         assert client.run(lambda: os.environ["NUMBA_NUM_THREADS"]) == dict.fromkeys(client.scheduler_info()["workers"], "1")
         assert "NUMBA_NUM_THREADS" not in os.environ
     assert "NUMBA_NUM_THREADS" not in os.environ
+
+
+def test_workers_get_the_malloc_tuning(built, client):
+    """The build registers hepdask.malloc.TunedMalloc, so restarted workers get it too."""
+    from hepdask import malloc
+
+    plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
+    assert all(malloc.TunedMalloc.name in names for names in plugins.values()), plugins

@@ -193,4 +193,6 @@ def test_divide_by_max_scales_every_split_by_the_train_maximum(tf_two_cpus, trai
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_malloc_tuning_applies_on_glibc():
-    assert tfdata.tune_malloc() is True
+    from hepdask import malloc
+
+    assert malloc.tune() is True
