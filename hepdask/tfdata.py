@@ -21,7 +21,7 @@ TensorFlow is imported only inside the adapter functions; ``import hepdask`` nev
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +82,10 @@ class EpochPlan:
             parts.append(rows if order is None else rows[order])
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def chunk_indices(self, epochs: int | None, first_epoch: int = 0) -> Iterator[tuple[int, int]]:
-        """``(epoch, chunk)`` pairs for *epochs* epochs in a row from *first_epoch* (forever if None)."""
-        epoch = first_epoch
-        while epochs is None or epoch < first_epoch + epochs:
-            yield from ((epoch, int(c)) for c in self.chunks(epoch))
-            epoch += 1
+    def pairs(self, epoch: int) -> np.ndarray:
+        """``(epoch, chunk)`` rows (int64) of the chunks this shard reads in *epoch*, in order."""
+        chunks = self.chunks(epoch).astype(np.int64)
+        return np.stack([np.full(chunks.size, epoch, np.int64), chunks], axis=1)
 
     def row_order(self, epoch: int, chunk: int, n: int) -> np.ndarray | None:
         """The seeded order of the *n* events of *chunk* in *epoch* (None: unshuffled)."""
@@ -205,6 +203,7 @@ def image_maximum(path: str | Path, split: str = "train", field: str = "image") 
 # --------------------------------------------------------------------------------------------
 # the tf.data adapter
 
+
 def _import_tf():
     try:
         import tensorflow as tf
@@ -297,13 +296,8 @@ def tf_dataset(
     # from_generator of the pairs, one Python call per chunk, cost a third of the throughput.)
     started = itertools.count()
 
-    def next_epoch(_):
-        epoch = next(started)
-        chunks = plan.chunks(epoch)
-        return np.stack([np.full(chunks.size, epoch, np.int64), chunks.astype(np.int64)], axis=1)
-
     def pairs_of_next_epoch(unused):
-        pairs = tf.numpy_function(next_epoch, [unused], tf.int64, stateful=True)
+        pairs = tf.numpy_function(lambda _: plan.pairs(next(started)), [unused], tf.int64, stateful=True)
         return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(pairs, (None, 2)))
 
     indices = tf.data.Dataset.range(1).repeat(epochs).flat_map(pairs_of_next_epoch)

@@ -37,7 +37,8 @@ def test_epoch_plan_covers_a_ragged_last_chunk():
     plan = EpochPlan(n_events=1000, chunk_events=128, seed=0, shuffle=True)
     assert plan.n_chunks == 8
     assert sorted(plan.events(0).tolist()) == list(range(1000))
-    assert len(list(plan.chunk_indices(epochs=2))) == 16
+    assert sum(len(plan.pairs(e)) for e in range(2)) == 16
+    assert (plan.pairs(1)[:, 0] == 1).all() and np.array_equal(plan.pairs(1)[:, 1], plan.chunks(1))
 
 
 def test_import_hepdask_does_not_import_tensorflow():
