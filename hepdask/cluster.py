@@ -70,31 +70,25 @@ def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
         return
 
     if in_process:
-        with _local_cluster(spec, security, n_workers=1, threads_per_worker=1, processes=False) as cluster, \
-                Client(cluster, security=security) as client:
-            yield client
-        return
-    workers = spec.workers or default_workers()
-    environ = {"NUMBA_NUM_THREADS": str(spec.threads_per_worker)}
-    settings = {
-        "distributed.nanny.pre-spawn-environ": {
-            **dask.config.get("distributed.nanny.pre-spawn-environ", {}), **environ,
-        },
-        **SCHEDULER_SETTINGS,
-    }
-    # distributed's Nanny applies pre-spawn-environ with os.environ.update in *this* process
-    # (distributed 2026.8, nanny.py); left there, NUMBA_NUM_THREADS=1 makes the client's next
-    # numba compilation fail once numba's threads run. So the client's values come back.
-    previous = {name: os.environ.get(name) for name in environ}
-    with dask.config.set(settings), _restored_environ(previous):
-        cluster = _start_local(spec, security, n_workers=workers, threads_per_worker=spec.threads_per_worker,
-                               processes=True)
-    try:
-        with Client(cluster, security=security) as client:
-            yield client
-    finally:
-        with _restored_environ(previous):
-            cluster.close()
+        local = _local_cluster(spec, security, SCHEDULER_SETTINGS, {}, n_workers=1, threads_per_worker=1,
+                               processes=False)
+    else:
+        environ = {"NUMBA_NUM_THREADS": str(spec.threads_per_worker)}
+        settings = {
+            "distributed.nanny.pre-spawn-environ": {
+                **dask.config.get("distributed.nanny.pre-spawn-environ", {}), **environ,
+            },
+            **SCHEDULER_SETTINGS,
+        }
+        # distributed's Nanny applies pre-spawn-environ with os.environ.update in *this*
+        # process (distributed 2026.8, nanny.py); left there, NUMBA_NUM_THREADS=1 makes the
+        # client's next numba compilation fail once numba's threads run. So the client's
+        # values come back.
+        previous = {name: os.environ.get(name) for name in environ}
+        local = _local_cluster(spec, security, settings, previous, n_workers=spec.workers or default_workers(),
+                               threads_per_worker=spec.threads_per_worker, processes=True)
+    with local as cluster, Client(cluster, security=security) as client:
+        yield client
 
 
 def _start_local(spec: Cluster, security, *, n_workers: int, threads_per_worker: int, processes: bool):
@@ -120,13 +114,16 @@ def _start_local(spec: Cluster, security, *, n_workers: int, threads_per_worker:
 
 
 @contextmanager
-def _local_cluster(spec: Cluster, security, **kwargs) -> Iterator:
-    with dask.config.set(SCHEDULER_SETTINGS):
+def _local_cluster(spec: Cluster, security, settings: dict, restore: dict[str, str | None], **kwargs) -> Iterator:
+    """A LocalCluster started under the Dask *settings*, closed at the end; the environment
+    variables *restore* names get their values back after the start and after the close."""
+    with dask.config.set(settings), _restored_environ(restore):
         cluster = _start_local(spec, security, **kwargs)
     try:
         yield cluster
     finally:
-        cluster.close()
+        with _restored_environ(restore):
+            cluster.close()
 
 
 @contextmanager

@@ -4,7 +4,7 @@ glibc's malloc gives every buffer above its mmap threshold (adjusted between 128
 32 MiB) a fresh mapping and returns freed memory past its trim threshold to the system, so
 each decompressed chunk, each staged image block and each tensor copy of a chunk
 page-faulted fresh memory. Measured (benchmarks/RESULTS.md): a quarter of a ``tf_dataset``
-pipeline's CPU time, and 15-18 % of a build's wall time. With the two thresholds below,
+pipeline's CPU time, and 8-18 % of a build's wall time. With the two thresholds below,
 chunk-sized buffers are reused from the heap; either alone did not help.
 """
 
