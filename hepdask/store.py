@@ -35,7 +35,6 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .binning import nonzero_elements
 from .errors import StoreError
 
 COMPLETE = "hepdask:complete"
@@ -139,6 +138,9 @@ class PartitionWriter:
                 msg = f"staging {self.key}/{name}: got shape {array.shape}, expected (n, *{spec.shape})"
                 raise StoreError(msg)
             if spec.sparse:
+                # Imported here: numba's import is a third of `hepdask info`'s start-up.
+                from .binning import nonzero_elements
+
                 for suffix, part in zip(SPARSE_FILES, nonzero_elements(array)):
                     self._files[f"{name}{suffix}"].write(part.tobytes())
             else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -254,6 +256,20 @@ def test_cli_build_and_info(ldmx_data, tmp_path, capsys):
     assert set(info["splits"]) == {"train", "val", "test"}
     assert info["samples"]["signal"]["files"] == 4
     assert info["splits"]["train"]["image_shape"] == [17, 16]
+
+
+def test_cli_start_up_imports_only_what_the_command_needs():
+    """``hepdask --help`` and ``hepdask info`` start without numba, uproot or Dask; the
+    public names and submodules still resolve on first use."""
+    code = (
+        "import sys, hepdask.cli, hepdask.store; "
+        "print(*[m in sys.modules for m in ('numba', 'uproot', 'awkward', 'distributed', 'pydantic')]); "
+        "print(callable(hepdask.store.verify), callable(hepdask.build_dataset), 'numba' in sys.modules)"
+    )
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines == ["False False False False False", "True True True"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = hepdask.nope
 
 
 # ------------------------------------------------------------------------------------------
