@@ -166,8 +166,46 @@ def _locate(x, lo, hi, n, kind, origin, scale, edges, a):
 #: Hits handled per block: the block's bin indices stay in L1 between the two passes.
 #: Each block is binned in two passes: a branch-free (vectorised) guess of every hit's flat
 #: index, axis by axis, then a tight scatter-add; hits the guess is not sure of (outside the
-#: range, NaN, within rounding of an edge, explicit edges) are located exactly in between.
+#: range, NaN, within rounding of an edge, explicit edges) are located exactly in between
+#: (for plain count images, after the sure hits are counted: the order of counts is free).
 _BLOCK = 512
+
+#: The first guess is not trusted this close (in bins) to a boundary: past it, the float32
+#: arithmetic of the guess would have to be wrong by more than its error bound allows, so
+#: float32 coordinates are guessed in float32 (twice the SIMD lanes) unless an axis is so far
+#: from 0, in bins, that its bound exceeds this; then the guess is made in float64.
+_FLOAT32_MAX_NEAR = 1e-3
+
+
+def _first_guess(axes, coords_dtype: np.dtype):
+    """Per-axis ``(lows, highs, origins, scales, nears, 1 - nears)`` of the first guess, in
+    the dtype it is computed in: float32 when the coordinates are float32, no axis is
+    logarithmic and the rounding bound below allows it; else float64.
+
+    The guess ``g = (x - origin) * scale`` of a uniform axis rounds the origin, the scale, the
+    difference and the product once each; with ``e`` the dtype's unit roundoff its error is
+    below ``e * (|origin| * scale + 3 * (bins + 1))`` bins. ``nears`` is four times that, plus
+    ``_NEAR_EDGE`` for the edges' own rounding; a hit closer than that to a boundary (or
+    outside, NaN, or on an explicit or log axis) is located exactly against the float64 edges.
+    """
+    lookups = [a.lookup() for a in axes]
+
+    def nears(dtype) -> np.ndarray:
+        roundoff = np.finfo(dtype).eps / 2
+        return np.array([_NEAR_EDGE + 4 * roundoff * (abs(o) * s + 3 * (a.nbins + 1))
+                         for a, (o, s) in zip(axes, lookups)])  # fmt: skip
+
+    dtype = np.float64
+    if coords_dtype == np.float32 and all(a.kind != LOG for a in axes):
+        near32 = nears(np.float32)
+        if near32.max() <= _FLOAT32_MAX_NEAR:
+            dtype = np.float32
+    near = nears(dtype)
+    return (
+        np.array([a.edges[0] for a in axes], dtype), np.array([a.edges[-1] for a in axes], dtype),
+        np.array([o for o, _ in lookups], dtype), np.array([s for _, s in lookups], dtype),
+        near.astype(dtype), (1.0 - near).astype(dtype),
+    )  # fmt: skip
 
 
 @numba.njit(nogil=True)
@@ -223,9 +261,10 @@ def _make_fill(index):
     bad = index(np.iinfo(index).min)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def fill(coords, offsets, edges, nbins, kinds, origins, scales, strides, key_strides,
+    def fill(coords, offsets, edges, nbins, kinds, origins, scales, guess, strides, key_strides,
              chan_offsets, weights, weighted, maxval, saturate, out, under, over, nans,
              clipped, inside):  # fmt: skip
+        g_lows, g_highs, g_origins, g_scales, g_nears, g_fars = guess
         n_axes = coords.shape[0]
         n_out = strides.shape[0]
         size = out.shape[1]
@@ -240,6 +279,8 @@ def _make_fill(index):
             # A bin gets at most one count per hit and output: with no more counts than
             # maxval none can saturate, and the check is skipped.
             check = saturate and (last - first) * n_out > maxval
+            # Plain counts are added as soon as the first pass is sure of them.
+            counts_first = not weighted and n_out == 1 and not check
             n_nan = 0
             n_clipped = 0
             n_inside = 0
@@ -259,37 +300,54 @@ def _make_fill(index):
                     stride = index(key_strides[a])
                     if kind == EXPLICIT:
                         for i in range(m):
-                            b = _locate(np.float64(x[i]), lo, hi, n, kind, origin, scale, edges, a)
-                            row[i] = index(max(b, 0))
-                            keys[i] = (keys[i] + row[i] * stride) | (zero if b >= 0 else bad)
+                            b_exact = _locate(np.float64(x[i]), lo, hi, n, kind, origin, scale, edges, a)
+                            row[i] = index(max(b_exact, 0))
+                            keys[i] = (keys[i] + row[i] * stride) | (zero if b_exact >= 0 else bad)
                         continue
+                    # Each loop has its own variable names: numba gives a name one type in the
+                    # whole function, and a `b` shared with _locate's int64 result widened
+                    # every lane of the loops below (1.4x slower).
                     if kind == UNIFORM:
+                        # In the guess's dtype (float32 or float64; see _first_guess).
+                        g_lo, g_hi, g_origin, g_scale = g_lows[a], g_highs[a], g_origins[a], g_scales[a]
+                        g_near, g_far = g_nears[a], g_fars[a]
+                        n_bins = index(n)  # compared in the index dtype, lane for lane
                         for i in range(m):
-                            v = np.float64(x[i])
-                            ok = (v >= lo) & (v < hi)
-                            g = ((v if ok else lo) - origin) * scale
-                            b = index(g)
-                            frac = g - b
+                            u = x[i]
+                            inside_u = (u >= g_lo) & (u < g_hi)
+                            gu = ((u if inside_u else g_lo) - g_origin) * g_scale
+                            fu = np.floor(gu)
+                            bu = index(fu)
+                            frac_u = gu - fu
                             # Within rounding of an edge (or past the last bin): not certain.
-                            ok &= (frac >= _NEAR_EDGE) & (frac <= 1.0 - _NEAR_EDGE) & (b < n)
-                            row[i] = b
-                            keys[i] = (keys[i] + b * stride) | (zero if ok else bad)
+                            inside_u &= (frac_u >= g_near) & (frac_u <= g_far) & (bu < n_bins)
+                            row[i] = bu
+                            keys[i] = (keys[i] + bu * stride) | (zero if inside_u else bad)
                         continue
                     for i in range(m):  # LOG
                         v = np.float64(x[i])
                         ok = (v >= lo) & (v < hi)
                         g = (math.log(v if ok else lo) - origin) * scale
-                        b = index(g)
-                        frac = g - b
-                        ok &= (frac >= _NEAR_EDGE) & (frac <= 1.0 - _NEAR_EDGE) & (b < n)
-                        row[i] = b
-                        keys[i] = (keys[i] + b * stride) | (zero if ok else bad)
+                        b_log = index(g)
+                        frac = g - b_log
+                        ok &= (frac >= _NEAR_EDGE) & (frac <= 1.0 - _NEAR_EDGE) & (b_log < n)
+                        row[i] = b_log
+                        keys[i] = (keys[i] + b_log * stride) | (zero if ok else bad)
                 # The few hits the first pass was not sure of: their exact bins, or their
                 # statistics if they are not in the image (the key stays negative).
                 n_unsure = 0
-                for i in range(m):
-                    unsure[n_unsure] = i
-                    n_unsure += keys[i] < 0
+                if counts_first:
+                    for i in range(m):
+                        key = keys[i]
+                        if key >= 0:
+                            img[key] += 1
+                        else:
+                            unsure[n_unsure] = i
+                            n_unsure += 1
+                else:
+                    for i in range(m):
+                        unsure[n_unsure] = i
+                        n_unsure += keys[i] < 0
                 n_inside += m
                 for j in range(n_unsure):
                     i = unsure[j]
@@ -304,18 +362,17 @@ def _make_fill(index):
                         for a in range(n_axes):
                             key += bins[a, i] * strides[0, a]
                     keys[i] = key
+                    if counts_first:
+                        img[key] += 1
                 # Second pass, in the hits' order (weighted sums must be histogramdd's).
+                if counts_first:
+                    continue
                 if weighted:
                     for i in range(m):
                         if keys[i] >= 0:
                             for k in range(n_out):
                                 idx = _flat(bins, i, k, keys[i], strides, chan_offsets)
                                 acc[idx] += weights[start + i]
-                elif n_out == 1 and not check:
-                    for i in range(m):
-                        key = keys[i]
-                        if key >= 0:
-                            img[key] += 1
                 else:
                     for i in range(m):
                         if keys[i] >= 0:
@@ -447,7 +504,7 @@ def bin_events(
         coords, offsets, edges, np.array([a.nbins for a in layout.axes], np.int64),
         np.array([a.kind for a in layout.axes], np.int64),
         np.ascontiguousarray(lookups[:, 0]), np.ascontiguousarray(lookups[:, 1]),
-        strides, key_strides, layout.offsets.astype(index), weights, weighted, maxval,
+        _first_guess(layout.axes, coords.dtype), strides, key_strides, layout.offsets.astype(index), weights, weighted, maxval,
         saturate, out, under, over, nans, clipped, inside,
     )
     stats = BinStats(

@@ -85,6 +85,45 @@ def test_values_on_edges_follow_histogramdd():
     assert stats.overflow.tolist() == [1]
 
 
+@pytest.mark.parametrize(
+    ("lo", "hi", "bins"),
+    [
+        (0.1, 0.7, 7),  # bounds and widths that float32 cannot represent
+        (-250.0, 500.0, 100),  # a time window
+        (1000.0, 1750.0, 300),  # far from 0 in bins: float32 guess, larger bound
+        (1.0e6, 1.0e6 + 10.0, 10),  # float32 cannot resolve a bin: the guess is made in float64
+    ],
+)
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_float32_values_at_every_edge_follow_histogramdd(lo, hi, bins, dtype):
+    """float32 hits are first placed in float32 arithmetic; at and next to every (float32-
+    rounded) edge, and at random, the images and statistics still equal histogramdd's.
+    uint8 images of this many hits take the saturation-checked path, float32 the weighted one."""
+    axis = BinAxis.uniform("t", bins, lo, hi)
+    other = BinAxis.uniform("z", 3, 0.0, 3.0)
+    edges32 = axis.edges.astype(np.float32)
+    rng = np.random.default_rng(bins)
+    t = np.concatenate([
+        edges32, np.nextafter(edges32, np.float32(-np.inf)), np.nextafter(edges32, np.float32(np.inf)),
+        rng.uniform(lo - (hi - lo) * 0.1, hi + (hi - lo) * 0.1, 4000).astype(np.float32),
+    ])  # fmt: skip
+    z = rng.uniform(-0.2, 3.2, t.size).astype(np.float32)
+    coords = np.stack([z, t])
+    offsets = np.array([0, t.size // 3, t.size], np.int64)
+    layout = histogram_layout([other, axis])
+    weights = rng.exponential(1.0, t.size).astype(np.float32) if dtype == "float32" else None
+    images, stats = bin_events(coords, offsets, layout, weights=weights, dtype=dtype)
+    expected = _reference(coords, offsets, [other, axis], weights)
+    if dtype == "float32":
+        np.testing.assert_array_equal(images, expected.astype(np.float32))
+    else:
+        np.testing.assert_array_equal(images, np.minimum(expected, np.iinfo(dtype).max))
+    t64, z64 = t.astype(np.float64), z.astype(np.float64)
+    assert stats.underflow.tolist() == [int((z64 < 0).sum()), int((t64 < axis.edges[0]).sum())]
+    assert stats.overflow.tolist() == [int((z64 > 3).sum()), int((t64 > axis.edges[-1]).sum())]
+    assert stats.in_image == _reference(coords, offsets, [other, axis]).sum()
+
+
 def test_nan_and_inf_are_defined():
     axis_x = BinAxis.uniform("x", 2, 0.0, 1.0)
     axis_y = BinAxis.uniform("y", 2, 0.0, 1.0)
