@@ -23,26 +23,10 @@ _LAZY = {
 }
 
 #: submodules reachable as attributes (``hepdask.store.verify``) without importing them first
-_SUBMODULES = frozenset(
-    {
-        "binning",
-        "build",
-        "cli",
-        "cluster",
-        "config",
-        "errors",
-        "examples",
-        "geometry",
-        "malloc",
-        "plots",
-        "selection",
-        "sources",
-        "store",
-        "tfdata",
-        "train",
-        "truth",
-    }
-)
+_SUBMODULES = frozenset({
+    "binning", "build", "cli", "cluster", "config", "errors", "examples", "geometry", "malloc",
+    "plots", "selection", "sources", "store", "tfdata", "train", "truth",
+})  # fmt: skip
 
 __all__ = [
     "BuildReport",

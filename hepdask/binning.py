@@ -364,9 +364,9 @@ def _make_fill(index):
                     keys[i] = key
                     if counts_first:
                         img[key] += 1
-                # Second pass, in the hits' order (weighted sums must be histogramdd's).
                 if counts_first:
-                    continue
+                    continue  # every count of the block is in
+                # Second pass, in the hits' order (weighted sums must be histogramdd's).
                 if weighted:
                     for i in range(m):
                         if keys[i] >= 0:
@@ -504,8 +504,8 @@ def bin_events(
         coords, offsets, edges, np.array([a.nbins for a in layout.axes], np.int64),
         np.array([a.kind for a in layout.axes], np.int64),
         np.ascontiguousarray(lookups[:, 0]), np.ascontiguousarray(lookups[:, 1]),
-        _first_guess(layout.axes, coords.dtype), strides, key_strides, layout.offsets.astype(index), weights, weighted, maxval,
-        saturate, out, under, over, nans, clipped, inside,
+        _first_guess(layout.axes, coords.dtype), strides, key_strides, layout.offsets.astype(index),
+        weights, weighted, maxval, saturate, out, under, over, nans, clipped, inside,
     )
     stats = BinStats(
         tuple(a.name for a in layout.axes), int(n_hits), under.sum(axis=0), over.sum(axis=0),

@@ -270,6 +270,8 @@ def test_cli_start_up_imports_only_what_the_command_needs():
     assert lines == ["False False False False False", "True True True"]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = hepdask.nope
+    modules = {p.stem for p in Path(hepdask.__file__).parent.glob("*.py")} - {"__init__"}
+    assert modules == hepdask._SUBMODULES  # a new module is reachable as hepdask.<name> too
 
 
 # ------------------------------------------------------------------------------------------
