@@ -9,7 +9,7 @@ installed (it does not import hepdask), e.g.::
     /work/venvs/orcasong/bin/python benchmarks/orcasong_reference.py \\
         --root FILE.root [FILE2.root ...] --detx FILE.detx --edges EDGES.json \\
         --out OUT.npz [--du N] [--center X Y Z] [--workdir DIR] [--repeat K] \\
-        [--convert cli|inprocess]
+        [--convert cli|inprocess] [--postprocess]
 
 Several ROOT files are processed one after the other in one process, as
 ``FileBinner.run_multi`` does (one converted h5 and one image h5 each).
@@ -23,6 +23,13 @@ The workflow is the one of OrcaSong's docs (docs/getting_started.rst):
 2. ``orcasong.core.FileBinner(bin_edges_list, det_file=DETX,
    center_time=True, add_bin_stats=False)`` with the default
    ``correct_timeslew=True`` -> ``.run(h5, out_h5)``.
+3. With ``--postprocess``, the rest of the documented workflow that turns
+   binned files into one training file: ``orcasong concatenate F1 F2 ...
+   --outfile C.h5`` when there is more than one file, then ``orcasong
+   h5shuffle2 C.h5 --output_file S.h5`` (its default seed, 42). With
+   ``--convert inprocess`` both run as their functions
+   (``orcasong.tools.concatenate.concatenate``,
+   ``orcasong.tools.shuffle2.h5shuffle2``) in this process.
 
 OrcaSong's pipeline is HDF5Pump -> [MCTimeCorrector, only if mc_hits and
 mc_tracks exist; touches mc hits/tracks only] -> DetApplier (calibration:
@@ -115,6 +122,50 @@ def convert(root, h5, mode):
         h5extractf(root, h5)
 
 
+def _orcasong_command(mode, args, function):
+    """Run an ``orcasong`` sub-command as its command line tool or as *function*."""
+    if mode == "cli":
+        exe = os.path.join(os.path.dirname(sys.executable), "orcasong")
+        res = subprocess.run([exe, *args], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            sys.stderr.write(res.stdout + res.stderr)
+            raise RuntimeError(f"orcasong {args[0]} failed ({res.returncode})")
+    else:
+        function()
+
+
+def postprocess(binned, workdir, stem, mode):
+    """concatenate (more than one file) + h5shuffle2: the training file of the workflow.
+    Returns (concatenate seconds, shuffle seconds, path of the shuffled file)."""
+    t0 = time.perf_counter()
+    if len(binned) > 1:
+        combined = os.path.join(workdir, f"{stem}.concatenated.h5")
+        if os.path.exists(combined):
+            os.remove(combined)
+
+        def concatenate():
+            from orcasong.tools.concatenate import concatenate as run
+
+            run(list(binned), outfile=combined)
+
+        _orcasong_command(mode, ["concatenate", *binned, "--outfile", combined], concatenate)
+    else:
+        combined = binned[0]
+    t1 = time.perf_counter()
+    shuffled = os.path.join(workdir, f"{stem}.shuffled.h5")
+    if os.path.exists(shuffled):
+        os.remove(shuffled)
+
+    def shuffle():
+        from orcasong.tools.shuffle2 import h5shuffle2
+
+        h5shuffle2(combined, output_file=shuffled)
+
+    _orcasong_command(mode, ["h5shuffle2", combined, "--output_file", shuffled], shuffle)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, shuffled
+
+
 def _entry_extractor(blob):
     """OrcaSong extractor: which input event this image came from."""
     info = blob["EventInfo"]
@@ -205,8 +256,12 @@ def main(argv=None):
                    help="where the h5 files go (default: next to --out)")
     p.add_argument("--repeat", type=int, default=1, help="repeat K times")
     p.add_argument("--convert", choices=("cli", "inprocess"), default="cli",
-                   help="run h5extractf as its command line tool (default) "
-                        "or call its function in this process")
+                   help="run h5extractf (and the post-processing tools) as their "
+                        "command line tools (default) or call their functions in "
+                        "this process")
+    p.add_argument("--postprocess", action="store_true",
+                   help="also concatenate the binned files and shuffle the result "
+                        "(h5shuffle2), timed as part of the workflow")
     a = p.parse_args(argv)
 
     roots = [os.path.abspath(r) for r in a.root]
@@ -232,7 +287,12 @@ def main(argv=None):
             t2 = time.perf_counter()
             convert_s += t1 - t0
             bin_s += t2 - t1
-        runs.append({"convert_s": convert_s, "bin_s": bin_s, "total_s": convert_s + bin_s})
+        run = {"convert_s": convert_s, "bin_s": bin_s}
+        if a.postprocess:
+            concat_s, shuffle_s, shuffled = postprocess([out for _, out in pairs], workdir, stem, a.convert)
+            run.update(concatenate_s=concat_s, shuffle_s=shuffle_s)
+        run["total_s"] = sum(run.values())
+        runs.append(run)
 
     images, entries, event_ids, file_index, dropped, n_root = [], [], [], [], [], 0
     for i, (conv_h5, out_h5) in enumerate(pairs):
@@ -245,9 +305,14 @@ def main(argv=None):
         n_root += n
     images = np.concatenate(images)
     n = len(images)
+    if a.postprocess:
+        with h5py.File(shuffled, "r") as f:
+            if len(f["x"]) != n:
+                raise RuntimeError(f"{shuffled}: {len(f['x'])} images after shuffling, {n} binned")
     best = {key: min(r[key] for r in runs) for key in runs[0]}
     timings = {
         "convert_mode": a.convert,
+        "postprocess": a.postprocess,
         "n_files": len(roots),
         "n_root_entries": int(n_root),
         "n_images": int(n),
@@ -285,7 +350,9 @@ def main(argv=None):
     print(f"  images {images.shape} {images.dtype}, sum={int(images.sum(dtype=np.int64))}, "
           f"entries {n}/{n_root} (dropped {len(dropped)})")
     for i, r in enumerate(runs):
-        print(f"  run {i}: convert {r['convert_s']:.3f}s  bin {r['bin_s']:.3f}s  "
+        post = (f"concatenate {r['concatenate_s']:.3f}s  shuffle {r['shuffle_s']:.3f}s  "
+                if a.postprocess else "")
+        print(f"  run {i}: convert {r['convert_s']:.3f}s  bin {r['bin_s']:.3f}s  {post}"
               f"total {r['total_s']:.3f}s")
     eps = timings["events_per_s_best"]
     print(f"  best: convert {best['convert_s']:.3f}s ({eps['convert']:.1f} ev/s)  "
