@@ -18,7 +18,8 @@ least one full pass over the split (the pipelines repeat, so several passes may 
 (c) a ``keras.utils.PyDataset`` that reads one batch per ``__getitem__`` with h5py from an
     HDF5 file holding the smallest store's images (dataset chunked by batch, (B, 18, 100)),
     batch order shuffled every epoch, iterated directly (``for i in range(len(seq)): seq[i]``);
-    once uncompressed and once gzip level 1.
+    once uncompressed, once gzip level 1, and once in the layout of the training files OrcaSong
+    writes (32-event chunks, gzip level 1 with the shuffle filter; ``HDF5_LAYOUTS``).
 
 Every measurement runs with the glibc malloc tuning that ``tf_dataset`` applies
 (``hepdask.malloc.tune``), so (b) and (c) get the same allocator as (a).
@@ -111,8 +112,20 @@ def write_store(path: Path, n_events: int, per_chunk: int) -> float:
     return time.perf_counter() - started
 
 
-def write_hdf5(path: Path, zarr_store: Path, batch_size: int, compression: str | None) -> float:
-    """The images and labels of *zarr_store*'s train split in HDF5, chunked by batch."""
+#: The HDF5 layouts (c) reads: chunked by batch, uncompressed or gzip-1; and the layout of
+#: the training files OrcaSong writes (its concatenate/h5shuffle2 output, inspected with
+#: h5py: ``x`` chunked by 32 events, gzip level 1 with the shuffle filter).
+HDF5_LAYOUTS = {
+    "none": {"label": "uncompressed", "chunk": None, "opts": {}},
+    "gzip": {"label": "gzip-1", "chunk": None, "opts": {"compression": "gzip", "compression_opts": 1}},
+    "orcasong": {"label": "OrcaSong layout: 32-ev chunks, gzip-1+shuffle", "chunk": 32,
+                 "opts": {"compression": "gzip", "compression_opts": 1, "shuffle": True}},
+}
+
+
+def write_hdf5(path: Path, zarr_store: Path, batch_size: int, layout: str) -> float:
+    """The images and labels of *zarr_store*'s train split in HDF5, in one of ``HDF5_LAYOUTS``
+    (chunked by batch unless the layout says otherwise)."""
     import h5py
     import zarr
 
@@ -120,10 +133,11 @@ def write_hdf5(path: Path, zarr_store: Path, batch_size: int, compression: str |
     group = zarr.open_group(str(zarr_store), mode="r", zarr_format=3)["train"]
     n, per_chunk = group["image"].shape[0], group["image"].chunks[0]
     tmp = path.with_suffix(".tmp.h5")
-    opts = {"compression": "gzip", "compression_opts": 1} if compression == "gzip" else {}
+    opts = HDF5_LAYOUTS[layout]["opts"]
+    rows = HDF5_LAYOUTS[layout]["chunk"] or batch_size
     with h5py.File(tmp, "w") as f:
-        x = f.create_dataset("x", (n, *SHAPE), "float32", chunks=(batch_size, *SHAPE), **opts)
-        y = f.create_dataset("y", (n,), "int32", chunks=(batch_size,), **opts)
+        x = f.create_dataset("x", (n, *SHAPE), "float32", chunks=(rows, *SHAPE), **opts)
+        y = f.create_dataset("y", (n,), "int32", chunks=(rows,), **opts)
         for start in range(0, n, per_chunk):
             stop = min(start + per_chunk, n)
             x[start:stop] = group["image"][start:stop]
@@ -422,10 +436,10 @@ def main(argv: list[str] | None = None) -> None:
         stores[size] = path
     small = min(args.sizes_gb)
     h5 = {}
-    for compression in ("none", "gzip"):
+    for compression in HDF5_LAYOUTS:
         path = args.work_dir / f"images-{small:g}GB-{compression}-b{B}.h5"
         if not path.exists():
-            seconds = write_hdf5(path, stores[small], B, None if compression == "none" else compression)
+            seconds = write_hdf5(path, stores[small], B, compression)
             print(f"wrote {path}: {du(path) / MiB:,.0f} MiB, {seconds:.1f} s")
         h5[compression] = path
 
@@ -445,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     c = {}
     for compression, path in h5.items():
         c[compression] = run_child(f"pydataset-{compression}", stores[small], args, seconds=args.seconds, hdf5=path)
-        record(f"(c) h5py PyDataset, {'gzip-1' if compression == 'gzip' else 'uncompressed'}", small, c[compression])
+        record(f"(c) h5py PyDataset, {HDF5_LAYOUTS[compression]['label']}", small, c[compression])
 
     if args.profile:
         seconds = args.profile_seconds
