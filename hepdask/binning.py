@@ -177,7 +177,7 @@ _BLOCK = 512
 _FLOAT32_MAX_NEAR = 1e-3
 
 
-def _first_guess(axes, coords_dtype: np.dtype):
+def _first_guess(axes, lookups: np.ndarray, coords_dtype: np.dtype):
     """Per-axis ``(lows, highs, origins, scales, nears, 1 - nears)`` of the first guess, in
     the dtype it is computed in: float32 when the coordinates are float32, no axis is
     logarithmic and the rounding bound below allows it; else float64.
@@ -187,8 +187,8 @@ def _first_guess(axes, coords_dtype: np.dtype):
     below ``e * (|origin| * scale + 3 * (bins + 1))`` bins. ``nears`` is four times that, plus
     ``_NEAR_EDGE`` for the edges' own rounding; a hit closer than that to a boundary (or
     outside, NaN, or on an explicit or log axis) is located exactly against the float64 edges.
+    *lookups* holds each axis' ``BinAxis.lookup()`` as a row.
     """
-    lookups = [a.lookup() for a in axes]
 
     def nears(dtype) -> np.ndarray:
         roundoff = np.finfo(dtype).eps / 2
@@ -203,7 +203,7 @@ def _first_guess(axes, coords_dtype: np.dtype):
     near = nears(dtype)
     return (
         np.array([a.edges[0] for a in axes], dtype), np.array([a.edges[-1] for a in axes], dtype),
-        np.array([o for o, _ in lookups], dtype), np.array([s for _, s in lookups], dtype),
+        lookups[:, 0].astype(dtype), lookups[:, 1].astype(dtype),
         near.astype(dtype), (1.0 - near).astype(dtype),
     )  # fmt: skip
 
@@ -504,7 +504,7 @@ def bin_events(
         coords, offsets, edges, np.array([a.nbins for a in layout.axes], np.int64),
         np.array([a.kind for a in layout.axes], np.int64),
         np.ascontiguousarray(lookups[:, 0]), np.ascontiguousarray(lookups[:, 1]),
-        _first_guess(layout.axes, coords.dtype), strides, key_strides, layout.offsets.astype(index),
+        _first_guess(layout.axes, lookups, coords.dtype), strides, key_strides, layout.offsets.astype(index),
         weights, weighted, maxval, saturate, out, under, over, nans, clipped, inside,
     )
     stats = BinStats(
