@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, binning, examples, geometry, malloc, selection, sources, store, truth
+from . import __version__, binning, examples, geometry, selection, sources, store, truth
 from .config import AUTO_CHUNK_BYTES, Config, Geometry, Image, Labels, Time, image_dim_prefix
 from .errors import BuildError, GeometryError, HepdaskError, InputFileError, StoreError
 
@@ -705,7 +705,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         bar.print(f"Dask dashboard: {report.dashboard}")
     report.n_partitions = len(partitions)
     if config.cluster.tune_malloc:
-        client.register_plugin(malloc.TunedMalloc())
+        client.register_plugin(cluster.TunedMalloc())
 
     results = _stage_all(client, partitions, job, bar)
     report.bad_files = [

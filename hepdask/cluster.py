@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import dask
+from distributed.diagnostics.plugin import WorkerPlugin
 
+from . import malloc
 from .config import Cluster
 from .errors import ClusterError
 
@@ -31,6 +33,16 @@ log = logging.getLogger(__name__)
 #: runs, so when a worker dies only that task is suspected, and a file that kills workers
 #: cannot get innocent files marked bad.
 SCHEDULER_SETTINGS = {"distributed.scheduler.worker-saturation": 1.0}
+
+
+class TunedMalloc(WorkerPlugin):
+    """Applies ``hepdask.malloc.tune`` on every worker, including workers that join or
+    restart later (config ``cluster.tune_malloc``)."""
+
+    name = "hepdask-tuned-malloc"
+
+    def setup(self, worker) -> None:
+        malloc.tune()
 
 
 def default_workers() -> int:

@@ -333,7 +333,8 @@ class Cluster(_Model):
     against a file that crashes its worker). Unset, a plan of one partition runs in the
     process (there is nothing to run in parallel) and any larger plan on worker processes.
     ``dashboard_address: null`` starts no dashboard. ``tune_malloc`` sets glibc's malloc
-    thresholds on every worker so that chunk-sized buffers are reused (``hepdask.malloc``).
+    thresholds on every worker so that chunk-sized buffers are reused (``hepdask.malloc``,
+    through the ``hepdask.cluster.TunedMalloc`` worker plugin).
     """
 
     kind: Literal["local", "slurm", "address"] = "local"

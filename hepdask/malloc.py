@@ -6,13 +6,14 @@ each decompressed chunk, each staged image block and each tensor copy of a chunk
 page-faulted fresh memory. Measured (benchmarks/RESULTS.md): a quarter of a ``tf_dataset``
 pipeline's CPU time, and 8-18 % of a build's wall time. With the two thresholds below,
 chunk-sized buffers are reused from the heap; either alone did not help.
+
+No Dask here: ``tf_dataset`` tunes the reader's process with it; builds register
+``hepdask.cluster.TunedMalloc`` so that every worker calls :func:`tune`.
 """
 
 from __future__ import annotations
 
 import ctypes
-
-from distributed.diagnostics.plugin import WorkerPlugin
 
 MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 256 * 2**20
@@ -30,11 +31,3 @@ def tune() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
-
-class TunedMalloc(WorkerPlugin):
-    """Applies :func:`tune` on every worker, including workers that join or restart later."""
-
-    name = "hepdask-tuned-malloc"
-
-    def setup(self, worker) -> None:
-        tune()

@@ -259,10 +259,10 @@ def test_cli_build_and_info(ldmx_data, tmp_path, capsys):
 
 
 def test_cli_start_up_imports_only_what_the_command_needs():
-    """``hepdask --help`` and ``hepdask info`` start without numba, uproot or Dask; the
-    public names and submodules still resolve on first use."""
+    """``hepdask --help``, ``hepdask info`` and the tf.data reader start without numba, uproot
+    or Dask; the public names and submodules still resolve on first use."""
     code = (
-        "import sys, hepdask.cli, hepdask.store; "
+        "import sys, hepdask.cli, hepdask.store, hepdask.tfdata; "
         "print(*[m in sys.modules for m in ('numba', 'uproot', 'awkward', 'distributed', 'pydantic')]); "
         "print(callable(hepdask.store.verify), callable(hepdask.build_dataset), 'numba' in sys.modules)"
     )
@@ -427,8 +427,8 @@ def test_local_cluster_leaves_the_client_environment_alone(monkeypatch):
 
 
 def test_workers_get_the_malloc_tuning(built, client):
-    """The build registers hepdask.malloc.TunedMalloc, so restarted workers get it too."""
-    from hepdask import malloc
+    """The build registers hepdask.cluster.TunedMalloc, so restarted workers get it too."""
+    from hepdask import cluster
 
     plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
-    assert all(malloc.TunedMalloc.name in names for names in plugins.values()), plugins
+    assert all(cluster.TunedMalloc.name in names for names in plugins.values()), plugins
