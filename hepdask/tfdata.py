@@ -214,6 +214,7 @@ def _import_tf():
 
 
 def _transform(tf, image, transforms: Sequence[str], scale: float | None):
+    """*transforms* on *image*, a tensor of events along its first axis."""
     for name in transforms:
         if name == "log1p":
             image = tf.math.log1p(tf.cast(image, tf.float32))
@@ -223,7 +224,7 @@ def _transform(tf, image, transforms: Sequence[str], scale: float | None):
             image = tf.expand_dims(image, -1)
         elif name == "channels_first_to_last":
             rank = len(image.shape)
-            image = tf.transpose(image, [*range(1, rank), 0])
+            image = tf.transpose(image, [0, *range(2, rank), 1])
         else:
             msg = f"unknown transform {name!r} (known: {list(TRANSFORMS)})"
             raise ConfigError(msg)
@@ -288,7 +289,14 @@ def tf_dataset(
 
     def read_chunk(pair):
         arrays = tf.numpy_function(read_shuffled, [pair[0], pair[1]], out_types, stateful=False)
-        return tuple(tf.ensure_shape(a, (None, *source.shapes[f])) for a, f in zip(arrays, fields))
+        arrays = [tf.ensure_shape(a, (None, *source.shapes[f])) for a, f in zip(arrays, fields)]
+        # Transforms and the cast act on the whole chunk here, in the parallel map and before
+        # rebatching: the batches are then cut from the cast tensor. (Casting each batch after
+        # rebatch was measured 15 % slower on uint8 images: benchmarks/RESULTS.md.)
+        image = _transform(tf, arrays[0], transforms, scale)
+        if cast:
+            image = tf.cast(image, cast)
+        return (image, *arrays[1:])
 
     # The (epoch, chunk) pairs come one epoch at a time from a numbered epoch counter: each
     # new iteration of the dataset (Keras starts one per epoch) continues the planner's epochs
@@ -314,15 +322,9 @@ def tf_dataset(
         dataset = dataset.rebatch(batch_size, drop_remainder=drop_remainder)
 
     dict_out = as_dict if as_dict is not None else len(fields) != 2
-
-    def finish(*batch):
-        image = _transform(tf, batch[0], transforms, scale)
-        if cast:
-            image = tf.cast(image, cast)
-        values = (image, *batch[1:])
-        return dict(zip(fields, values)) if dict_out else values
-
-    return dataset.map(finish, num_parallel_calls=autotune, deterministic=True).with_options(options).prefetch(autotune)
+    if dict_out:
+        dataset = dataset.map(lambda *batch: dict(zip(fields, batch)))
+    return dataset.with_options(options).prefetch(autotune)
 
 
 def distributed_dataset(strategy, store_path: str | Path, split: str = "train", *, global_batch_size: int,

@@ -192,6 +192,18 @@ def test_divide_by_max_scales_every_split_by_the_train_maximum(tf_two_cpus, trai
     np.testing.assert_allclose(image.numpy(), raw / np.float32(maximum), rtol=1e-6)
 
 
+def test_transforms_act_per_event_on_every_batch(tf_two_cpus, train_store):
+    """Transforms run on whole chunks before rebatching; each batch must hold each event's
+    transform (channels_first_to_last moved the batch axis last when it ran on batches)."""
+    raw = zarr.open_group(str(train_store), mode="r")["val"]["image"][:]
+    batches = tfdata.tf_dataset(train_store, "val", batch_size=100, shuffle=False,
+                                transforms=["log1p", "channels_first_to_last", "add_channel_axis"])
+    images = np.concatenate([x.numpy() for x, _ in batches])
+    assert images.dtype == np.float32
+    assert images.shape == (raw.shape[0], raw.shape[2], raw.shape[1], 1)
+    np.testing.assert_allclose(images[..., 0], np.log1p(raw.astype(np.float32)).transpose(0, 2, 1), rtol=1e-6)
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_malloc_tuning_applies_on_glibc():
     from hepdask import malloc
