@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind, label, opts in [
             ("python-read-1", "profile: Python chunk reads, 1 thread", {}),
             ("python-read-2", "profile: Python chunk reads, 2 threads", {}),
-            ("stages:map", "profile: map(read_chunk) only (582-ev chunks)", {}),
+            ("stages:map", "profile: map(read_chunk) only (whole chunks)", {}),
             ("stages:rebatch", "profile: map + rebatch(B)", {}),
             ("stages:unbatch", "profile: map + unbatch + batch", {}),
             ("stages:shuffle", "profile: map + unbatch + shuffle + batch", {}),

@@ -5,8 +5,9 @@ Two layers, as xbatcher separates them:
 * a pure planner (``chunk_order``, ``EpochPlan``): which chunks, in which order, for which
   input pipeline, per epoch, seeded. It needs no TensorFlow and is tested without it.
 * a thin adapter (``tf_dataset``, ``distributed_dataset``): chunk indices from the planner →
-  parallel ``tf.numpy_function`` chunk reads (rows permuted per epoch) → rebatch → transforms →
-  prefetch; an optional per-event shuffle buffer across chunks.
+  parallel ``tf.numpy_function`` chunk reads (rows permuted per epoch, then transformed and
+  cast as whole chunks) → rebatch → prefetch; an optional per-event shuffle buffer across
+  chunks.
 
 Under ``tf.distribute``, ``distributed_dataset`` builds the input with
 ``strategy.distribute_datasets_from_function``: each input pipeline (``InputContext``) reads its
