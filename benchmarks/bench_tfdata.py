@@ -219,7 +219,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     """Build the pipeline *kind*, time it, and return its figures."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     path = Path(args.store)
-    per_chunk = stored_chunk_events(path)
+    n_events, per_chunk = stored_images(path)
     buffer = args.shuffle_buffer or 2 * per_chunk
     B = args.batch_size
     # tf_dataset tunes glibc's malloc for chunk-sized buffers (hepdask.malloc.tune); every
@@ -261,7 +261,6 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     else:
         msg = f"unknown measurement {kind!r}"
         raise ValueError(msg)
-    n_events = events_in(path)
     sampler = RSSSampler()
     base = sampler.rss()
     sampler.start()
@@ -270,16 +269,12 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def events_in(path: Path) -> int:
+def stored_images(path: Path) -> tuple[int, int]:
+    """(events, events per chunk) of the store's train images."""
     import zarr
 
-    return int(zarr.open_group(str(path), mode="r", zarr_format=3)["train"]["image"].shape[0])
-
-
-def stored_chunk_events(path: Path) -> int:
-    import zarr
-
-    return int(zarr.open_group(str(path), mode="r", zarr_format=3)["train"]["image"].chunks[0])
+    image = zarr.open_group(str(path), mode="r", zarr_format=3)["train"]["image"]
+    return int(image.shape[0]), int(image.chunks[0])
 
 
 def h5_pydataset(path: Path, batch_size: int, workers: int = 1):
@@ -481,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         n = round(size * 1e9 / image_bytes(args.dtype) / per_chunk) * per_chunk
         from hepdask import store as hstore
 
-        if hstore.is_complete(path) and events_in(path) == n:
+        if hstore.is_complete(path) and stored_images(path)[0] == n:
             print(f"reusing {path} ({n:,} events, {du(path) / MiB:,.0f} MiB on disk)")
         else:
             seconds = write_store(path, n, per_chunk, args.dtype, args.compressor)
