@@ -666,8 +666,9 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar) -> li
                          key=[f"stage-{job.build_id}-{partitions[i].key}" for i in todo])
     position = {f.key: i for f, i in zip(futures, todo)}
     # Results come with the completion events: one round trip per partition would cost the
-    # client several ms of CPU each on a machine whose cores the workers need.
-    for future, result in as_completed(futures, with_results=True, raise_errors=False):
+    # client several ms of CPU each on a machine whose cores the workers need. The loop is
+    # *client*'s, not the default client's (see ``_wait``).
+    for future, result in as_completed(futures, loop=client.loop, with_results=True, raise_errors=False):
         i = position[future.key]
         if future.status == "error":
             err = result[1]
@@ -684,10 +685,15 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar) -> li
 
 
 def _wait(client, futures, bar, task) -> None:
-    """Wait for *futures*, advancing *task*; the first failure cancels the rest."""
+    """Wait for *futures*, advancing *task*; the first failure cancels the rest.
+
+    ``as_completed`` gets *client*'s event loop: left to itself it takes the loop of Dask's
+    default client, which need not be *client* and may be closed; it then never wakes up
+    (a SLURM build after a local one hung so, distributed 2026.8).
+    """
     from distributed import as_completed
 
-    for future in as_completed(futures):
+    for future in as_completed(futures, loop=client.loop):
         if future.status == "error":
             err = future.exception()
             client.cancel(futures)

@@ -432,3 +432,28 @@ def test_workers_get_the_malloc_tuning(built, client):
 
     plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
     assert all(cluster.TunedMalloc.name in names for names in plugins.values()), plugins
+
+
+def test_build_ignores_a_closed_default_client(ldmx_data, client, tmp_path):
+    """Dask's default client is not the build's: here it is a closed one (as a finished test or
+    an earlier ``with Client(...)`` in a user's script can leave it). The build still finishes."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    data, _ = ldmx_data
+    config = from_dict(demo_config(data, tmp_path / "store.zarr"))
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster:
+        stale = Client(cluster)
+    stale.close()
+    outcome: list = []
+
+    def run() -> None:
+        with stale.as_current():
+            outcome.append(hepdask.build_dataset(config, client=client, progress=False))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the build hung waiting on the closed default client's event loop"
+    assert outcome[0].events_written > 0
