@@ -562,7 +562,9 @@ def build_dataset(
         if _prepare_output(config):
             bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
         context = nullcontext(client) if client is not None else _connect(config, bar, len(partitions))
-        with context as active:
+        # The build's client is Dask's current one while it runs: Dask helpers that look up the
+        # default client (the performance report) must not find a user's other, or a closed, one.
+        with context as active, active.as_current():
             report_path = Path(config.output.path + ".performance-report.html")
             with _performance_report(report_path if config.cluster.performance_report else None):
                 return _run(config, partitions, active, bar, started)

@@ -442,7 +442,7 @@ def test_build_ignores_a_closed_default_client(ldmx_data, client, tmp_path):
     from distributed import Client, LocalCluster
 
     data, _ = ldmx_data
-    config = from_dict(demo_config(data, tmp_path / "store.zarr"))
+    config = from_dict(demo_config(data, tmp_path / "store.zarr", **{"cluster.performance_report": True}))
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster:
         stale = Client(cluster)
     stale.close()
@@ -457,3 +457,4 @@ def test_build_ignores_a_closed_default_client(ldmx_data, client, tmp_path):
     thread.join(timeout=120)
     assert not thread.is_alive(), "the build hung waiting on the closed default client's event loop"
     assert outcome[0].events_written > 0
+    assert "stage-" in (tmp_path / "store.zarr.performance-report.html").read_text()
