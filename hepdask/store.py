@@ -484,6 +484,84 @@ def chunk_ranges(n: int, chunk_events: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_events, n)) for s in range(0, n, chunk_events)]
 
 
+class ChunkFiles:
+    """Whole chunks of one Zarr array, encoded and decoded here and read or written as files.
+
+    For the layouts hepdask writes (a regular chunk grid in a local directory store;
+    little-endian ``bytes`` or ``vlen-utf8``, then zstd or nothing), this is byte for byte
+    what zarr writes, without zarr's per-chunk cost: ~1 ms of CPU a chunk through its async
+    pipeline, five times the encoding of a per-event array's chunk. ``of`` gives None for any
+    other layout; callers then go through zarr.
+    """
+
+    def __init__(self, array, encode, decode, compress, decompress) -> None:
+        self.chunks = tuple(array.chunks)
+        self.fill_value = array.metadata.fill_value
+        self.dtype = array.dtype
+        self._encode, self._decode = encode, decode
+        self._compress, self._decompress = compress, decompress
+        self._root = Path(array.store.root) / array.path
+        self._key = array.metadata.chunk_key_encoding.encode_chunk_key
+        self._trailing = (0,) * (len(self.chunks) - 1)
+        self._made: set[Path] = set()
+
+    @classmethod
+    def of(cls, array) -> ChunkFiles | None:
+        from numcodecs import VLenUTF8, Zstd
+        from zarr.codecs import BytesCodec, VLenUTF8Codec
+        from zarr.core.chunk_grids import RegularChunkGrid
+        from zarr.storage import LocalStore
+
+        metadata = array.metadata
+        if not isinstance(array.store, LocalStore) or not isinstance(metadata.chunk_grid, RegularChunkGrid):
+            return None
+        first, rest = metadata.codecs[0], metadata.codecs[1:]
+        if isinstance(first, BytesCodec) and getattr(first.endian, "value", first.endian) in (None, "little"):
+            dtype = np.dtype(array.dtype).newbyteorder("<")
+            shape = tuple(array.chunks)
+
+            def encode(values: np.ndarray) -> bytes:
+                return np.ascontiguousarray(values, dtype=dtype).tobytes()
+
+            def decode(raw) -> np.ndarray:
+                return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        elif isinstance(first, VLenUTF8Codec):
+            vlen = VLenUTF8()
+
+            def encode(values: np.ndarray) -> bytes:
+                return vlen.encode(np.asarray(values, dtype=object))
+
+            def decode(raw) -> np.ndarray:
+                return vlen.decode(raw).astype(array.dtype)
+        else:
+            return None
+        if not rest:
+            return cls(array, encode, decode, bytes, bytes)
+        if len(rest) == 1 and isinstance(rest[0], ZstdCodec):
+            zstd = Zstd(level=rest[0].level, checksum=rest[0].checksum)
+            return cls(array, encode, decode, zstd.encode, zstd.decode)
+        return None
+
+    def path(self, index: int) -> Path:
+        return self._root / self._key((index, *self._trailing))
+
+    def read(self, index: int) -> np.ndarray:
+        """Chunk *index*, whole (an edge chunk with its fill); FileNotFoundError if unwritten."""
+        return self._decode(self._decompress(self.path(index).read_bytes()))
+
+    def write(self, index: int, values: np.ndarray) -> None:
+        """Write chunk *index*; *values* may be short of a whole chunk only at the array's end."""
+        missing = self.chunks[0] - len(values)
+        if missing:
+            pad = np.full((missing, *values.shape[1:]), self.fill_value, dtype=values.dtype)
+            values = np.concatenate([values, pad])
+        path = self.path(index)
+        if path.parent not in self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
+        path.write_bytes(self._compress(self._encode(values)))
+
+
 @dataclass(frozen=True)
 class Sources:
     """The staged records (``Staged.slim``) and the per-partition constants of the
@@ -541,6 +619,7 @@ def write_chunks(
     # gathered per span of at most GATHER_BYTES.
     whole = {name: _gather_task(name, array, groups, row, staged, constants, staging, end - origin)
              for name, array in targets.items()}
+    files = {name: ChunkFiles.of(array) for name, array in targets.items()}
     event_bytes = max(_event_bytes(a) for a in targets.values()) if targets else 1
     written = 0
     for span in _spans(ranges, max(1, GATHER_BYTES // event_bytes)):
@@ -551,12 +630,12 @@ def write_chunks(
         bounds = np.flatnonzero(np.diff(parts[span_order])) + 1
         for name, array in targets.items():
             if whole[name] is not None:
-                array[first:last] = whole[name].rows(a, b)
-                continue
-            buffer = np.empty((b - a, *array.shape[1:]), dtype=array.dtype)
-            for where in np.split(span_order, bounds):
-                buffer[where] = read_rows(staging, staged[int(parts[where[0]])], name, rows[where])
-            array[first:last] = buffer
+                values = whole[name].rows(a, b)
+            else:
+                values = np.empty((b - a, *array.shape[1:]), dtype=array.dtype)
+                for where in np.split(span_order, bounds):
+                    values[where] = read_rows(staging, staged[int(parts[where[0]])], name, rows[where])
+            _write_span(array, files[name], first, last, values)
         written += last - first
     if done is not None:
         Path(done).parent.mkdir(parents=True, exist_ok=True)
@@ -626,6 +705,16 @@ def _gather_task(name, array, groups, row, staged, constants, staging, n: int):
             values[where] = read_rows(staging, staged[p], name, row[where])
         return _DenseRows(values)
     return None
+
+
+def _write_span(array, files: ChunkFiles | None, first: int, last: int, values: np.ndarray) -> None:
+    """Events ``[first, last)`` (whole chunks; the last may end the array) of *array*."""
+    if files is None:
+        array[first:last] = values
+        return
+    chunk = files.chunks[0]
+    for start in range(first, last, chunk):
+        files.write(start // chunk, values[start - first : start - first + chunk])
 
 
 def _event_bytes(array) -> int:

@@ -142,14 +142,15 @@ class SplitSource:
         """``read(chunk_index) -> arrays``: one whole chunk of every field.
 
         Chunks that hepdask wrote (little-endian bytes, zstd or no compression, on a local
-        file system) are read and decompressed directly: zarr's synchronous API passes every
-        read through one event-loop thread, so parallel tf.data reads would not run in
-        parallel. Any other layout, or a missing chunk file, is read through zarr.
+        file system) are read and decompressed directly (``store.ChunkFiles``): zarr's
+        synchronous API passes every read through one event-loop thread, so parallel tf.data
+        reads would not run in parallel. Any other layout, or a missing chunk file, is read
+        through zarr.
         """
         import zarr
 
         group = zarr.open_group(self.path, mode="r", zarr_format=3)[self.split]
-        readers = [_chunk_reader(self.path, group[name]) for name in self.fields]
+        readers = [_chunk_reader(group[name]) for name in self.fields]
 
         def read(index) -> tuple[np.ndarray, ...]:
             start = int(index) * self.chunk_events
@@ -159,35 +160,21 @@ class SplitSource:
         return read
 
 
-def _chunk_reader(store_path: str, array) -> Callable[[int, int, int], np.ndarray]:
+def _chunk_reader(array) -> Callable[[int, int, int], np.ndarray]:
     """A function reading events ``[start, stop)`` of chunk *i* of a Zarr array."""
-    from zarr.codecs import BytesCodec, ZstdCodec
-
-    codecs = array.metadata.codecs
-    first = codecs[0] if codecs else None
-    little = isinstance(first, BytesCodec) and getattr(first.endian, "value", first.endian) in (None, "little")
-    direct = little and (len(codecs) == 1 or (len(codecs) == 2 and isinstance(codecs[1], ZstdCodec)))
-    chunk_shape = tuple(array.chunks)
-    dtype = np.dtype(array.dtype).newbyteorder("<")
-    encoding = array.metadata.chunk_key_encoding
-    zeros = (0,) * (len(chunk_shape) - 1)
-    root = Path(store_path) / array.path
 
     def via_zarr(i: int, start: int, stop: int) -> np.ndarray:
         return np.asarray(array[start:stop])
 
-    if not direct:
+    files = store.ChunkFiles.of(array)
+    if files is None:
         return via_zarr
-    from numcodecs import Zstd
-
-    decompress = Zstd().decode if len(codecs) == 2 else bytes
 
     def read(i: int, start: int, stop: int) -> np.ndarray:
         try:
-            raw = (root / encoding.encode_chunk_key((i, *zeros))).read_bytes()
+            values = files.read(i)
         except FileNotFoundError:
             return via_zarr(i, start, stop)
-        values = np.frombuffer(decompress(raw), dtype=dtype).reshape(chunk_shape)
         return values[: stop - start].astype(array.dtype, copy=False)
 
     return read

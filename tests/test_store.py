@@ -141,3 +141,53 @@ def test_a_coordinate_equal_to_the_fill_value_is_written(tmp_path):
                   chunk_events=2, compressor=("zstd", 1), attrs={})
     assert (tmp_path / "s.zarr" / "train" / "x" / "c" / "0").is_file()
     assert store._missing_chunks(tmp_path / "s.zarr", zarr.open_group(str(tmp_path / "s.zarr"))["train"]["x"]) == []
+
+
+@pytest.mark.parametrize("compressor", [("zstd", 1), ("zstd", 5), ("none", 0)])
+def test_chunk_files_are_the_bytes_zarr_writes(tmp_path, compressor):
+    """Chunks written as files (``ChunkFiles``) equal zarr's own, the edge chunk's fill
+    included, and read back through zarr and through ``ChunkFiles.read``."""
+    n, chunk = 3 * 40 + 7, 40
+    rng = np.random.default_rng(3)
+    values = {
+        "image": rng.poisson(0.3, (n, 5, 6)).astype(np.float32),
+        "label": rng.integers(0, 3, n).astype(np.int32),
+        "truth": rng.normal(size=n),
+        "source_file": np.array([f"/data/run_{i // 50:03d}.root" for i in range(n)], dtype=object),
+    }
+    codec = store.compressors(*compressor)
+    stores = {}
+    for how in ("zarr", "files"):
+        group = zarr.open_group(tmp_path / f"{how}.zarr", mode="w", zarr_format=3).create_group("train")
+        for name, v in values.items():
+            dtype = str if v.dtype == object else v.dtype
+            array = group.create_array(name, shape=v.shape, chunks=(chunk, *v.shape[1:]), dtype=dtype,
+                                       compressors=codec, fill_value=store._fill("str" if dtype is str else v.dtype.str))
+            array = array.with_config({"write_empty_chunks": True})
+            if how == "zarr":
+                array[:] = v
+            else:
+                files = store.ChunkFiles.of(array)
+                assert files is not None
+                for start in range(0, n, chunk):
+                    files.write(start // chunk, v[start : start + chunk])
+                np.testing.assert_array_equal(files.read(3)[: n - 3 * chunk], v[3 * chunk :])
+        stores[how] = tmp_path / f"{how}.zarr"
+    chunk_files = sorted(p.relative_to(stores["zarr"]) for p in stores["zarr"].rglob("*") if p.is_file() and "/c/" in p.as_posix())
+    assert len(chunk_files) == 4 * len(values)
+    for relative in chunk_files:
+        assert (stores["files"] / relative).read_bytes() == (stores["zarr"] / relative).read_bytes(), relative
+    group = zarr.open_group(stores["files"], mode="r")["train"]
+    for name, v in values.items():
+        np.testing.assert_array_equal(group[name][:], v.astype(str) if v.dtype == object else v)
+
+
+def test_other_layouts_are_left_to_zarr(tmp_path):
+    from zarr.codecs import BytesCodec
+
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    blosc = group.create_array("blosc", shape=(10,), chunks=(5,), dtype="int32", compressors=store.compressors("blosc-lz4", 1))
+    big = group.create_array("big", shape=(10,), chunks=(5,), dtype="int32", compressors=None,
+                             serializer=BytesCodec(endian="big"))
+    assert store.ChunkFiles.of(blosc) is None
+    assert store.ChunkFiles.of(big) is None
