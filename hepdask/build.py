@@ -648,10 +648,12 @@ def _raise_task_error(future, err: BaseException) -> None:
     raise BuildError(msg) from err
 
 
-def _stage_all(client, partitions: list[sources.Partition], job: Job, bar) -> list[dict]:
+def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worker_timeout: float) -> list[dict]:
     """Stage every partition; under ``skip``, a partition whose worker died on every retry
     (a "poison" file) is reported as bad instead of failing the build."""
     from distributed import KilledWorker, as_completed
+
+    from .cluster import WorkerWatch
 
     task = bar.add("read + bin", len(partitions))
     results: list[dict] = [{} for _ in partitions]
@@ -670,23 +672,25 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar) -> li
     # Results come with the completion events: one round trip per partition would cost the
     # client several ms of CPU each on a machine whose cores the workers need. The loop is
     # *client*'s, not the default client's (see ``_wait``).
-    for future, result in as_completed(futures, loop=client.loop, with_results=True, raise_errors=False):
-        i = position[future.key]
-        if future.status == "error":
-            err = result[1]
-            if job.on_bad_file == "skip" and isinstance(err, KilledWorker):
-                message = f"{partitions[i].file}: every worker that read it died (a crash or out of memory)"
-                results[i] = {"key": partitions[i].key, "bad": {"exception": "KilledWorker", "message": message}}
+    with WorkerWatch(client, futures, bar.print, worker_timeout) as watch:
+        for future, result in as_completed(futures, loop=client.loop, with_results=True, raise_errors=False):
+            watch.check()
+            i = position[future.key]
+            if future.status == "error":
+                err = result[1]
+                if job.on_bad_file == "skip" and isinstance(err, KilledWorker):
+                    message = f"{partitions[i].file}: every worker that read it died (a crash or out of memory)"
+                    results[i] = {"key": partitions[i].key, "bad": {"exception": "KilledWorker", "message": message}}
+                else:
+                    client.cancel(futures)
+                    _raise_task_error(future, err)
             else:
-                client.cancel(futures)
-                _raise_task_error(future, err)
-        else:
-            results[i] = result
-        bar.advance(task)
+                results[i] = result
+            bar.advance(task)
     return results
 
 
-def _wait(client, futures, bar, task) -> None:
+def _wait(client, futures, bar, task, worker_timeout: float) -> None:
     """Wait for *futures*, advancing *task*; the first failure cancels the rest.
 
     ``as_completed`` gets *client*'s event loop: left to itself it takes the loop of Dask's
@@ -695,12 +699,16 @@ def _wait(client, futures, bar, task) -> None:
     """
     from distributed import as_completed
 
-    for future in as_completed(futures, loop=client.loop):
-        if future.status == "error":
-            err = future.exception()
-            client.cancel(futures)
-            _raise_task_error(future, err)
-        bar.advance(task)
+    from .cluster import WorkerWatch
+
+    with WorkerWatch(client, futures, bar.print, worker_timeout) as watch:
+        for future in as_completed(futures, loop=client.loop):
+            watch.check()
+            if future.status == "error":
+                err = future.exception()
+                client.cancel(futures)
+                _raise_task_error(future, err)
+            bar.advance(task)
 
 
 def _run(config: Config, partitions: list[sources.Partition], client, bar, started: float) -> BuildReport:
@@ -715,7 +723,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     if config.cluster.tune_malloc:
         client.register_plugin(cluster.TunedMalloc())
 
-    results = _stage_all(client, partitions, job, bar)
+    results = _stage_all(client, partitions, job, bar, config.cluster.worker_timeout)
     report.bad_files = [
         {"path": p.file, "sample": p.sample, **r["bad"]} for p, r in zip(partitions, results) if "bad" in r
     ]
@@ -769,7 +777,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         bar.print(f"resuming: {n_tasks - len(writes)} of {n_tasks} write tasks had finished")
     write_task = bar.add("write chunks", n_tasks)
     bar.advance(write_task, n_tasks - len(writes))
-    _wait(client, writes, bar, write_task)
+    _wait(client, writes, bar, write_task, config.cluster.worker_timeout)
 
     report.image_shape, report.image_dtype, report.chunk_events = layout.shape, job.dtype, per_chunk
     _fill_report(report, config, job.images, partitions, staged, plans)

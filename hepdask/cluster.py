@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -307,6 +308,17 @@ def job_log_tail(log_directory: str | Path | None, job_id: str) -> str:
     return "\n".join(lines)
 
 
+def _job_ids(cluster) -> list[str]:
+    """The SLURM job ids of a dask-jobqueue cluster's workers (none for other clusters)."""
+    workers = getattr(cluster, "workers", None) or {}
+    return [str(job.job_id) for job in list(workers.values()) if getattr(job, "job_id", None)]
+
+
+def _summary(states: dict[str, tuple[str, str]]) -> str:
+    return ", ".join(f"job {i} {s[0]}" + (f" ({s[1]})" if s[1] not in ("None", "") else "")
+                     for i, s in sorted(states.items()))  # fmt: skip
+
+
 def wait_for_workers(client, cluster, n_workers: int, timeout: float, say: Callable[[str], None],
                      log_directory: str | Path | None = None) -> None:
     """Wait until *n_workers* workers have joined, saying why none are there yet.
@@ -318,10 +330,9 @@ def wait_for_workers(client, cluster, n_workers: int, timeout: float, say: Calla
     deadline = time.monotonic() + timeout
     last, reported = "", set()
     while len(client.nthreads()) < n_workers:
-        ids = [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]
+        ids = _job_ids(cluster)
         states = job_states(ids)
-        summary = ", ".join(f"job {i} {s[0]}" + (f" ({s[1]})" if s[1] not in ("None", "") else "")
-                            for i, s in sorted(states.items()))  # fmt: skip
+        summary = _summary(states)
         if summary and summary != last:
             joined = len(client.nthreads())
             say(f"waiting for workers ({joined}/{n_workers} joined): {summary}")
@@ -337,3 +348,63 @@ def wait_for_workers(client, cluster, n_workers: int, timeout: float, say: Calla
             msg = f"no {n_workers} workers after {timeout:.0f} s (cluster.worker_timeout); jobs: {summary or 'none'}"
             raise ClusterError(msg)
         time.sleep(POLL_SECONDS)
+
+
+# --------------------------------------------------------------------------------------------
+# a build that loses every worker
+
+#: Seconds without a single worker before a running build says so.
+NO_WORKER_GRACE_SECONDS = 30.0
+
+
+class WorkerWatch:
+    """While a build waits on *futures*: say when the cluster has had no worker for
+    ``NO_WORKER_GRACE_SECONDS`` (with the SLURM jobs' states where there are jobs) and when
+    workers are back; after *timeout* seconds without any, cancel *futures*, so the build
+    stops instead of waiting for ever, and ``check`` raises a ClusterError saying why.
+    """
+
+    def __init__(self, client, futures, say: Callable[[str], None], timeout: float) -> None:
+        self.client, self.futures, self.say, self.timeout = client, futures, say, timeout
+        self.error: ClusterError | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hepdask-worker-watch", daemon=True)
+
+    def __enter__(self) -> WorkerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        since, said = None, False
+        while not self._stop.wait(POLL_SECONDS):
+            try:
+                n_workers = len(self.client.nthreads())
+            except (OSError, RuntimeError, TimeoutError):  # the client is closing: nothing to watch
+                return
+            now = time.monotonic()
+            if n_workers:
+                if said:
+                    self.say(f"{n_workers} worker(s) joined again; the build goes on")
+                since, said = None, False
+                continue
+            since = now if since is None else since
+            jobs = _summary(job_states(_job_ids(getattr(self.client, "cluster", None))))
+            if not said and now - since >= NO_WORKER_GRACE_SECONDS:
+                said = True
+                self.say(f"no Dask worker for {now - since:.0f} s; the build waits for workers for up to "
+                         f"{self.timeout:.0f} s (cluster.worker_timeout)" + (f"; {jobs}" if jobs else ""))
+            if now - since >= self.timeout:
+                self.error = ClusterError(
+                    f"no Dask worker for {self.timeout:.0f} s (cluster.worker_timeout) during the build; "
+                    f"jobs: {jobs or 'none'}; the finished work is kept: run the same command again to resume"
+                )
+                self.client.cancel(self.futures)
+                return

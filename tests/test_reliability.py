@@ -359,3 +359,75 @@ def test_verify_catches_stale_metadata(sound_store, capsys):
     out = _verify_cli(sound_store, capsys)
     assert "stale metadata: test/label attributes differ" in out
     assert "statistics say val has 1 events" in out
+
+
+def _worker_process(address: str) -> subprocess.Popen:
+    """One Dask worker without a nanny (nothing restarts it), like a batch job's worker."""
+    return subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                             "--no-nanny", "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def one_worker_build(ldmx_data, tmp_path, monkeypatch, caplog):
+    """A scheduler, one worker process that the test may kill, and a slow 8-partition build."""
+    from distributed import Client, LocalCluster
+
+    from hepdask import cluster
+
+    from .data_generation import SlowReads
+
+    monkeypatch.setattr(cluster, "POLL_SECONDS", 0.1)
+    monkeypatch.setattr(cluster, "NO_WORKER_GRACE_SECONDS", 0.3)
+    caplog.set_level("INFO", logger="hepdask.build")
+    data, _ = ldmx_data
+    out = tmp_path / "store.zarr"
+    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=":0") as local, Client(local) as client:
+        client.register_plugin(SlowReads(0.4))
+        workers = [_worker_process(local.scheduler_address)]
+        try:
+            client.wait_for_workers(1, timeout=60)
+
+            def kill_after_first_partition() -> None:
+                while _staged_count(store.staging_path(out)) < 1:
+                    time.sleep(0.01)
+                workers[0].kill()
+
+            threading.Thread(target=kill_after_first_partition, daemon=True).start()
+            yield data, out, client, workers
+        finally:
+            for worker in workers:
+                worker.kill()
+                worker.wait()
+
+
+def test_a_build_without_workers_for_worker_timeout_stops_and_says_why(one_worker_build, caplog):
+    from hepdask.errors import ClusterError
+
+    data, out, client, _ = one_worker_build
+    config = from_dict(demo_config(data, out, **{"cluster.worker_timeout": 2}))
+    with pytest.raises(ClusterError, match=r"no Dask worker for 2 s \(cluster.worker_timeout\) during the build"):
+        hepdask.build_dataset(config, client=client, progress=False)
+    assert "the build waits for workers for up to 2 s (cluster.worker_timeout)" in caplog.text
+    assert _staged_count(store.staging_path(out)) >= 1, "the partitions staged before the loss are kept"
+    assert not store.is_complete(out)
+
+
+def test_a_build_goes_on_when_workers_come_back(one_worker_build, client, caplog, tmp_path):
+    data, out, slow_client, workers = one_worker_build
+    config = from_dict(demo_config(data, out))
+
+    def restart_when_told() -> None:
+        deadline = time.monotonic() + 60
+        while "no Dask worker for" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers.append(_worker_process(slow_client.scheduler.address))
+
+    threading.Thread(target=restart_when_told, daemon=True).start()
+    report = hepdask.build_dataset(config, client=slow_client, progress=False)
+    assert "worker(s) joined again; the build goes on" in caplog.text
+    assert len(workers) == 2
+    clean = tmp_path / "clean.zarr"
+    hepdask.build_dataset(from_dict(demo_config(data, clean)), client=client, progress=False)
+    assert report.events_written > 0
+    assert chunk_hashes(out) == chunk_hashes(clean)
+    assert store.verify(out) == []
