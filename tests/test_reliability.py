@@ -400,16 +400,19 @@ def one_worker_build(ldmx_data, tmp_path, monkeypatch, caplog):
                 worker.wait()
 
 
-def test_a_build_without_workers_for_worker_timeout_stops_and_says_why(one_worker_build, caplog):
+def test_a_build_without_workers_for_worker_timeout_stops_and_says_why(one_worker_build, client, caplog):
     from hepdask.errors import ClusterError
 
-    data, out, client, _ = one_worker_build
+    data, out, slow_client, _ = one_worker_build
     config = from_dict(demo_config(data, out, **{"cluster.worker_timeout": 2}))
     with pytest.raises(ClusterError, match=r"no Dask worker for 2 s \(cluster.worker_timeout\) during the build"):
-        hepdask.build_dataset(config, client=client, progress=False)
+        hepdask.build_dataset(config, client=slow_client, progress=False)
     assert "the build waits for workers for up to 2 s (cluster.worker_timeout)" in caplog.text
     assert _staged_count(store.staging_path(out)) >= 1, "the partitions staged before the loss are kept"
     assert not store.is_complete(out)
+    hepdask.build_dataset(config, client=client, progress=False)
+    assert "resuming the interrupted build" in caplog.text
+    assert store.verify(out) == []
 
 
 def test_a_build_goes_on_when_workers_come_back(one_worker_build, client, caplog, tmp_path):
