@@ -497,7 +497,6 @@ class ChunkFiles:
     def __init__(self, array, encode, decode, compress, decompress) -> None:
         self.chunks = tuple(array.chunks)
         self.fill_value = array.metadata.fill_value
-        self.dtype = array.dtype
         self._encode, self._decode = encode, decode
         self._compress, self._decompress = compress, decompress
         self._root = Path(array.store.root) / array.path
