@@ -396,12 +396,17 @@ class WorkerWatch:
                 since, said = None, False
                 continue
             since = now if since is None else since
+            say_now = not said and now - since >= NO_WORKER_GRACE_SECONDS
+            give_up = now - since >= self.timeout
+            if not (say_now or give_up):
+                continue
+            # squeue runs only when there is something to say, not at every look.
             jobs = _summary(job_states(_job_ids(getattr(self.client, "cluster", None))))
-            if not said and now - since >= NO_WORKER_GRACE_SECONDS:
+            if say_now:
                 said = True
                 self.say(f"no Dask worker for {now - since:.0f} s; the build waits for workers for up to "
                          f"{self.timeout:.0f} s (cluster.worker_timeout)" + (f"; {jobs}" if jobs else ""))
-            if now - since >= self.timeout:
+            if give_up:
                 self.error = ClusterError(
                     f"no Dask worker for {self.timeout:.0f} s (cluster.worker_timeout) during the build; "
                     f"jobs: {jobs or 'none'}; the finished work is kept: run the same command again to resume"
