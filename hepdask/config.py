@@ -179,13 +179,17 @@ class Selection(_Model):
 class Read(_Model):
     """How input files are read, and what a bad input file does to the build.
 
-    ``step_size`` entries are read at a time (this bounds a worker's memory). With
+    ``step_size`` entries are read at a time (this bounds a worker's memory).
+    ``partitions_per_task`` partitions (files) are staged by one Dask task: ``auto`` groups
+    small-file datasets so that per-task overhead does not dominate (see
+    ``build.partitions_per_task``); it does not change what is stored. With
     ``on_bad_file: skip``, a file that cannot be read (see ``sources.BAD_FILE_ERRORS``) or
     that kills its worker on every retry is left out and listed in the report; if more than
     ``max_bad_fraction`` of the files are bad, the build stops without finalising.
     """
 
     step_size: Annotated[int, Field(gt=0)] = 20_000
+    partitions_per_task: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     on_bad_file: Literal["fail", "skip"] = "fail"
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
 
@@ -494,12 +498,13 @@ class Config(_Model):
     def content_hash(self) -> str:
         """Hash of everything that determines the staged partitions and the store's content.
 
-        Where the build runs, whether it may overwrite, and the bad-file policy are left
-        out: a build resumed with ``--overwrite`` off or ``skip`` on reuses what was staged.
+        Where the build runs, whether it may overwrite, how partitions are grouped into
+        tasks and the bad-file policy are left out: a build resumed with ``--overwrite`` off or ``skip`` on reuses what was staged.
         """
         payload = self.model_dump(
             mode="json",
-            exclude={"cluster": True, "output": {"overwrite"}, "read": {"on_bad_file", "max_bad_fraction"}},
+            exclude={"cluster": True, "output": {"overwrite"},
+                     "read": {"on_bad_file", "max_bad_fraction", "partitions_per_task"}},
         )
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()

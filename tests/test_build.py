@@ -182,6 +182,28 @@ def test_write_tasks_gathering_one_chunk_at_a_time_write_the_same_chunks(built, 
     assert chunk_hashes(tmp_path / "small-spans.zarr") == chunk_hashes(out)
 
 
+def test_partitions_grouped_into_tasks_write_the_same_chunks(built, ldmx_data, client, tmp_path):
+    """8 files, 3 a stage task (groups of 3, 3, 2): the same bytes as one file a task."""
+    config, _, out = built
+    data, _ = ldmx_data
+    assert build.partitions_per_task(config.read.partitions_per_task, 8, 2) == 1
+    grouped = from_dict(demo_config(data, tmp_path / "grouped.zarr", **{"read.partitions_per_task": 3}))
+    assert grouped.content_hash() == from_dict(demo_config(data, tmp_path / "grouped.zarr")).content_hash()
+    report = hepdask.build_dataset(grouped, client=client, progress=False)
+    assert report.n_partitions == 8
+    assert chunk_hashes(tmp_path / "grouped.zarr") == chunk_hashes(out)
+
+
+def test_auto_grouping_keeps_every_worker_busy():
+    per_task = build.partitions_per_task
+    assert per_task("auto", 200, 2) == 12  # 17 tasks: 8 or more a worker
+    assert per_task("auto", 10_000, 2) == build.MAX_PARTITIONS_PER_TASK
+    assert per_task("auto", 10_000, 100) == 12
+    assert per_task("auto", 10, 2) == 1
+    assert per_task("auto", 50, 0) == 6  # no worker yet (SLURM jobs pending): as for one
+    assert per_task(5, 10, 2) == 5
+
+
 def test_images_staged_dense_or_sparse_give_the_same_chunks(built, ldmx_data, client, tmp_path):
     config, _, out = built
     data, _ = ldmx_data

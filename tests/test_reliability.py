@@ -155,14 +155,20 @@ def test_killed_workers_do_not_change_the_store(bigger_files, bigger_clean, tmp_
 
 
 @pytest.mark.slow
-def test_poison_file_is_reported_after_its_retries(ldmx_data, tmp_path):
+@pytest.mark.parametrize("per_task", [1, 3])
+def test_poison_file_is_reported_after_its_retries(ldmx_data, tmp_path, per_task):
+    """Alone in its task or staged with others (then the group is retried file by file),
+    only the poison file is reported bad, and every other file is in the store."""
     from distributed import Client, LocalCluster
 
     data, files = ldmx_data
     poison = tmp_path / "poison.root"
     poison.write_bytes(Path(files["signal"][0]).read_bytes())
-    raw = demo_config(data, tmp_path / "p.zarr", **{"read.on_bad_file": "skip", "read.max_bad_fraction": 0.5})
-    raw["samples"][0]["files"] = [*files["signal"], str(poison)]
+    raw = demo_config(data, tmp_path / "p.zarr", **{"read.on_bad_file": "skip", "read.max_bad_fraction": 0.5,
+                                                    "read.partitions_per_task": per_task})
+    # The poison file sits in the middle of a group of 3: one good file staged before it,
+    # one after.
+    raw["samples"][0]["files"] = [*files["signal"][:1], str(poison), *files["signal"][1:]]
     settings = {"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}
     with dask.config.set(settings), \
             LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster, \
@@ -173,6 +179,8 @@ def test_poison_file_is_reported_after_its_retries(ldmx_data, tmp_path):
     assert report.bad_files[0]["exception"] == "KilledWorker"
     assert store.is_complete(tmp_path / "p.zarr")
     assert report.samples["signal"]["selected"] > 0
+    manifest = store.open_root(tmp_path / "p.zarr").attrs[store.PREFIX + "manifest"]
+    assert [m["path"] for m in manifest if m["status"] == "ok"] == [*files["signal"], *files["background"]]
 
 
 @pytest.mark.slow
