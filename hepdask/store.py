@@ -20,6 +20,7 @@ event field, and a coordinate per image axis (bin centres; edges and units in it
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -33,7 +34,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zarr.api.asynchronous
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from .errors import StoreError
 
@@ -405,28 +408,38 @@ def prepare(
     its finished write tasks (``prepared_for``).
     """
     array_attrs = array_attrs or {}
-    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=dict(attrs))
     codec = compressors(*compressor)
     coords = list(coords)
-    for split, n in sizes.items():
-        group = root.create_group(split)
-        for name, spec in arrays.items():
-            shape = (n, *spec.shape)
-            chunks = (max(1, min(chunk_events, n)), *spec.shape)
-            group.create_array(
-                name, shape=shape, chunks=chunks, dtype=_zarr_dtype(spec.dtype),
-                compressors=codec, dimension_names=["event", *dims[name]],
-                fill_value=_fill(spec.dtype), attributes=dict(array_attrs.get(name, {})),
-            )
-        for coord in coords:
-            array = group.create_array(
-                coord.name, shape=coord.values.shape, chunks=coord.values.shape,
-                dtype=_zarr_dtype(str(coord.values.dtype)), dimension_names=[coord.name],
-                attributes=coord.attrs, compressors=None, config={"write_empty_chunks": True},
-            )
-            array[...] = coord.values  # written even if all zeros (one bin centred on 0)
-    if plan is not None:
-        root.attrs[PLAN] = plan
+
+    async def create() -> None:
+        # Every node at once: one by one, each creation is a round trip into zarr's event
+        # loop thread (~3 ms; 90 ms for the demo's 24 arrays against ~20 ms concurrently).
+        root = await zarr.api.asynchronous.open_group(store=str(path), mode="w", zarr_format=3,
+                                                      attributes=dict(attrs))  # fmt: skip
+        groups = await asyncio.gather(*(root.create_group(split) for split in sizes))
+        made = []
+        for group, n in zip(groups, sizes.values()):
+            for name, spec in arrays.items():
+                made.append(group.create_array(
+                    name, shape=(n, *spec.shape), chunks=(max(1, min(chunk_events, n)), *spec.shape),
+                    dtype=_zarr_dtype(spec.dtype), compressors=codec, dimension_names=["event", *dims[name]],
+                    fill_value=_fill(spec.dtype), attributes=dict(array_attrs.get(name, {})),
+                ))
+            made.extend(_coordinate(group, coord) for coord in coords)
+        await asyncio.gather(*made)
+        if plan is not None:
+            await root.update_attributes({PLAN: plan})
+
+    sync(create())
+
+
+async def _coordinate(group, coord: Coordinate) -> None:
+    array = await group.create_array(
+        coord.name, shape=coord.values.shape, chunks=coord.values.shape,
+        dtype=_zarr_dtype(str(coord.values.dtype)), dimension_names=[coord.name],
+        attributes=coord.attrs, compressors=None, config={"write_empty_chunks": True},
+    )
+    await array.setitem(..., coord.values)  # written even if all zeros (one bin centred on 0)
 
 
 #: Root attribute: the digest of the write plan the store was prepared for.
