@@ -189,8 +189,12 @@ def test_partitions_grouped_into_tasks_write_the_same_chunks(built, ldmx_data, c
     assert build.partitions_per_task(config.read.partitions_per_task, 8, 2) == 1
     grouped = from_dict(demo_config(data, tmp_path / "grouped.zarr", **{"read.partitions_per_task": 3}))
     assert grouped.content_hash() == from_dict(demo_config(data, tmp_path / "grouped.zarr")).content_hash()
-    report = hepdask.build_dataset(grouped, client=client, progress=False)
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as stream:
+        report = hepdask.build_dataset(grouped, client=client, progress=False)
     assert report.n_partitions == 8
+    assert len({t["key"] for t in stream.data if str(t["key"]).startswith("stage-")}) == 3
     assert chunk_hashes(tmp_path / "grouped.zarr") == chunk_hashes(out)
 
 
