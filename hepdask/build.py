@@ -761,8 +761,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     if config.cluster.tune_malloc:
         client.register_plugin(cluster.TunedMalloc())
 
-    n_workers = max(1, len(client.nthreads()))
-    per_task = partitions_per_task(config.read.partitions_per_task, len(partitions), n_workers)
+    per_task = partitions_per_task(config.read.partitions_per_task, len(partitions), len(client.nthreads()))
     results = _stage_all(client, partitions, job, bar, config.cluster.worker_timeout, per_task)
     report.bad_files = [
         {"path": p.file, "sample": p.sample, **r["bad"]} for p, r in zip(partitions, results) if "bad" in r
@@ -793,6 +792,8 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     }
     ranges = {split: store.chunk_ranges(plan.size, per_chunk) for split, plan in plans.items()}
     chunk_bytes = per_chunk * event_bytes(job.images)
+    # Counted now, not before staging: SLURM workers may have joined since.
+    n_workers = max(1, len(client.nthreads()))
     group = _chunks_per_task(sum(map(len, ranges.values())), chunk_bytes, n_workers)
     slim = [s.slim() for s in staged]
     writes = []
