@@ -3,9 +3,10 @@
 One run, on the same input files (the demo's generated ROOT files) and the same LocalCluster
 (``hepdask.cluster.connect``, the cluster a build starts itself; start-up is never timed):
 
-(1) raw uproot reading: ``client.map`` tasks open files and iterate exactly the branches the
-    config names (``hits`` + ``event``) with the config's ``read.step_size``, as
-    ``sources.read`` does, but without selection, binning or staging; events/s and MB/s of
+(1) raw uproot reading: ``client.map`` tasks open files (memory-mapped, as the build reads
+    them with ``read.memory_map``) and iterate exactly the branches the config names
+    (``hits`` + ``event``) with the config's ``read.step_size``, as ``sources.read`` does, but
+    without selection, binning or staging; events/s and MB/s of
     uncompressed branch bytes. Measured with one file a task and, where the build groups
     files into stage tasks (``read.partitions_per_task``), with the build's grouping too; the
     ratio is printed against both.
@@ -221,12 +222,14 @@ def warm_up(client, config_path: Path, work_dir: Path, config, args) -> None:
 # (1) raw uproot reading
 
 
-def _read_file(path: str, tree_name: str, branches: list[str], step_size: int) -> tuple[int, int, int]:
-    """Read *branches* of one file in steps, as sources.read does; (events, uncompressed, compressed bytes)."""
+def _read_file(path: str, tree_name: str, branches: list[str], step_size: int,
+               memory_map: bool) -> tuple[int, int, int]:
+    """Read *branches* of one file in steps, through the source the build uses (memory-mapped
+    with ``read.memory_map``); (events, uncompressed, compressed bytes)."""
     import uproot
 
     events = 0
-    with uproot.open(path) as file:
+    with uproot.open(path, **({"handler": uproot.MemmapSource} if memory_map else {})) as file:
         tree = file[tree_name]
         for arrays in tree.iterate(branches, step_size=step_size, library="ak", how=dict):
             events += len(arrays[branches[0]])
@@ -235,8 +238,9 @@ def _read_file(path: str, tree_name: str, branches: list[str], step_size: int) -
     return events, unzipped, zipped
 
 
-def _read_files(paths: list[str], tree_name: str, branches: list[str], step_size: int) -> list[tuple[int, int, int]]:
-    return [_read_file(path, tree_name, branches, step_size) for path in paths]
+def _read_files(paths: list[str], tree_name: str, branches: list[str], step_size: int,
+                memory_map: bool) -> list[tuple[int, int, int]]:
+    return [_read_file(path, tree_name, branches, step_size, memory_map) for path in paths]
 
 
 def bench_read(client, config, per_task: int) -> dict:
@@ -250,7 +254,8 @@ def bench_read(client, config, per_task: int) -> dict:
     groups = [files[i : i + per_task] for i in range(0, len(files), per_task)]
     t0 = time.perf_counter()
     futures = client.map(_read_files, groups, tree_name=config.tree, branches=branches,
-                         step_size=config.read.step_size, pure=False)  # fmt: skip
+                         step_size=config.read.step_size, memory_map=config.read.memory_map,
+                         pure=False)  # fmt: skip
     wait(futures)
     results = [r for rs in client.gather(futures) for r in rs]
     seconds = time.perf_counter() - t0

@@ -158,6 +158,7 @@ class Job:
     hits: dict[str, str]
     events: dict[str, str]
     step_size: int
+    memory_map: bool
     #: The main image (array ``image``) first, then the ``images`` section's.
     images: tuple[ImageJob, ...]
     hit_cut: str | None
@@ -184,7 +185,7 @@ class Job:
             detectors = {s.name: s.geometry or config.geometry.file for s in config.samples}
         return cls(
             tree=config.tree, hits=dict(config.hits), events=events,
-            step_size=config.read.step_size,
+            step_size=config.read.step_size, memory_map=config.read.memory_map,
             images=image_jobs(config), hit_cut=config.selection.hits, event_cut=config.selection.events,
             staging=str(store.staging_path(config.output.path)),
             on_bad_file=config.read.on_bad_file,
@@ -256,7 +257,8 @@ def _stage(partition: sources.Partition, job: Job) -> store.Staged:
     entries_read = 0
     writer = store.PartitionWriter(job.staging, partition.key)
     try:
-        for step in sources.read(partition, job.tree, job.hits, job.events, job.step_size):
+        for step in sources.read(partition, job.tree, job.hits, job.events, job.step_size,
+                                 memory_map=job.memory_map):
             entries_read += step.n_events
             offsets, hits, events, entries = step.offsets, step.hits, step.events, step.entries
             if job.truth_prefix is not None:
@@ -466,7 +468,7 @@ def probe(config: Config, partitions: list[sources.Partition]) -> dict[str, int]
         candidates = [p for p in partitions if p.sample == sample.name][:tries]
         for i, partition in enumerate(candidates):
             try:
-                file, tree = sources.open_tree(partition.file, config.tree)
+                file, tree = sources.open_tree(partition.file, config.tree, memory_map=config.read.memory_map)
                 with file:
                     sources.check_branches(tree, partition.file, config.tree, job.hits, job.events)
                     entries[sample.name] = int(tree.num_entries)

@@ -9,8 +9,10 @@ most ``step_size`` entries, so a worker's memory is bounded by the step, not by 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
+import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,10 +124,15 @@ def _as_input_error(path: str, err: BaseException) -> InputFileError:
     return InputFileError(f"{path}: cannot read ({type(err).__name__}: {text})")
 
 
-def open_tree(path: str, tree_name: str):
-    """Open *path* and return ``(file, tree)``, raising InputFileError/BranchError clearly."""
+def open_tree(path: str, tree_name: str, *, memory_map: bool = True):
+    """Open *path* and return ``(file, tree)``, raising InputFileError/BranchError clearly.
+
+    With *memory_map* the file is read through ``uproot.MemmapSource`` (uproot falls back
+    to plain reads where a map cannot be made) instead of uproot's default fsspec source,
+    which costs more per request (``benchmarks/RESULTS.md``, KM3NeT section).
+    """
     try:
-        file = uproot.open(path)
+        file = uproot.open(path, **({"handler": uproot.MemmapSource} if memory_map else {}))
     except BAD_FILE_ERRORS as err:
         raise _as_input_error(path, err) from err
     try:
@@ -145,36 +152,130 @@ def open_tree(path: str, tree_name: str):
     return file, tree
 
 
-def check_branches(tree, path: str, tree_name: str, hits: dict[str, str], events: dict[str, str]) -> None:
-    """Every configured branch exists, hit branches are jagged and event branches are not."""
-    keys = set(tree.keys(full_paths=True)) | set(tree.keys(full_paths=False))
+@dataclass(frozen=True)
+class BranchType:
+    """How uproot reads a branch, and whether it holds a list of values per event."""
+
+    interpretation: object
+    jagged: bool
+
+
+def check_branches(tree, path: str, tree_name: str, hits: dict[str, str], events: dict[str, str]) -> dict[str, tuple]:
+    """Every configured branch exists, hit branches are jagged and event branches are not.
+
+    Returns ``{branch name: (branch, BranchType)}`` for every branch the mappings read.
+    """
+    checked: dict[str, tuple] = {}
     for role, mapping in (("hits", hits), ("event", events)):
         for name, expression in mapping.items():
-            branch, index = _split_index(expression)
-            if branch not in keys:
+            branch_name, index = _split_index(expression)
+            if branch_name not in checked:
+                try:
+                    branch = tree[branch_name]
+                except uproot.KeyInFileError:
+                    keys = set(tree.keys(full_paths=True)) | set(tree.keys(full_paths=False))
+                    msg = (
+                        f"{path}: {role}.{name}: branch {branch_name!r} not in tree {tree_name!r}"
+                        f"{did_you_mean(branch_name, keys)}"
+                    )
+                    raise BranchError(msg) from None
+                try:
+                    kind = branch_type(branch)
+                except BAD_FILE_ERRORS as err:
+                    raise _as_input_error(path, err) from err
+                if isinstance(kind.interpretation, uproot.interpretation.identify.UnknownInterpretation):
+                    msg = (f"{path}: {role}.{name}: uproot cannot read branch {branch_name!r} as an array "
+                           f"({kind.interpretation})")
+                    raise BranchError(msg)
+                checked[branch_name] = (branch, kind)
+            kind = checked[branch_name][1]
+            if role == "hits" and not kind.jagged:
                 msg = (
-                    f"{path}: {role}.{name}: branch {branch!r} not in tree {tree_name!r}"
-                    f"{did_you_mean(branch, keys)}"
+                    f"{path}: hits.{name}: branch {branch_name!r} has one value per event "
+                    f"({kind.interpretation.typename}); a hit field needs a jagged branch (one value per hit)"
                 )
                 raise BranchError(msg)
-            jagged = _is_jagged(tree[branch])
-            if role == "hits" and not jagged:
+            if role == "event" and kind.jagged and index is None:
                 msg = (
-                    f"{path}: hits.{name}: branch {branch!r} has one value per event "
-                    f"({tree[branch].typename}); a hit field needs a jagged branch (one value per hit)"
+                    f"{path}: event.{name}: branch {branch_name!r} is jagged ({kind.interpretation.typename}); "
+                    f"pick one element per event, e.g. '{branch_name}[0]'"
                 )
                 raise BranchError(msg)
-            if role == "event" and jagged and index is None:
-                msg = (
-                    f"{path}: event.{name}: branch {branch!r} is jagged ({tree[branch].typename}); "
-                    f"pick one element per event, e.g. '{branch}[0]'"
-                )
-                raise BranchError(msg)
+    return checked
 
 
-def _is_jagged(branch) -> bool:
-    interp = branch.interpretation
-    return isinstance(interp, uproot.AsJagged) or "[]" in branch.typename or "vector" in branch.typename
+#: Branch types uproot identified in this process, keyed by everything the identification
+#: depends on (``_type_key``). Identifying a branch of a split class reads and parses the
+#: file's streamers, which on a KM3NeT offline file is about a quarter of what opening,
+#: checking and reading it cost. The files of one production share their streamers and
+#: branch types, so a worker identifies them once. The oldest entries go first beyond
+#: ``MAX_BRANCH_TYPES``.
+_BRANCH_TYPES: dict[tuple, BranchType] = {}
+MAX_BRANCH_TYPES = 4096
+
+#: The members of a branch and of its leaves that uproot's identification reads
+#: (``uproot.interpretation.identify`` and ``TBranch.streamer``); what varies from file to
+#: file for one type (baskets, entry counts, value ranges) is left out.
+_BRANCH_TYPE_MEMBERS = ("fClassName", "fParentName", "fClonesName", "fClassVersion", "fCheckSum", "fID",
+                        "fType", "fStreamerType", "fTitle")
+_LEAF_TYPE_MEMBERS = ("fName", "fTitle", "fLen", "fLenType", "fOffset", "fIsRange", "fIsUnsigned", "fID", "fType")
+#: In ROOT's key header, fKeylen (int16, the header's length) follows fNbytes (int32),
+#: fVersion (int16), fObjlen (int32) and fDatime (uint32).
+_KEYLEN = struct.Struct(">h")
+_KEYLEN_OFFSET = 14
+
+
+def branch_type(branch) -> BranchType:
+    """The branch's interpretation (uproot's own identification, or the one it gave a branch
+    of the same type in a file with the same streamers) and whether it is jagged."""
+    key = _type_key(branch)
+    kind = _BRANCH_TYPES.get(key)
+    if kind is None:
+        interpretation = branch.interpretation
+        jagged = False
+        if not isinstance(interpretation, uproot.interpretation.identify.UnknownInterpretation):
+            typename = interpretation.typename
+            jagged = isinstance(interpretation, uproot.AsJagged) or "[]" in typename or "vector" in typename
+        kind = BranchType(interpretation, jagged)
+        if len(_BRANCH_TYPES) >= MAX_BRANCH_TYPES:
+            del _BRANCH_TYPES[next(iter(_BRANCH_TYPES))]
+        _BRANCH_TYPES[key] = kind
+    return kind
+
+
+def _type_key(branch) -> tuple:
+    """The file's streamers (a digest of their record as stored) and the type members of the
+    branch, of its leaves and of every branch above it."""
+    chain = []
+    node = branch
+    while isinstance(node, uproot.behaviors.TBranch.TBranch):
+        leaves = tuple(
+            (type(leaf).__name__, *(_plain(leaf.member(m, none_if_missing=True)) for m in _LEAF_TYPE_MEMBERS),
+             _name_of(leaf.member("fLeafCount", none_if_missing=True)))
+            for leaf in node.member("fLeaves")
+        )
+        members = tuple(_plain(node.member(m, none_if_missing=True)) for m in _BRANCH_TYPE_MEMBERS)
+        chain.append((type(node).__name__, node.name, members, leaves, tuple(b.name for b in node.branches)))
+        node = node.parent
+    return (_streamer_digest(branch.file), *chain)
+
+
+def _streamer_digest(file) -> str:
+    """A digest of the file's streamer record (the key's payload at fSeekInfo, without the key
+    header, which holds the write time): equal digests mean equal streamers."""
+    if not file.fSeekInfo or not file.fNbytesInfo:
+        return ""
+    raw = file.source.chunk(file.fSeekInfo, file.fSeekInfo + file.fNbytesInfo).raw_data
+    keylen = _KEYLEN.unpack_from(raw, _KEYLEN_OFFSET)[0] if len(raw) >= _KEYLEN_OFFSET + _KEYLEN.size else 0
+    return hashlib.blake2b(bytes(raw[keylen:]), digest_size=16).hexdigest()
+
+
+def _plain(value):
+    return value if value is None or isinstance(value, (bool, int, float)) else str(value)
+
+
+def _name_of(leaf) -> str | None:
+    return None if leaf is None else str(leaf.member("fName"))
 
 
 def num_entries(path: str, tree_name: str) -> int:
@@ -245,25 +346,23 @@ def read(
     hits: dict[str, str],
     events: dict[str, str],
     step_size: int,
+    *,
+    memory_map: bool = True,
 ) -> Iterator[Step]:
     """Yield a partition's entries in steps of at most *step_size* entries."""
     path = partition.file
-    file, tree = open_tree(path, tree_name)
+    file, tree = open_tree(path, tree_name, memory_map=memory_map)
     with file:
-        check_branches(tree, path, tree_name, hits, events)
-        branches = branches_needed(hits, events)
+        checked = check_branches(tree, path, tree_name, hits, events)
         start = partition.entry_start
-        stop = tree.num_entries if partition.entry_stop is None else partition.entry_stop
-        iterator = tree.iterate(
-            branches, step_size=step_size, entry_start=start, entry_stop=stop,
-            library="ak", how=dict,
-        )
-        first = start
-        while True:
+        stop = tree.num_entries if partition.entry_stop is None else min(partition.entry_stop, tree.num_entries)
+        for first in range(start, stop, step_size):
+            last = min(first + step_size, stop)
             try:
-                arrays = next(iterator)
-            except StopIteration:
-                return
+                arrays = {
+                    name: branch.array(kind.interpretation, entry_start=first, entry_stop=last, library="ak")
+                    for name, (branch, kind) in checked.items()
+                }
             except BAD_FILE_ERRORS as err:
                 raise _as_input_error(path, err) from err
             n = len(next(iter(arrays.values()))) if arrays else 0
@@ -273,7 +372,6 @@ def read(
                 branch, index = _split_index(expression)
                 event_arrays[name] = _event_values(arrays[branch], index)
             yield Step(np.arange(first, first + n, dtype=np.int64), offsets, flat, event_arrays)
-            first += n
 
 
 def file_info(path: str) -> dict:

@@ -36,3 +36,81 @@ def test_flatten_hits_names_fields_of_different_lengths():
     offsets, flat = sources._flatten_hits("f.root", {"x": arrays["x"]}, {"x": "x"}, 0)
     np.testing.assert_array_equal(offsets, [0, 2, 2, 5, 6])
     np.testing.assert_array_equal(flat["x"], [1.5, 2.5, 3.5, 4.5, 5.5, 6.5])
+
+
+def _write_tree(path, hits_dtype, offset):
+    """A small tree: jagged ``x`` of *hits_dtype* and one int32 ``n`` per event."""
+    import uproot
+
+    x = ak.values_astype(ak.Array(EVENTS), hits_dtype) + offset
+    branches = {"x": x, "n": np.arange(len(EVENTS), dtype=np.int32) + offset}
+    with uproot.recreate(path) as f:
+        f.mktree("t", {k: v.type if isinstance(v, ak.Array) else v.dtype for k, v in branches.items()})
+        f["t"].extend(branches)
+    return path
+
+
+def _read_all(path, **options):
+    partition = sources.Partition(0, "s", 0, str(path))
+    steps = list(sources.read(partition, "t", {"x": "x"}, {"n": "n"}, step_size=3, **options))
+    flat = np.concatenate([s.hits["x"] for s in steps])
+    return flat, np.concatenate([s.events["n"] for s in steps]), [s.n_events for s in steps]
+
+
+def test_branch_types_are_identified_once_per_type_and_again_for_another(tmp_path, monkeypatch):
+    import uproot
+
+    identify = uproot.interpretation.identify
+    calls = []
+    original = identify.interpretation_of
+
+    def counted(branch, *args, **kwargs):
+        calls.append(branch.name)
+        return original(branch, *args, **kwargs)
+
+    monkeypatch.setattr(identify, "interpretation_of", counted)
+    monkeypatch.setattr(sources, "_BRANCH_TYPES", {})
+    a = _write_tree(tmp_path / "a.root", np.float64, 0)
+    b = _write_tree(tmp_path / "b.root", np.float64, 100)
+    c = _write_tree(tmp_path / "c.root", np.int32, 1000)
+
+    flat, n, steps = _read_all(a)
+    np.testing.assert_array_equal(flat, [1.5, 2.5, 3.5, 4.5, 5.5, 6.5])
+    np.testing.assert_array_equal(n, [0, 1, 2, 3])
+    assert steps == [3, 1]
+    assert sorted(calls) == ["n", "x"]
+
+    # Same streamers, same branch types: nothing identified again, and b's own values come back.
+    flat, n, _ = _read_all(b)
+    np.testing.assert_array_equal(flat, np.array([1.5, 2.5, 3.5, 4.5, 5.5, 6.5]) + 100)
+    np.testing.assert_array_equal(n, [100, 101, 102, 103])
+    assert sorted(calls) == ["n", "x"]
+
+    # The same branch name with another type is identified again and read as its own type.
+    flat, n, _ = _read_all(c)
+    assert "x" in calls[2:]
+    assert flat.dtype == np.int32
+    np.testing.assert_array_equal(flat, np.array([1, 2, 3, 4, 5, 6]) + 1000)
+    np.testing.assert_array_equal(n, [1000, 1001, 1002, 1003])
+
+
+def test_files_read_the_same_with_and_without_a_memory_map(tmp_path):
+    path = _write_tree(tmp_path / "a.root", np.float32, 7)
+    mapped, unmapped = _read_all(path, memory_map=True), _read_all(path, memory_map=False)
+    for got, expected in zip(mapped, unmapped):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_branch_uproot_cannot_interpret_is_named(tmp_path, monkeypatch):
+    import uproot
+
+    identify = uproot.interpretation.identify
+
+    def unknown(branch, *args, **kwargs):
+        raise identify.UnknownInterpretation("no rule for this branch", branch.file.file_path, branch.object_path)
+
+    monkeypatch.setattr(identify, "interpretation_of", unknown)
+    monkeypatch.setattr(sources, "_BRANCH_TYPES", {})
+    path = _write_tree(tmp_path / "a.root", np.float64, 0)
+    with pytest.raises(BranchError, match=r"a\.root: hits\.x: uproot cannot read branch 'x' as an array"):
+        _read_all(path)
