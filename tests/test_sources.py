@@ -10,6 +10,8 @@ from hepdask import sources
 from hepdask.errors import BranchError
 
 EVENTS = [[1.5, 2.5], [], [3.5, 4.5, 5.5], [6.5]]
+#: A KM3NeT offline file (km3net-testdata): split classes, the streamers uproot parses most.
+KM3NET_FILE = "offline/mcv6.0.gsg_muon_highE-CC_50-500GeV.km3sim.jterbr00008357.jorcarec.aanet.905.root"
 
 
 @pytest.mark.parametrize(
@@ -114,3 +116,30 @@ def test_a_branch_uproot_cannot_interpret_is_named(tmp_path, monkeypatch):
     path = _write_tree(tmp_path / "a.root", np.float64, 0)
     with pytest.raises(BranchError, match=r"a\.root: hits\.x: uproot cannot read branch 'x' as an array"):
         _read_all(path)
+
+
+def test_memoised_uproot_classnames_answer_as_uproot_does(monkeypatch):
+    import uproot
+    import uproot.model
+
+    kd = pytest.importorskip("km3net_testdata")
+
+    originals = {name: getattr(uproot.model, name) for name in sources.MEMOISED_CLASSNAME_FUNCTIONS}
+    for name, function in originals.items():
+        monkeypatch.setattr(uproot.model, name, getattr(function, "__wrapped__", function))
+    plain = {name: getattr(uproot.model, name) for name in sources.MEMOISED_CLASSNAME_FUNCTIONS}
+    sources.memoise_uproot_classnames()
+    sources.memoise_uproot_classnames()
+    for name in sources.MEMOISED_CLASSNAME_FUNCTIONS:
+        cached = getattr(uproot.model, name)
+        assert cached.__wrapped__ is plain[name]  # cached once, not twice
+
+    with uproot.open(kd.data_path(KM3NET_FILE)) as file:
+        names = list(file.file.streamers) + [
+            "std::vector< double >", "vector<Hit >", "map < int , string >", None]
+    encoded = [uproot.model.classname_encode(n, 3) for n in names if n]
+    for name in names:
+        assert uproot.model.classname_regularize(name) == plain["classname_regularize"](name)
+        assert uproot.model.classname_regularize(name) == plain["classname_regularize"](name)
+    for name in encoded:
+        assert uproot.model.classname_version(name) == plain["classname_version"](name)
