@@ -59,12 +59,14 @@ def staging_path(store: str | Path) -> Path:
 class ArraySpec:
     """dtype and per-event shape of one staged array, and how it is staged.
 
-    A *sparse* array is staged as its non-zero elements only (see ``PartitionWriter``).
+    A *sparse* array is staged as its non-zero elements only; a *table* array is a column
+    of the partition's one table of small per-event values (see ``PartitionWriter``).
     """
 
     dtype: str
     shape: tuple[int, ...] = ()
     sparse: bool = False
+    table: bool = False
 
     @property
     def itemsize(self) -> int:
@@ -86,7 +88,8 @@ class Staged:
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        arrays = {k: {"dtype": v.dtype, "shape": list(v.shape), **({"sparse": True} if v.sparse else {})}
+        arrays = {k: {"dtype": v.dtype, "shape": list(v.shape), **({"sparse": True} if v.sparse else {}),
+                      **({"table": True} if v.table else {})}
                   for k, v in self.arrays.items()}
         return {"key": self.key, "n_events": self.n_events, "arrays": arrays, "info": self.info}
 
@@ -96,15 +99,29 @@ class Staged:
 
     @classmethod
     def from_json(cls, data: dict) -> Staged:
-        arrays = {k: ArraySpec(v["dtype"], tuple(v["shape"]), bool(v.get("sparse", False)))
+        arrays = {k: ArraySpec(v["dtype"], tuple(v["shape"]), bool(v.get("sparse", False)),
+                               bool(v.get("table", False)))
                   for k, v in data["arrays"].items()}
         return cls(data["key"], int(data["n_events"]), arrays, data.get("info", {}))
+
+    @property
+    def table_dtype(self) -> np.dtype:
+        """One record of the partition's table file: its table arrays, packed, in order."""
+        return table_dtype(self.arrays)
+
+
+def table_dtype(specs: Mapping[str, ArraySpec]) -> np.dtype:
+    return np.dtype([(name, spec.dtype, spec.shape) for name, spec in specs.items() if spec.table])
 
 
 class PartitionWriter:
     """Append a partition's events step by step; ``close(info)`` publishes them atomically.
 
-    The arrays' dtypes and per-event shapes are taken from the first step appended. A dense
+    The arrays' dtypes and per-event shapes are taken from the first step appended. Arrays of
+    at most ``TABLE_ROW_BYTES`` per event (labels, entries, event fields, MC truth) are staged
+    together as the records of one file, ``TABLE_FILE``: a KM3NeT partition has 16 of them,
+    and creating a file per array cost more than reading the partition's branches (and more
+    on a parallel file system, where every file is a metadata operation). A larger dense
     array is staged as ``<name>.bin``, its raw bytes. An image array whose first step is
     mostly zeros (``_stage_sparse``) is staged as its non-zero elements: ``<name>.nnz`` (int32
     non-zero count per event), ``<name>.idx`` (int32 flat position of each non-zero element
@@ -121,26 +138,33 @@ class PartitionWriter:
         self.tmp = self.staging / f".tmp-{key}-{uuid.uuid4().hex[:12]}"
         self.tmp.mkdir(parents=True)
         self._files: dict[str, Any] = {}
+        self._table = np.dtype([])
         self.n_events = 0
 
     def append(self, arrays: Mapping[str, np.ndarray]) -> None:
         arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
         if not self.specs:
-            self.specs = {name: ArraySpec(str(a.dtype), a.shape[1:], _stage_sparse(a)) for name, a in arrays.items()}
-            self._files = {
-                f"{name}{suffix}": open(self.tmp / f"{name}{suffix}", "wb")
-                for name, spec in self.specs.items() for suffix in (SPARSE_FILES if spec.sparse else (".bin",))
-            }
+            self.specs = {name: _staged_spec(a) for name, a in arrays.items()}
+            self._table = table_dtype(self.specs)
+            names = [f"{name}{suffix}" for name, spec in self.specs.items() if not spec.table
+                     for suffix in (SPARSE_FILES if spec.sparse else (".bin",))]
+            if self._table.names:
+                names.append(TABLE_FILE)
+            self._files = {name: open(self.tmp / name, "wb") for name in names}
         n = {a.shape[0] for a in arrays.values()}
         if set(arrays) != set(self.specs) or len(n) != 1:
             msg = f"staging {self.key}: arrays {sorted(arrays)} of lengths {sorted(n)} do not match {sorted(self.specs)}"
             raise StoreError(msg)
+        count = next(iter(n))
+        records = np.empty(count, dtype=self._table) if self._table.names else None
         for name, spec in self.specs.items():
             array = arrays[name].astype(spec.dtype, copy=False)
             if array.shape[1:] != spec.shape:
                 msg = f"staging {self.key}/{name}: got shape {array.shape}, expected (n, *{spec.shape})"
                 raise StoreError(msg)
-            if spec.sparse:
+            if spec.table:
+                records[name] = array
+            elif spec.sparse:
                 # Imported here: numba's import is a third of `hepdask info`'s start-up.
                 from .binning import nonzero_elements
 
@@ -148,7 +172,9 @@ class PartitionWriter:
                     self._files[f"{name}{suffix}"].write(part.tobytes())
             else:
                 self._files[f"{name}.bin"].write(array.tobytes())
-        self.n_events += n.pop()
+        if records is not None:
+            self._files[TABLE_FILE].write(records.tobytes())
+        self.n_events += count
 
     def close(self, info: Mapping[str, Any]) -> Staged:
         for f in self._files.values():
@@ -174,6 +200,18 @@ class PartitionWriter:
 
 #: The files of a sparse staged array, after its name.
 SPARSE_FILES = (".nnz", ".idx", ".val")
+#: The file of a partition's table arrays (one packed record per event), and the most bytes
+#: per event an array may have to be staged there.
+TABLE_FILE = "table.bin"
+TABLE_ROW_BYTES = 64
+
+
+def _staged_spec(array: np.ndarray) -> ArraySpec:
+    """How the array of a partition's first step is staged: sparse, a table column, or raw."""
+    spec = ArraySpec(str(array.dtype), array.shape[1:], _stage_sparse(array))
+    if not spec.sparse and spec.itemsize <= TABLE_ROW_BYTES and array.dtype.kind not in "OV":
+        return ArraySpec(spec.dtype, spec.shape, table=True)
+    return spec
 #: Stage an image sparse when its non-zero elements and their int32 positions take at most
 #: this fraction of its dense bytes.
 SPARSE_MAX_FRACTION = 0.5
@@ -241,6 +279,12 @@ def read_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray) 
     order = np.argsort(rows, kind="stable")
     ordered = rows[order]
     base = f"{staging}/{staged.key}/{name}"
+    if spec.table:
+        record = staged.table_dtype
+        values, at = _read_ranges(f"{staging}/{staged.key}/{TABLE_FILE}", ordered, ordered + 1, record.itemsize)
+        out = np.empty((rows.size, *spec.shape), dtype=spec.dtype)
+        out[order] = np.frombuffer(values, dtype=record)[name][at]
+        return out
     if not spec.sparse:
         values, at = _read_ranges(base + ".bin", ordered, ordered + 1, spec.itemsize)
         out = np.empty((rows.size, *spec.shape), dtype=spec.dtype)

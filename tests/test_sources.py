@@ -135,8 +135,7 @@ def test_memoised_uproot_classnames_answer_as_uproot_does(monkeypatch):
         assert cached.__wrapped__ is plain[name]  # cached once, not twice
 
     with uproot.open(kd.data_path(KM3NET_FILE)) as file:
-        names = list(file.file.streamers) + [
-            "std::vector< double >", "vector<Hit >", "map < int , string >", None]
+        names = [*file.file.streamers, "std::vector< double >", "vector<Hit >", "map < int , string >", None]
     encoded = [uproot.model.classname_encode(n, 3) for n in names if n]
     for name in names:
         assert uproot.model.classname_regularize(name) == plain["classname_regularize"](name)

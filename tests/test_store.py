@@ -13,11 +13,12 @@ from hepdask import store
 @pytest.fixture
 def staged(tmp_path):
     rng = np.random.default_rng(7)
-    images = rng.normal(size=(500, 3, 4)).astype(np.float32)
+    images = rng.normal(size=(500, 6, 4)).astype(np.float32)
     entries = np.arange(500, dtype=np.int64) * 10
     writer = store.PartitionWriter(tmp_path, "p0")
     for step in range(0, 500, 120):
-        writer.append({"image": images[step : step + 120], "entry": entries[step : step + 120]})
+        writer.append({"image": images[step : step + 120], "entry": entries[step : step + 120],
+                       "energy": entries[step : step + 120] * 0.5, "pair": images[step : step + 120, 0, :2]})
     return tmp_path, writer.close({}), images, entries
 
 
@@ -30,7 +31,19 @@ def test_read_rows_returns_the_rows_asked_for_in_their_order(staged, monkeypatch
                  np.array([3]), rng.choice(500, 300, replace=False)):
         np.testing.assert_array_equal(store.read_rows(staging, record, "image", rows), images[rows])
         np.testing.assert_array_equal(store.read_rows(staging, record, "entry", rows), entries[rows])
-    assert store.read_rows(staging, record, "image", np.zeros(0, np.int64)).shape == (0, 3, 4)
+        np.testing.assert_array_equal(store.read_rows(staging, record, "energy", rows), entries[rows] * 0.5)
+        np.testing.assert_array_equal(store.read_rows(staging, record, "pair", rows), images[rows, 0, :2])
+    assert store.read_rows(staging, record, "image", np.zeros(0, np.int64)).shape == (0, 6, 4)
+    assert store.read_rows(staging, record, "pair", np.zeros(0, np.int64)).shape == (0, 2)
+
+
+def test_small_per_event_arrays_share_one_table_file(staged):
+    staging, record, _, _ = staged
+    assert [n for n, spec in record.arrays.items() if spec.table] == ["entry", "energy", "pair"]
+    assert not record.arrays["image"].table
+    assert sorted(f.name for f in (staging / "p0").iterdir()) == ["image.bin", store.META, store.TABLE_FILE]
+    assert (staging / "p0" / store.TABLE_FILE).stat().st_size == 500 * (8 + 8 + 8)
+    assert store.Staged.from_json(record.to_json()).arrays == record.arrays
 
 
 @pytest.fixture
@@ -85,12 +98,13 @@ def test_read_rows_names_a_truncated_sparse_staged_file(sparse_staged):
         store.read_rows(staging, record, "counts", np.array([5]))
 
 
-def test_read_rows_names_a_truncated_staged_file(staged):
+@pytest.mark.parametrize(("name", "file"), [("image", "image.bin"), ("energy", store.TABLE_FILE)])
+def test_read_rows_names_a_truncated_staged_file(staged, name, file):
     staging, record, _, _ = staged
-    path = staging / "p0" / "image.bin"
-    path.write_bytes(path.read_bytes()[: 100 * record.arrays["image"].itemsize])
-    with pytest.raises(store.StoreError, match=r"p0/image\.bin is truncated"):
-        store.read_rows(staging, record, "image", np.array([5, 400]))
+    path = staging / "p0" / file
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 5])
+    with pytest.raises(store.StoreError, match=rf"p0/{file.replace('.', '[.]')} is truncated"):
+        store.read_rows(staging, record, name, np.array([5, 400]))
 
 
 def test_spans_keep_whole_ranges_within_the_budget():
