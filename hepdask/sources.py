@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -234,6 +235,7 @@ def check_branches(tree, path: str, tree_name: str, hits: dict[str, str], events
 #: branch types, so a worker identifies them once. The oldest entries go first beyond
 #: ``MAX_BRANCH_TYPES``.
 _BRANCH_TYPES: dict[tuple, BranchType] = {}
+_BRANCH_TYPES_LOCK = threading.Lock()
 MAX_BRANCH_TYPES = 4096
 
 #: The members of a branch and of its leaves that uproot's identification reads
@@ -260,9 +262,10 @@ def branch_type(branch) -> BranchType:
             typename = interpretation.typename
             jagged = isinstance(interpretation, uproot.AsJagged) or "[]" in typename or "vector" in typename
         kind = BranchType(interpretation, jagged)
-        if len(_BRANCH_TYPES) >= MAX_BRANCH_TYPES:
-            del _BRANCH_TYPES[next(iter(_BRANCH_TYPES))]
-        _BRANCH_TYPES[key] = kind
+        with _BRANCH_TYPES_LOCK:  # a worker may run several threads
+            if len(_BRANCH_TYPES) >= MAX_BRANCH_TYPES:
+                del _BRANCH_TYPES[next(iter(_BRANCH_TYPES))]
+            _BRANCH_TYPES[key] = kind
     return kind
 
 

@@ -142,3 +142,12 @@ def test_memoised_uproot_classnames_answer_as_uproot_does(monkeypatch):
         assert uproot.model.classname_regularize(name) == plain["classname_regularize"](name)
     for name in encoded:
         assert uproot.model.classname_version(name) == plain["classname_version"](name)
+
+
+def test_branch_type_cache_stays_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "_BRANCH_TYPES", {})
+    monkeypatch.setattr(sources, "MAX_BRANCH_TYPES", 1)
+    flat, n, _ = _read_all(_write_tree(tmp_path / "a.root", np.float64, 0))
+    np.testing.assert_array_equal(flat, [1.5, 2.5, 3.5, 4.5, 5.5, 6.5])
+    np.testing.assert_array_equal(n, [0, 1, 2, 3])
+    assert len(sources._BRANCH_TYPES) == 1
