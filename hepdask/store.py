@@ -212,6 +212,8 @@ def _staged_spec(array: np.ndarray) -> ArraySpec:
     if not spec.sparse and spec.itemsize <= TABLE_ROW_BYTES and array.dtype.kind not in "OV":
         return ArraySpec(spec.dtype, spec.shape, table=True)
     return spec
+
+
 #: Stage an image sparse when its non-zero elements and their int32 positions take at most
 #: this fraction of its dense bytes.
 SPARSE_MAX_FRACTION = 0.5
