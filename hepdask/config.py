@@ -503,8 +503,8 @@ class Config(_Model):
         """Hash of everything that determines the staged partitions and the store's content.
 
         Where the build runs, whether it may overwrite, how partitions are grouped into
-        tasks, how files are read (memory-mapped or not) and the bad-file policy are left out: a build resumed with ``--overwrite``
-        off or ``skip`` on reuses what was staged.
+        tasks, how files are read (memory-mapped or not) and the bad-file policy are left
+        out: a build resumed with ``--overwrite`` off or ``skip`` on reuses what was staged.
         """
         payload = self.model_dump(
             mode="json",

@@ -190,6 +190,7 @@ def check_branches(tree, path: str, tree_name: str, hits: dict[str, str], events
     Returns ``{branch name: (branch, BranchType)}`` for every branch the mappings read.
     """
     checked: dict[str, tuple] = {}
+    streamers = None  # the digest of the file's streamer record, read once per file
     for role, mapping in (("hits", hits), ("event", events)):
         for name, expression in mapping.items():
             branch_name, index = _split_index(expression)
@@ -204,7 +205,9 @@ def check_branches(tree, path: str, tree_name: str, hits: dict[str, str], events
                     )
                     raise BranchError(msg) from None
                 try:
-                    kind = branch_type(branch)
+                    if streamers is None:
+                        streamers = _streamer_digest(tree.file)
+                    kind = branch_type(branch, streamers)
                 except BAD_FILE_ERRORS as err:
                     raise _as_input_error(path, err) from err
                 if isinstance(kind.interpretation, uproot.interpretation.identify.UnknownInterpretation):
@@ -229,11 +232,11 @@ def check_branches(tree, path: str, tree_name: str, hits: dict[str, str], events
 
 
 #: Branch types uproot identified in this process, keyed by everything the identification
-#: depends on (``_type_key``). Identifying a branch of a split class reads and parses the
-#: file's streamers, which on a KM3NeT offline file is about a quarter of what opening,
-#: checking and reading it cost. The files of one production share their streamers and
-#: branch types, so a worker identifies them once. The oldest entries go first beyond
-#: ``MAX_BRANCH_TYPES``.
+#: depends on (the digest of the file's streamer record and ``_type_chain``). Identifying a
+#: branch of a split class reads and parses the file's streamers, which on a KM3NeT offline
+#: file is about a quarter of what opening, checking and reading it cost. The files of one
+#: production share their streamers and branch types, so a worker identifies them once. The
+#: oldest entries go first beyond ``MAX_BRANCH_TYPES``.
 _BRANCH_TYPES: dict[tuple, BranchType] = {}
 _BRANCH_TYPES_LOCK = threading.Lock()
 MAX_BRANCH_TYPES = 4096
@@ -250,10 +253,12 @@ _KEYLEN = struct.Struct(">h")
 _KEYLEN_OFFSET = 14
 
 
-def branch_type(branch) -> BranchType:
+def branch_type(branch, streamers: str) -> BranchType:
     """The branch's interpretation (uproot's own identification, or the one it gave a branch
-    of the same type in a file with the same streamers) and whether it is jagged."""
-    key = _type_key(branch)
+    of the same type in a file with the same streamers) and whether it is jagged.
+
+    *streamers* is ``_streamer_digest`` of the branch's file."""
+    key = (streamers, *_type_chain(branch))
     kind = _BRANCH_TYPES.get(key)
     if kind is None:
         interpretation = branch.interpretation
@@ -269,9 +274,8 @@ def branch_type(branch) -> BranchType:
     return kind
 
 
-def _type_key(branch) -> tuple:
-    """The file's streamers (a digest of their record as stored) and the type members of the
-    branch, of its leaves and of every branch above it."""
+def _type_chain(branch) -> tuple:
+    """The type members of the branch, of its leaves and of every branch above it."""
     chain = []
     node = branch
     while isinstance(node, uproot.behaviors.TBranch.TBranch):
@@ -283,7 +287,7 @@ def _type_key(branch) -> tuple:
         members = tuple(_plain(node.member(m, none_if_missing=True)) for m in _BRANCH_TYPE_MEMBERS)
         chain.append((type(node).__name__, node.name, members, leaves, tuple(b.name for b in node.branches)))
         node = node.parent
-    return (_streamer_digest(branch.file), *chain)
+    return tuple(chain)
 
 
 def _streamer_digest(file) -> str:
