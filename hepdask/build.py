@@ -569,20 +569,24 @@ def build_dataset(
             return plan_report(config, partitions, first_entries, generated)
         if _prepare_output(config):
             bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
-        context = nullcontext(client) if client is not None else _connect(config, bar, len(partitions))
+        in_process = config.cluster.in_process(len(partitions))
+        context = nullcontext(client) if client is not None else _connect(config, bar, in_process)
+        # A LocalCluster started without a dashboard still has Dask's HTTP server, whose link
+        # leads to no dashboard.
+        dashboard = client is not None or config.cluster.kind != "local" or config.cluster.dashboard(in_process)
         # The build's client is Dask's current one while it runs: Dask helpers that look up the
         # default client (the performance report) must not find a user's other, or a closed, one.
         with context as active, active.as_current():
             report_path = Path(config.output.path + ".performance-report.html")
             with _performance_report(report_path if config.cluster.performance_report else None):
-                return _run(config, partitions, active, bar, started)
+                return _run(config, partitions, active, bar, started, dashboard=bool(dashboard))
 
 
-def _connect(config: Config, bar: Bar, n_partitions: int):
+def _connect(config: Config, bar: Bar, in_process: bool):
     from . import cluster
 
     return cluster.connect(config.cluster, say=bar.print, log_directory=config.output.path + ".slurm-logs",
-                           in_process=config.cluster.in_process(n_partitions))
+                           in_process=in_process)
 
 
 def _performance_report(path: Path | None):
@@ -751,12 +755,13 @@ def _wait(client, futures, bar, task, worker_timeout: float) -> None:
             bar.advance(task)
 
 
-def _run(config: Config, partitions: list[sources.Partition], client, bar, started: float) -> BuildReport:
+def _run(config: Config, partitions: list[sources.Partition], client, bar, started: float, *,
+         dashboard: bool = True) -> BuildReport:
     from . import cluster
 
     job = Job.from_config(config)
     layout = job.layout
-    report = BuildReport(config.name, config.output.path, dashboard=cluster.dashboard_link(client))
+    report = BuildReport(config.name, config.output.path, dashboard=cluster.dashboard_link(client) if dashboard else None)
     if report.dashboard:
         bar.print(f"Dask dashboard: {report.dashboard}")
     report.n_partitions = len(partitions)

@@ -3,8 +3,9 @@
 ``kind: local`` (the default) starts a LocalCluster with one single-threaded worker process
 per core, scheduler and dashboard on 127.0.0.1; ``kind: slurm`` a dask-jobqueue SLURMCluster;
 ``kind: address`` connects to a running scheduler. A small local build (one partition, or
-``processes: false``) runs one worker thread inside this process instead: starting worker
-processes costs more than such a build. The schedulers hepdask starts queue tasks
+``processes: false``) runs one worker thread inside this process instead, with no dashboard
+unless ``dashboard_address`` names one: starting worker processes (or the dashboard) costs
+more than such a build. The schedulers hepdask starts queue tasks
 themselves (``worker-saturation: 1.0``), so a worker that dies takes only its running task's
 retry count with it. Worker processes get ``NUMBA_NUM_THREADS`` equal to their thread count,
 so the binning kernels do not oversubscribe the cores that Dask already fills.
@@ -115,7 +116,7 @@ def _start_local(spec: Cluster, security, *, n_workers: int, threads_per_worker:
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
             processes=processes,
-            dashboard_address=spec.dashboard_address,
+            dashboard_address=spec.dashboard(in_process=not processes),
             memory_limit=spec.memory_limit,
             **network,
             **({"security": security, "protocol": "tls://"} if security is not None else {}),

@@ -145,11 +145,13 @@ def test_a_plan_of_one_partition_runs_inside_this_process(ldmx_data, tmp_path, m
     data, files = ldmx_data
     one_file = demo_config(data, tmp_path / "auto.zarr", **{"read.step_size": 1000})
     one_file["samples"] = [{"name": "signal", "label": 1, "files": [files["signal"][0]]}]
-    hepdask.build_dataset(from_dict(one_file), progress=False)
+    here = hepdask.build_dataset(from_dict(one_file), progress=False)
     one_file["output"]["path"] = str(tmp_path / "processes.zarr")
-    one_file["cluster"]["processes"] = True
-    hepdask.build_dataset(from_dict(one_file), progress=False)
+    one_file["cluster"].update(processes=True, dashboard_address="127.0.0.1:0")
+    processes = hepdask.build_dataset(from_dict(one_file), progress=False)
     assert connected == [True, False]
+    # ``dashboard_address: auto``: none for the worker thread in this process.
+    assert here.dashboard is None and processes.dashboard.startswith("http://127.0.0.1:")
     assert len(chunk_hashes(tmp_path / "auto.zarr")) > 2
     assert chunk_hashes(tmp_path / "auto.zarr") == chunk_hashes(tmp_path / "processes.zarr")
 

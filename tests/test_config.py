@@ -80,6 +80,15 @@ def test_small_plans_run_in_this_process_unless_told_otherwise():
     assert Cluster().in_process(1) and not Cluster().in_process(2)
     assert not Cluster(processes=True).in_process(1)
     assert Cluster(processes=False).in_process(50)
+
+
+def test_a_build_in_this_process_starts_no_dashboard_unless_one_is_named():
+    from hepdask.config import DEFAULT_DASHBOARD, Cluster
+
+    assert Cluster().dashboard(in_process=False) == DEFAULT_DASHBOARD
+    assert Cluster().dashboard(in_process=True) is None
+    assert Cluster(dashboard_address="127.0.0.1:0").dashboard(in_process=True) == "127.0.0.1:0"
+    assert Cluster(dashboard_address=None).dashboard(in_process=False) is None
     assert not Cluster(kind="address", address="tcp://h:1").in_process(1)
 
 
