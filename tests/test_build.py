@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import zarr
 
 import hepdask
 from hepdask import build, sources, store
+from hepdask.cli import PRELOAD
 from hepdask.cli import main as cli
 from hepdask.config import from_dict
 
@@ -300,6 +302,48 @@ def test_cli_start_up_imports_only_what_the_command_needs():
         _ = hepdask.nope
     modules = {p.stem for p in Path(hepdask.__file__).parent.glob("*.py")} - {"__init__"}
     assert modules == hepdask._SUBMODULES  # a new module is reachable as hepdask.<name> too
+
+
+def test_console_script_builds_with_the_start_up_heap_frozen_and_fails_in_one_line(ldmx_data, tmp_path):
+    """``hepdask`` (``cli.entry``) imports the build stack with the collector paused and frozen,
+    builds as ``main`` does, and reports a hepdask error as one line with status 2."""
+    data, files = ldmx_data
+    one_file = demo_config(data, tmp_path / "one.zarr", **{"read.step_size": 1000})
+    one_file["samples"] = [{"name": "signal", "label": 1, "files": [files["signal"][0]]}]
+    # Records, in the console script's process, whether the collector ran while the PRELOAD
+    # modules were imported, how much was frozen when the command started, and at exit.
+    code = textwrap.dedent("""
+        import atexit, gc, importlib, sys
+        from hepdask import cli
+        import_module, run, seen = importlib.import_module, cli.run, {}
+        def spy_import(name, *args, **kwargs):
+            seen.setdefault(name, gc.isenabled())
+            return import_module(name, *args, **kwargs)
+        def spy_run(args):
+            seen["frozen before the command"] = gc.get_freeze_count()
+            return run(args)
+        importlib.import_module, cli.run = spy_import, spy_run
+        atexit.register(lambda: print(
+            [seen[name] for name in cli.PRELOAD["build-dataset"]],
+            seen["frozen before the command"] > 10**5,
+            gc.get_freeze_count() > seen["frozen before the command"]))
+        sys.argv[0] = "hepdask"
+        cli.entry()
+    """)
+    good = write_config(tmp_path / "good.yaml", one_file)
+    done = subprocess.run([sys.executable, "-c", code, "build-dataset", str(good), "--no-progress"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    paused = [False] * len(PRELOAD["build-dataset"])
+    assert "wrote" in done.stdout and done.stdout.splitlines()[-1] == f"{paused} True True"
+    assert store.is_complete(tmp_path / "one.zarr") and store.verify(tmp_path / "one.zarr") == []
+    one_file["samples"][0]["files"] = [str(tmp_path / "missing.root")]
+    bad = write_config(tmp_path / "bad.yaml", one_file)
+    failed = subprocess.run([sys.executable, "-c", code, "build-dataset", str(bad), "--no-progress"],
+                            capture_output=True, text=True, check=False)
+    assert failed.returncode == 2
+    assert failed.stderr.startswith("hepdask: error:") and "missing.root" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------
