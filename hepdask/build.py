@@ -767,6 +767,8 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     report.n_partitions = len(partitions)
     if config.cluster.tune_malloc:
         client.register_plugin(cluster.TunedMalloc())
+    if config.cluster.tune_gc:
+        client.register_plugin(cluster.FrozenImports())
 
     per_task = partitions_per_task(config.read.partitions_per_task, len(partitions), len(client.nthreads()))
     results = _stage_all(client, partitions, job, bar, config.cluster.worker_timeout, per_task)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import logging
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError, HepdaskError, StoreError, did_you_mean
+from .heap import BUILD_STACK, import_frozen
 
 EXIT_USER_ERROR = 2
 EXIT_VERIFY_FAILED = 1
@@ -324,7 +324,7 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
 
 
 #: Modules the console script imports before a command runs (see ``entry``).
-PRELOAD = {"build-dataset": ("hepdask.build", "hepdask.cluster")}
+PRELOAD = {"build-dataset": BUILD_STACK}
 
 COMMANDS = {"build-dataset": _build, "info": _info, "show": _show, "train": _train, "verify": _verify,
             "make-example-data": _example}
@@ -339,23 +339,14 @@ def entry() -> None:
     """The ``hepdask`` console script: ``main`` in a process of its own, with less garbage
     collection.
 
-    A build imports Dask, numba, uproot, zarr and pydantic: over a million objects that live
-    as long as the process. With the collector running, the imports trigger full collections
-    that traverse them again and again, and the interpreter's shutdown collects the whole heap
-    once more. Here the command's modules (``PRELOAD``) are imported with the collector paused
-    and then frozen (``gc.freeze``: collections skip them from then on), and everything is
-    frozen before the interpreter exits. That took ~1 s off a one-file build's process
-    (benchmarks/RESULTS.md). Everything created while the command runs is collected as usual;
-    ``main``, which tests and other Python code call, leaves the collector alone.
+    The command's modules (``PRELOAD``) are imported with the collector paused and frozen
+    (``hepdask.heap``), and everything is frozen again before the interpreter exits, whose
+    shutdown would otherwise collect the whole heap once more. Objects made while the command
+    runs are collected as usual. ``main``, which tests and other Python code call, leaves the
+    collector alone.
     """
     args = _parser().parse_args()
-    gc.disable()
-    try:
-        for module in PRELOAD.get(args.command, ()):
-            importlib.import_module(module)
-    finally:
-        gc.freeze()
-        gc.enable()
+    import_frozen(PRELOAD.get(args.command, ()))
     status = run(args)
     gc.freeze()
     sys.exit(status)

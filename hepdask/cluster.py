@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import malloc
+from . import heap, malloc
 from .config import Cluster
 from .errors import ClusterError
 
@@ -45,6 +46,28 @@ class TunedMalloc(WorkerPlugin):
 
     def setup(self, worker) -> None:
         malloc.tune()
+
+
+class FrozenImports(WorkerPlugin):
+    """Imports the build stack on every worker process with the garbage collector paused and
+    freezes it, and freezes once more when the process's first task has finished
+    (``hepdask.heap``; config ``cluster.tune_gc``). A worker thread inside the client's own
+    process is left alone: its heap is the user's."""
+
+    name = "hepdask-frozen-imports"
+
+    def __init__(self) -> None:
+        self.client_process = (socket.gethostname(), os.getpid())
+        self.active = False
+
+    def setup(self, worker) -> None:
+        self.active = (socket.gethostname(), os.getpid()) != self.client_process
+        if self.active and not heap.frozen(heap.BUILD_STACK):
+            heap.import_frozen(heap.BUILD_STACK)
+
+    def transition(self, key, start: str, finish: str, **kwargs) -> None:
+        if self.active and finish == "memory":
+            heap.settle()
 
 
 def default_workers() -> int:

@@ -506,6 +506,27 @@ def test_workers_get_the_malloc_tuning(built, client):
     assert all(cluster.TunedMalloc.name in names for names in plugins.values()), plugins
 
 
+def test_worker_processes_freeze_their_imports_but_the_client_process_does_not(built, client):
+    """The build registers hepdask.cluster.FrozenImports: every worker process holds the build
+    stack frozen (full collections skip it), and froze again after its first task. Set up in
+    the client's own process (a worker thread there), the plugin freezes nothing."""
+    import gc
+
+    from hepdask import cluster, heap
+
+    def frozen(dask_worker):
+        plugin = dask_worker.plugins.get(cluster.FrozenImports.name)
+        return plugin is not None, gc.get_freeze_count(), heap.frozen(heap.BUILD_STACK), heap._settled
+
+    for registered, count, stack, settled in client.run(frozen).values():
+        assert registered and count > 10**5 and stack and settled
+    before = gc.get_freeze_count()
+    here = cluster.FrozenImports()
+    here.setup(None)
+    here.transition("a-key", "executing", "memory")
+    assert gc.get_freeze_count() == before and not heap._settled
+
+
 def test_build_ignores_a_closed_default_client(ldmx_data, client, tmp_path):
     """Dask's default client is not the build's: here it is a closed one (as a finished test or
     an earlier ``with Client(...)`` in a user's script can leave it). The build still finishes."""
