@@ -161,6 +161,28 @@ def test_each_pass_over_a_dataset_reads_a_new_chunk_order(tf_two_cpus, train_sto
     assert passes[0] != passes[1] != passes[2]
 
 
+#: A script that keeps an iterator to the end while chunk reads (slowed to 0.2 s each) are
+#: still running: TensorFlow used to hang at exit then (tensorflow/tensorflow#21277).
+ITERATOR_AT_EXIT = """
+import sys, time
+from hepdask import tfdata
+read_chunks = tfdata.SplitSource.reader
+def slow_reader(self):
+    read = read_chunks(self)
+    return lambda index: time.sleep(0.2) or read(index)
+tfdata.SplitSource.reader = slow_reader
+it = iter(tfdata.tf_dataset(sys.argv[1], "train", batch_size=64, epochs=None, parallel_reads=2))
+next(it)
+print("took a batch", flush=True)
+"""
+
+
+def test_a_script_that_keeps_an_iterator_to_the_end_exits(tf_two_cpus, train_store):
+    done = subprocess.run([sys.executable, "-c", ITERATOR_AT_EXIT, str(train_store)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "took a batch" in done.stdout, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("compressor", ["zstd", "none", "blosc-lz4"])
 def test_chunk_reader_equals_zarr_for_every_codec(ldmx_data, client, tmp_path, compressor):
     """Direct chunk decoding (zstd, none) and the zarr fallback (blosc) read what zarr reads."""
