@@ -5,7 +5,7 @@ thousand objects that live as long as the process. CPython's full collections tr
 one of them, and they run whenever enough objects have survived the younger generations:
 while the imports themselves run, and while a worker stages files, whose TTree metadata
 (uproot models, one per branch) survives long enough to count. Measured
-(benchmarks/RESULTS.md): the workers of a 100-file KM3NeT build spent 1.1-1.3 s each in
+(benchmarks/RESULTS.md): the workers of a 100-file KM3NeT build spent 1.0-1.4 s each in
 garbage collection, a quarter of the build, and a one-file build's process 0.5 s, plus ~0.9 s
 more in the collections of the interpreter's shutdown.
 

@@ -215,12 +215,19 @@ _exit_hook = []
 
 def _release_iterators() -> None:
     """Drop the resource of every live tf.data iterator (``atexit``; see the module notes):
-    TensorFlow then stops its pipeline while Python can still run the pending chunk reads."""
+    TensorFlow then stops its pipeline while Python can still run the pending chunk reads.
+    Frozen objects (``hepdask.heap``: the ``hepdask`` command freezes its heap before it
+    exits) are not in ``gc.get_objects``, so they are thawed for the search and frozen again."""
     import tensorflow as tf
 
+    frozen = gc.get_freeze_count() > 0
+    if frozen:
+        gc.unfreeze()
     for obj in gc.get_objects():
         if isinstance(obj, tf.data.Iterator) and hasattr(obj, "_iterator_resource"):
             del obj._iterator_resource
+    if frozen:
+        gc.freeze()
 
 
 def _transform(tf, image, transforms: Sequence[str], scale: float | None):

@@ -162,9 +162,10 @@ def test_each_pass_over_a_dataset_reads_a_new_chunk_order(tf_two_cpus, train_sto
 
 
 #: A script that keeps an iterator to the end while chunk reads (slowed to 0.2 s each) are
-#: still running: TensorFlow used to hang at exit then (tensorflow/tensorflow#21277).
+#: still running: TensorFlow used to hang at exit then (tensorflow/tensorflow#21277). It
+#: freezes its heap at the end, as the ``hepdask`` command does before it exits.
 ITERATOR_AT_EXIT = """
-import sys, time
+import gc, sys, time
 from hepdask import tfdata
 read_chunks = tfdata.SplitSource.reader
 def slow_reader(self):
@@ -174,6 +175,7 @@ tfdata.SplitSource.reader = slow_reader
 it = iter(tfdata.tf_dataset(sys.argv[1], "train", batch_size=64, epochs=None, parallel_reads=2))
 next(it)
 print("took a batch", flush=True)
+gc.freeze()
 """
 
 
