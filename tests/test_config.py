@@ -80,6 +80,7 @@ def test_small_plans_run_in_this_process_unless_told_otherwise():
     assert Cluster().in_process(1) and not Cluster().in_process(2)
     assert not Cluster(processes=True).in_process(1)
     assert Cluster(processes=False).in_process(50)
+    assert not Cluster(kind="address", address="tcp://h:1").in_process(1)
 
 
 def test_a_build_in_this_process_starts_no_dashboard_unless_one_is_named():
@@ -89,7 +90,6 @@ def test_a_build_in_this_process_starts_no_dashboard_unless_one_is_named():
     assert Cluster().dashboard(in_process=True) is None
     assert Cluster(dashboard_address="127.0.0.1:0").dashboard(in_process=True) == "127.0.0.1:0"
     assert Cluster(dashboard_address=None).dashboard(in_process=False) is None
-    assert not Cluster(kind="address", address="tcp://h:1").in_process(1)
 
 
 def test_overrides_set_nested_keys_and_list_items(tmp_path):
