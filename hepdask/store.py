@@ -282,11 +282,7 @@ def read_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray) 
     ordered = rows[order]
     base = f"{staging}/{staged.key}/{name}"
     if spec.table:
-        record = staged.table_dtype
-        values, at = _read_ranges(f"{staging}/{staged.key}/{TABLE_FILE}", ordered, ordered + 1, record.itemsize)
-        out = np.empty((rows.size, *spec.shape), dtype=spec.dtype)
-        out[order] = np.frombuffer(values, dtype=record)[name][at]
-        return out
+        return np.ascontiguousarray(read_table_rows(staging, staged, rows)[name])
     if not spec.sparse:
         values, at = _read_ranges(base + ".bin", ordered, ordered + 1, spec.itemsize)
         out = np.empty((rows.size, *spec.shape), dtype=spec.dtype)
@@ -294,6 +290,20 @@ def read_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray) 
         return out
     counts, positions, values = read_sparse_rows(staging, staged, name, rows)
     return densify(counts, positions, values, spec).reshape(rows.size, *spec.shape)
+
+
+def read_table_rows(staging: str | Path, staged: Staged, rows: np.ndarray) -> np.ndarray:
+    """Rows *rows* of a partition's table file: the records of all its table arrays at once,
+    in the order of *rows* (read as ``read_rows`` reads)."""
+    record = staged.table_dtype
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    out = np.empty(rows.size, dtype=record)
+    if rows.size:
+        values, at = _read_ranges(f"{staging}/{staged.key}/{TABLE_FILE}", ordered, ordered + 1, record.itemsize)
+        out[order] = np.frombuffer(values, dtype=record)[at]
+    return out
 
 
 def read_sparse_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray):
@@ -675,8 +685,10 @@ def write_chunks(
     # What is small in memory is gathered once for the whole task, each staged file read
     # once: per-partition constants, per-event scalars and sparse images. Dense images are
     # gathered per span of at most GATHER_BYTES.
-    whole = {name: _gather_task(name, array, groups, row, staged, constants, staging, end - origin)
+    tables: dict[int, np.ndarray] = {}  # each partition's table records, read once for all its columns
+    whole = {name: _gather_task(name, array, groups, row, staged, constants, staging, end - origin, tables)
              for name, array in targets.items()}
+    del tables
     files = {name: ChunkFiles.of(array) for name, array in targets.items()}
     event_bytes = max(_event_bytes(a) for a in targets.values()) if targets else 1
     written = 0
@@ -735,8 +747,12 @@ class _SparseRows:
         return dense.reshape(b - a, *self.spec.shape)
 
 
-def _gather_task(name, array, groups, row, staged, constants, staging, n: int):
-    """All *n* rows of a write task of one array, if they are small in memory; else None."""
+def _gather_task(name, array, groups, row, staged, constants, staging, n: int,
+                 tables: dict[int, np.ndarray] | None = None):
+    """All *n* rows of a write task of one array, if they are small in memory; else None.
+
+    *tables* keeps each partition's table records (``read_table_rows`` of the task's rows)
+    for the task's other table arrays, so a table file is read once per task."""
     specs = [staged[p].arrays[name] for p, _ in groups if name in staged[p].arrays]
     if not specs:  # a per-partition constant (label, sample, source file)
         values = np.empty(n, dtype=object if array.dtype.kind in "OT" else array.dtype)
@@ -760,7 +776,12 @@ def _gather_task(name, array, groups, row, staged, constants, staging, n: int):
     if max(spec.itemsize for spec in specs) <= SMALL_EVENT_BYTES:
         values = np.empty((n, *array.shape[1:]), dtype=array.dtype)
         for p, where in groups:
-            values[where] = read_rows(staging, staged[p], name, row[where])
+            if tables is not None and staged[p].arrays[name].table:
+                if p not in tables:
+                    tables[p] = read_table_rows(staging, staged[p], row[where])
+                values[where] = tables[p][name]
+            else:
+                values[where] = read_rows(staging, staged[p], name, row[where])
         return _DenseRows(values)
     return None
 

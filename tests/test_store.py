@@ -148,6 +148,37 @@ def test_a_write_task_gathers_sparse_and_small_rows_of_many_partitions_in_task_o
         np.testing.assert_array_equal(constant.rows(a, b), part[a:b] + 4)
 
 
+def test_a_write_task_reads_each_table_file_once_for_all_its_columns(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    staged, entries = {}, {}
+    for p in range(3):
+        entries[p] = np.arange(30, dtype=np.int64) + 100 * p
+        writer = store.PartitionWriter(tmp_path, f"p{p}")
+        writer.append({"entry": entries[p], "energy": entries[p] * 0.5, "pair": np.stack([entries[p]] * 2, 1)})
+        staged[p] = writer.close({})
+        assert all(spec.table for spec in staged[p].arrays.values())
+    part = rng.integers(0, 3, 50)
+    row = rng.integers(0, 30, 50)
+    order = np.argsort(part, kind="stable")
+    groups = [(int(part[w[0]]), w) for w in np.split(order, np.flatnonzero(np.diff(part[order])) + 1)]
+    reads = []
+    read_ranges = store._read_ranges
+    monkeypatch.setattr(store, "_read_ranges", lambda path, *a: reads.append(path) or read_ranges(path, *a))
+
+    class Target:  # what _gather_task looks at of a Zarr array
+        def __init__(self, dtype, shape):
+            self.dtype, self.shape = np.dtype(dtype), (50, *shape)
+
+    tables = {}
+    got = {name: store._gather_task(name, Target(dtype, shape), groups, row, staged, {}, tmp_path, 50, tables)
+           for name, dtype, shape in (("entry", "int64", ()), ("energy", "float64", ()), ("pair", "int64", (2,)))}
+    expected = np.array([entries[p][r] for p, r in zip(part, row)])
+    np.testing.assert_array_equal(got["entry"].rows(0, 50), expected)
+    np.testing.assert_array_equal(got["energy"].rows(0, 50), expected * 0.5)
+    np.testing.assert_array_equal(got["pair"].rows(0, 50), np.stack([expected] * 2, 1))
+    assert sorted(reads) == sorted(f"{tmp_path}/p{p}/{store.TABLE_FILE}" for p in set(part.tolist()))
+
+
 def test_a_coordinate_equal_to_the_fill_value_is_written(tmp_path):
     """zarr skips chunks equal to the fill value by default; verify would call them missing."""
     coords = [store.Coordinate("x", np.zeros(1)), store.Coordinate("y", np.array([-0.5, 0.5]))]
