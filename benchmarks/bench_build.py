@@ -228,8 +228,10 @@ def _read_file(path: str, tree_name: str, branches: list[str], step_size: int,
     with ``read.memory_map``); (events, uncompressed, compressed bytes)."""
     import uproot
 
+    from hepdask.sources import open_options
+
     events = 0
-    with uproot.open(path, **({"handler": uproot.MemmapSource} if memory_map else {})) as file:
+    with uproot.open(path, **open_options(memory_map=memory_map)) as file:
         tree = file[tree_name]
         for arrays in tree.iterate(branches, step_size=step_size, library="ak", how=dict):
             events += len(arrays[branches[0]])

@@ -573,13 +573,14 @@ def build_dataset(
         context = nullcontext(client) if client is not None else _connect(config, bar, in_process)
         # A LocalCluster started without a dashboard still has Dask's HTTP server, whose link
         # leads to no dashboard.
-        dashboard = client is not None or config.cluster.kind != "local" or config.cluster.dashboard(in_process)
+        dashboard = (client is not None or config.cluster.kind != "local"
+                     or config.cluster.dashboard(in_process) is not None)
         # The build's client is Dask's current one while it runs: Dask helpers that look up the
         # default client (the performance report) must not find a user's other, or a closed, one.
         with context as active, active.as_current():
             report_path = Path(config.output.path + ".performance-report.html")
             with _performance_report(report_path if config.cluster.performance_report else None):
-                return _run(config, partitions, active, bar, started, dashboard=bool(dashboard))
+                return _run(config, partitions, active, bar, started, dashboard=dashboard)
 
 
 def _connect(config: Config, bar: Bar, in_process: bool):

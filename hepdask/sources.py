@@ -126,16 +126,20 @@ def _as_input_error(path: str, err: BaseException) -> InputFileError:
     return InputFileError(f"{path}: cannot read ({type(err).__name__}: {text})")
 
 
-def open_tree(path: str, tree_name: str, *, memory_map: bool = True):
-    """Open *path* and return ``(file, tree)``, raising InputFileError/BranchError clearly.
+def open_options(*, memory_map: bool) -> dict:
+    """The ``uproot.open`` options hepdask reads files with. With *memory_map* the file is
+    read through ``uproot.MemmapSource`` (uproot falls back to plain reads where a map cannot
+    be made) instead of uproot's default fsspec source, which costs more per request
+    (``benchmarks/RESULTS.md``, KM3NeT section)."""
+    return {"handler": uproot.MemmapSource} if memory_map else {}
 
-    With *memory_map* the file is read through ``uproot.MemmapSource`` (uproot falls back
-    to plain reads where a map cannot be made) instead of uproot's default fsspec source,
-    which costs more per request (``benchmarks/RESULTS.md``, KM3NeT section).
-    """
+
+def open_tree(path: str, tree_name: str, *, memory_map: bool = True):
+    """Open *path* (with ``open_options``) and return ``(file, tree)``, raising
+    InputFileError/BranchError clearly."""
     memoise_uproot_classnames()
     try:
-        file = uproot.open(path, **({"handler": uproot.MemmapSource} if memory_map else {}))
+        file = uproot.open(path, **open_options(memory_map=memory_map))
     except BAD_FILE_ERRORS as err:
         raise _as_input_error(path, err) from err
     try:
