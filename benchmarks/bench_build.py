@@ -459,8 +459,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=False,
                         help="global shuffle in the main and the scaled build (default off); "
                              "a 1x build with the other setting always runs too")  # fmt: skip
-    parser.add_argument("--scale", type=int, nargs="+", default=[2],
-                        help="build larger datasets with this many times the files (e.g. --scale 2 4)")  # fmt: skip
+    parser.add_argument("--scale", type=int, nargs="*", default=[2],
+                        help="build larger datasets with this many times the files (e.g. --scale 2 4; none: --scale)")  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=HERE / "_work")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each 1x measurement this many times (fresh cluster each) and keep the fastest; "
