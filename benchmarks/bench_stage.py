@@ -12,13 +12,16 @@ write phase on top.
     python benchmarks/bench_stage.py CONFIG [--partitions 60] [--rounds 3]
 
 Staging goes to a temporary directory next to the config's output path (removed at the
-end), as a build stages next to its store.
+end), as a build stages next to its store. Numba's parallel kernels get ``--numba-threads``
+threads (1 by default, what a single-threaded build worker gets, ``cluster.py``): with more
+threads than the work needs, idle OpenMP threads spin and the CPU figure counts them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import resource
 import shutil
 import tempfile
@@ -66,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", type=Path)
     parser.add_argument("--partitions", type=int, default=60, help="partitions timed per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--numba-threads", type=int, default=1,
+                        help="NUMBA_NUM_THREADS, as a worker with this many threads gets it")
     args = parser.parse_args(argv)
+    # Before numba is imported, which reads it once.
+    os.environ["NUMBA_NUM_THREADS"] = str(args.numba_threads)
 
     from hepdask import build, config, sources, store
 
