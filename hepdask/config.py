@@ -751,8 +751,9 @@ class Fit(_Model):
 
 class Strategy(_Model):
     """``mirrored`` over all visible GPUs (or ``devices``), ``one_device`` on ``devices[0]``.
-    ``logical_cpus: N`` splits the CPU into N logical devices (a real N-replica
-    MirroredStrategy on a machine without GPUs, as the tests use)."""
+    ``logical_cpus: N`` splits the CPU into N logical devices, which ``mirrored`` then uses
+    when no GPU is visible (a real N-replica MirroredStrategy on CPU, as the tests use); with
+    a GPU, the GPUs are used."""
 
     kind: Literal["mirrored", "one_device"] = "mirrored"
     devices: list[str] | None = None

@@ -2,19 +2,22 @@
 
 Two layers, as xbatcher separates them:
 
-* a pure planner (``chunk_order``, ``EpochPlan``): which chunks, in which order, for which
-  input pipeline, per epoch, seeded. It needs no TensorFlow and is tested without it.
-* a thin adapter (``tf_dataset``, ``distributed_dataset``): chunk indices from the planner →
+* a pure planner (``chunk_order``, ``shard_events``, ``EpochPlan``): which rows of which
+  chunks, in which order, for which input pipeline, per epoch, seeded. It needs no
+  TensorFlow and is tested without it.
+* a thin adapter (``tf_dataset``, ``distributed_dataset``): chunk spans from the planner →
   parallel ``tf.numpy_function`` chunk reads (rows permuted per epoch, then transformed and
   cast as whole chunks) → rebatch → prefetch; an optional per-event shuffle buffer across
   chunks.
 
 Under ``tf.distribute``, ``distributed_dataset`` builds the input with
 ``strategy.distribute_datasets_from_function``: each input pipeline (``InputContext``) reads its
-own chunks, batches at the per-replica batch size, and tf.distribute hands consecutive batches to
-the replicas, so no event is read twice in an epoch. A last, partial batch is handled as
-tf.distribute documents (replicas may receive smaller or empty batches) unless
-``drop_remainder`` is set.
+own run of the epoch's chunks and batches at the per-replica batch size, so no event is read
+twice in an epoch. The runs hold equal numbers of events (``shard_events``), so every replica
+takes the same number of steps and a partial last batch is partial on every replica: none is
+ever handed the empty batch that tf.distribute documents for a replica whose data ran out
+(TensorFlow's CPU ``Conv2D`` fails on an empty batch). Up to ``num_shards - 1`` events an epoch
+may be left out for that.
 
 TensorFlow is imported only inside the adapter functions; ``import hepdask`` never imports it.
 
@@ -47,26 +50,57 @@ TRANSFORMS = ("log1p", "divide_by_max", "add_channel_axis", "channels_first_to_l
 # the planner (no TensorFlow)
 
 
-def chunk_order(n_chunks: int, *, epoch: int, seed: int, shuffle: bool, num_shards: int = 1,
-                shard: int = 0) -> np.ndarray:
-    """Chunk indices one input pipeline reads in *epoch*.
-
-    All shards draw the same seeded permutation for the epoch and take every
-    ``num_shards``-th chunk from position *shard*, so together they read every chunk exactly
-    once and no chunk twice.
-    """
-    if not 0 <= shard < num_shards:
-        msg = f"shard {shard} is not in [0, {num_shards})"
-        raise ValueError(msg)
-    order = np.arange(n_chunks, dtype=np.int64)
+def chunk_order(n_chunks: int, *, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The order in which the chunks of a split are read in *epoch* (the same for every shard)."""
     if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(n_chunks)
-    return order[shard::num_shards]
+        return np.random.default_rng([seed, epoch]).permutation(n_chunks).astype(np.int64)
+    return np.arange(n_chunks, dtype=np.int64)
+
+
+def epoch_steps(events: int, batch_size: int, replicas: int = 1, drop_remainder: bool = False) -> int:
+    """Steps one input pipeline makes from its *events* of an epoch.
+
+    A step is one batch for each of the *replicas* the pipeline feeds: ``replicas *
+    batch_size`` events, split evenly among them. The last step of an epoch may be smaller
+    (left out with *drop_remainder*); it is left out as well when it holds fewer events than
+    there are replicas, since one of them would get an empty batch.
+    """
+    full, tail = divmod(events, replicas * batch_size)
+    return full + int(not drop_remainder and tail >= replicas)
+
+
+def shard_events(n_events: int, num_shards: int, batch_size: int | None = None, *, replicas: int = 1,
+                 drop_remainder: bool = False) -> list[int]:
+    """How many events each of *num_shards* input pipelines reads in an epoch.
+
+    Every shard gets ``n_events // num_shards``; the ``n_events % num_shards`` left over go one
+    each to the first shards when that gives no shard more steps (:func:`epoch_steps`) than
+    another, and are otherwise left out of the epoch (fewer than *num_shards* events, a
+    different few each shuffled epoch), so that every replica takes the same number of steps.
+    """
+    if num_shards < 1:
+        msg = f"num_shards must be positive, got {num_shards}"
+        raise ValueError(msg)
+    base, extra = divmod(n_events, num_shards)
+    if extra and batch_size and (epoch_steps(base + 1, batch_size, replicas, drop_remainder)
+                                 != epoch_steps(base, batch_size, replicas, drop_remainder)):
+        extra = 0
+    return [base + (s < extra) for s in range(num_shards)]
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """The chunk ranges of a split and the per-epoch order each shard reads them in."""
+    """Which rows of which chunks one input pipeline (shard) reads per epoch, in what order.
+
+    In each epoch the chunks are read in one seeded order (:func:`chunk_order`), the events of
+    each chunk in a seeded permutation (:meth:`row_order`); the shards split that stream of
+    events into consecutive runs of :func:`shard_events` events. A shard therefore reads whole
+    chunks except where its run starts or ends inside one (at most ``num_shards - 1`` chunks an
+    epoch are read by two shards, each for its own rows), and no event is delivered twice in
+    an epoch. With ``batch_size`` and ``replicas`` (how many replicas the shard's batches go
+    to in turn), a run ends where the epoch's last step can still give every replica at
+    least one event (:attr:`delivered`).
+    """
 
     n_events: int
     chunk_events: int
@@ -74,28 +108,75 @@ class EpochPlan:
     shuffle: bool = True
     num_shards: int = 1
     shard: int = 0
+    batch_size: int | None = None
+    drop_remainder: bool = False
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard < self.num_shards:
+            msg = f"shard {self.shard} is not in [0, {self.num_shards})"
+            raise ValueError(msg)
 
     @property
     def n_chunks(self) -> int:
         return -(-self.n_events // self.chunk_events)
 
+    @property
+    def shard_events(self) -> int:
+        """Events this shard reads in an epoch."""
+        return shard_events(self.n_events, self.num_shards, self.batch_size, replicas=self.replicas,
+                            drop_remainder=self.drop_remainder)[self.shard]
+
+    @property
+    def delivered(self) -> int:
+        """Events this shard delivers in an epoch: :attr:`shard_events`, less a last step that
+        would leave a replica without events (or any partial step, with ``drop_remainder``)."""
+        events = self.shard_events
+        if not self.batch_size:
+            return events
+        step = self.replicas * self.batch_size
+        return min(events, epoch_steps(events, self.batch_size, self.replicas, self.drop_remainder) * step)
+
+    @property
+    def steps(self) -> int:
+        """Steps an epoch takes (the same for every shard; needs ``batch_size``)."""
+        return epoch_steps(self.shard_events, self.batch_size or 1, self.replicas, self.drop_remainder)
+
+    def chunk_size(self, chunk: int) -> int:
+        return min(self.chunk_events, self.n_events - chunk * self.chunk_events)
+
+    def spans(self, epoch: int) -> np.ndarray:
+        """``(epoch, chunk, start, stop)`` rows (int64): this shard reads positions
+        ``[start, stop)`` of each chunk's permuted rows in *epoch*, in this order."""
+        sizes = shard_events(self.n_events, self.num_shards, self.batch_size, replicas=self.replicas,
+                             drop_remainder=self.drop_remainder)
+        first = sum(sizes[: self.shard])
+        last = first + self.delivered
+        rows = []
+        position = 0
+        for chunk in chunk_order(self.n_chunks, epoch=epoch, seed=self.seed, shuffle=self.shuffle):
+            size = self.chunk_size(int(chunk))
+            start, stop = max(first - position, 0), min(last - position, size)
+            if start < stop:
+                rows.append((epoch, int(chunk), start, stop))
+            position += size
+            if position >= last:
+                break
+        return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
     def chunks(self, epoch: int) -> np.ndarray:
-        return chunk_order(self.n_chunks, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
-                           num_shards=self.num_shards, shard=self.shard)
+        """The chunks this shard reads in *epoch*, in order."""
+        return self.spans(epoch)[:, 1]
 
     def events(self, epoch: int) -> np.ndarray:
         """The event indices this shard reads in *epoch*, in the order it delivers them."""
         parts = []
-        for c in self.chunks(epoch):
-            rows = np.arange(c * self.chunk_events, min((c + 1) * self.chunk_events, self.n_events))
-            order = self.row_order(epoch, int(c), rows.size)
-            parts.append(rows if order is None else rows[order])
+        for _, chunk, start, stop in self.spans(epoch):
+            first = chunk * self.chunk_events
+            order = self.row_order(epoch, int(chunk), self.chunk_size(int(chunk)))
+            positions = np.arange(start, stop) if order is None else order[start:stop]
+            parts.append(first + positions)
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-    def pairs(self, epoch: int) -> np.ndarray:
-        """``(epoch, chunk)`` rows (int64) of the chunks this shard reads in *epoch*, in order."""
-        chunks = self.chunks(epoch).astype(np.int64)
-        return np.stack([np.full(chunks.size, epoch, np.int64), chunks], axis=1)
 
     def row_order(self, epoch: int, chunk: int, n: int) -> np.ndarray | None:
         """The seeded order of the *n* events of *chunk* in *epoch* (None: unshuffled)."""
@@ -248,6 +329,23 @@ def _transform(tf, image, transforms: Sequence[str], scale: float | None):
     return image
 
 
+#: Per-epoch seeds of the optional shuffle buffer: ``seed * EPOCH_SEED_STRIDE + epoch``.
+EPOCH_SEED_STRIDE = 1_000_003
+
+
+def _split_among(tf, replicas: int):
+    """A ``flat_map`` function cutting each batch into *replicas* consecutive batches whose
+    sizes differ by at most one event (the planner leaves no step smaller than *replicas*)."""
+
+    def split(*batch):
+        size = tf.shape(batch[0], out_type=tf.int64)[0]
+        bounds = tf.range(replicas + 1, dtype=tf.int64) * size // replicas
+        return tf.data.Dataset.range(replicas).map(
+            lambda i: tuple(t[bounds[i]:bounds[i + 1]] for t in batch))
+
+    return split
+
+
 def tf_dataset(
     store_path: str | Path,
     split: str = "train",
@@ -264,6 +362,7 @@ def tf_dataset(
     parallel_reads: int | None = None,
     num_shards: int = 1,
     shard: int = 0,
+    replicas: int = 1,
     as_dict: bool | None = None,
     malloc_tuning: bool = True,
 ):
@@ -276,9 +375,15 @@ def tf_dataset(
     adds a per-event shuffle buffer across chunks, at a per-event cost. Two fields give ``(x, y)`` tuples,
     other numbers of fields (or ``as_dict=True``) give dicts. ``transforms`` act on the first
     field (the image): ``log1p``, ``divide_by_max`` (the split's maximum), ``add_channel_axis``,
-    ``channels_first_to_last``; ``cast`` sets the image dtype. ``epochs=None`` repeats forever
-    (pair it with ``steps_per_epoch``).
-    Each new iteration of the dataset continues the epoch count where the last one stopped.
+    ``channels_first_to_last``; ``cast`` sets the image dtype.
+
+    Each epoch is batched on its own and takes exactly :func:`steps_per_epoch` steps (its last
+    batch may be smaller); ``epochs=None`` repeats forever: pair it with that many
+    ``steps_per_epoch`` in ``fit``. Each new iteration of the dataset continues the epoch
+    count where the last one stopped. ``num_shards``/``shard`` pick this input pipeline's run
+    of each epoch; ``replicas`` is how many replicas take its batches in turn (under
+    ``tf.distribute``, ``distributed_dataset`` sets all three), and each step's events are
+    split evenly among them, so none gets an empty batch.
     ``malloc_tuning`` applies ``hepdask.malloc.tune`` (glibc only; process-wide).
     """
     tf = _import_tf()
@@ -290,7 +395,12 @@ def tf_dataset(
         msg = f"batch_size must be positive, got {batch_size}"
         raise ConfigError(msg)
     source = SplitSource.open(store_path, split, tuple(fields))
-    plan = EpochPlan(source.n_events, source.chunk_events, seed, shuffle, num_shards, shard)
+    plan = EpochPlan(source.n_events, source.chunk_events, seed, shuffle, num_shards, shard, batch_size,
+                     drop_remainder, replicas)
+    if source.n_events and not plan.steps:
+        msg = (f"store {str(store_path)!r}, split {split!r}: {source.n_events} event(s) are too few for "
+               f"{num_shards} input pipeline(s) feeding {replicas} replica(s) each in batches of {batch_size}")
+        raise ConfigError(msg)
     unknown = [t for t in transforms if t not in TRANSFORMS]
     if unknown:
         msg = f"unknown transform(s) {unknown} (known: {list(TRANSFORMS)})"
@@ -301,13 +411,16 @@ def tf_dataset(
     out_types = tuple(tf.as_dtype(source.dtypes[f]) for f in fields)
     autotune = tf.data.AUTOTUNE
 
-    def read_shuffled(epoch, index):
-        arrays = read(index)
-        order = plan.row_order(int(epoch), int(index), len(arrays[0]))
-        return arrays if order is None else tuple(a[order] for a in arrays)
+    def read_span(epoch, chunk, start, stop):
+        arrays = read(chunk)
+        order = plan.row_order(int(epoch), int(chunk), len(arrays[0]))
+        if order is None:
+            return arrays if (start, stop) == (0, len(arrays[0])) else tuple(a[start:stop] for a in arrays)
+        rows = order if (start, stop) == (0, len(order)) else order[start:stop]
+        return tuple(a[rows] for a in arrays)
 
-    def read_chunk(pair):
-        arrays = tf.numpy_function(read_shuffled, [pair[0], pair[1]], out_types, stateful=False)
+    def read_chunk(span):
+        arrays = tf.numpy_function(read_span, [span[0], span[1], span[2], span[3]], out_types, stateful=False)
         arrays = [tf.ensure_shape(a, (None, *source.shapes[f])) for a, f in zip(arrays, fields)]
         # Transforms and the cast act on the whole chunk here, in the parallel map and before
         # rebatching: the batches are then cut from the cast tensor. (Casting each batch after
@@ -317,28 +430,42 @@ def tf_dataset(
             image = tf.cast(image, cast)
         return (image, *arrays[1:])
 
-    # The (epoch, chunk) pairs come one epoch at a time from a numbered epoch counter: each
-    # new iteration of the dataset (Keras starts one per epoch) continues the planner's epochs
-    # instead of starting again at epoch 0, so every pass reads a new chunk order. (A
-    # from_generator of the pairs, one Python call per chunk, cost a third of the throughput.)
+    # Epoch numbers come from a counter: each new iteration of the dataset (Keras starts one
+    # per epoch when it is finite) continues the planner's epochs instead of starting again
+    # at epoch 0, so every pass reads a new chunk order. Each epoch is batched on its own, so
+    # it takes exactly ``plan.steps`` steps: with ``epochs=None`` and that many
+    # ``steps_per_epoch``, every Keras epoch is one planner epoch. (A from_generator of the
+    # spans, one Python call per chunk, cost a third of the throughput.)
     started = itertools.count()
+    step_events = replicas * batch_size
 
-    def pairs_of_next_epoch(unused):
-        pairs = tf.numpy_function(lambda _: plan.pairs(next(started)), [unused], tf.int64, stateful=True)
-        return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(pairs, (None, 2)))
+    def one_epoch(epoch):
+        spans = tf.numpy_function(lambda e: plan.spans(int(e)), [epoch], tf.int64, stateful=False)
+        events = tf.data.Dataset.from_tensor_slices(tf.ensure_shape(spans, (None, 4)))
+        events = events.map(read_chunk, num_parallel_calls=parallel_reads or autotune, deterministic=True)
+        if shuffle and shuffle_buffer:
+            # Mixing across chunks costs per-event work in tf.data; the store is already
+            # globally shuffled at build time, so this is opt-in.
+            events = events.unbatch().shuffle(shuffle_buffer, seed=seed * EPOCH_SEED_STRIDE + epoch)
+            events = events.batch(step_events, drop_remainder=drop_remainder, num_parallel_calls=autotune,
+                                  deterministic=True)
+        else:
+            events = events.rebatch(step_events, drop_remainder=drop_remainder)
+        return events if replicas == 1 else events.flat_map(_split_among(tf, replicas))
 
-    indices = tf.data.Dataset.range(1).repeat(epochs).flat_map(pairs_of_next_epoch)
+    numbered = tf.data.Dataset.range(1).repeat(epochs).map(
+        lambda unused: tf.numpy_function(lambda _: np.int64(next(started)), [unused], tf.int64, stateful=True))
     options = tf.data.Options()
     options.deterministic = True
-    dataset = indices.map(read_chunk, num_parallel_calls=parallel_reads or autotune, deterministic=True)
-    if shuffle and shuffle_buffer:
-        # Mixing across chunks costs per-event work in tf.data; the store is already
-        # globally shuffled at build time, so this is opt-in.
-        dataset = dataset.unbatch().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=autotune,
-                                deterministic=True)
-    else:
-        dataset = dataset.rebatch(batch_size, drop_remainder=drop_remainder)
+    dataset = numbered.flat_map(one_epoch)
+    if epochs is None:
+        # Known to be endless, tf.distribute skips its checks for a partial last batch.
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+    elif replicas == 1:
+        # tf.data cannot count batches through numpy_function; Keras needs the count to end
+        # an epoch without warning that the input "ran out of data". (Under a strategy Keras
+        # would take this per-replica count for steps: there, pass steps_per_epoch.)
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(epochs * plan.steps))
 
     dict_out = as_dict if as_dict is not None else len(fields) != 2
     if dict_out:
@@ -346,10 +473,21 @@ def tf_dataset(
     return dataset.with_options(options).prefetch(autotune)
 
 
+def steps_per_epoch(n_events: int, global_batch_size: int, *, replicas: int = 1, num_shards: int = 1,
+                    drop_remainder: bool = False) -> int:
+    """The steps an epoch of *n_events* takes at *global_batch_size* over *replicas* replicas fed
+    by *num_shards* input pipelines: what ``fit`` needs as ``steps_per_epoch`` (and
+    ``validation_steps``) for datasets that repeat (``epochs=None``)."""
+    batch_size, per_pipeline = global_batch_size // replicas, replicas // num_shards
+    events = shard_events(n_events, num_shards, batch_size, replicas=per_pipeline, drop_remainder=drop_remainder)
+    return epoch_steps(events[0], batch_size, per_pipeline, drop_remainder)
+
+
 def distributed_dataset(strategy, store_path: str | Path, split: str = "train", *, global_batch_size: int,
                         **kwargs):
     """``tf_dataset`` under a ``tf.distribute`` strategy: one shard per input pipeline,
-    batched at the per-replica batch size (``InputContext``)."""
+    batched at the per-replica batch size and handed to the pipeline's replicas in turn
+    (``InputContext``). With ``epochs=None``, give ``fit`` :func:`steps_per_epoch` steps."""
     replicas = strategy.num_replicas_in_sync
     if global_batch_size % replicas:
         msg = f"global batch size {global_batch_size} is not divisible by the {replicas} replicas"
@@ -358,7 +496,8 @@ def distributed_dataset(strategy, store_path: str | Path, split: str = "train", 
     def dataset_fn(context):
         return tf_dataset(
             store_path, split, batch_size=context.get_per_replica_batch_size(global_batch_size),
-            num_shards=context.num_input_pipelines, shard=context.input_pipeline_id, **kwargs,
+            num_shards=context.num_input_pipelines, shard=context.input_pipeline_id,
+            replicas=replicas // context.num_input_pipelines, **kwargs,
         )
 
     return strategy.distribute_datasets_from_function(dataset_fn)

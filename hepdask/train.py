@@ -118,7 +118,7 @@ def make_strategy(config: TrainConfig):
     spec = config.strategy
     if spec.kind == "one_device":
         devices = tuple((spec.devices or [_default_device(tf)])[:1])
-    elif spec.devices is None and spec.logical_cpus:
+    elif spec.devices is None and spec.logical_cpus and not tf.config.list_logical_devices("GPU"):
         devices = tuple(d.name for d in tf.config.list_logical_devices("CPU"))
     else:
         devices = tuple(spec.devices) if spec.devices is not None else None
@@ -218,7 +218,8 @@ def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | Non
     def dataset_fn(context):
         return tfdata.tf_dataset(
             config.store, split, batch_size=context.get_per_replica_batch_size(data.batch_size),
-            num_shards=context.num_input_pipelines, shard=context.input_pipeline_id, **kwargs,
+            num_shards=context.num_input_pipelines, shard=context.input_pipeline_id,
+            replicas=strategy.num_replicas_in_sync // context.num_input_pipelines, **kwargs,
         ).map(arrange)
 
     if data.batch_size % strategy.num_replicas_in_sync:
@@ -281,18 +282,23 @@ def fit(config: TrainConfig, *, verbose: int = 2) -> TrainResult:
     image_shape = _image_shape(config)
     with strategy.scope():
         model = build_model(config, image_shape, len(config.data.extra_inputs))
-    # Both inputs repeat; Keras takes a fixed number of steps from them per epoch.
+    # Both inputs repeat, batched one planner epoch at a time, and each Keras epoch takes
+    # exactly one planner epoch of steps: every event once (fewer than the replica count may
+    # be left out so that no replica gets an empty batch), and a new order every epoch. An
+    # explicit data.steps_per_epoch takes that many training steps instead.
     train = _inputs(config, "train", shuffle=True, epochs=None, strategy=strategy)
-    steps = config.data.steps_per_epoch or -(-sizes["train"] // config.data.batch_size)
-    val = _inputs(config, "val", shuffle=False, epochs=None, strategy=strategy)
-    val_steps = -(-sizes["val"] // config.data.batch_size)
+    steps = config.data.steps_per_epoch or tfdata.steps_per_epoch(sizes["train"], config.data.batch_size,
+                                                                  replicas=replicas)
+    val_steps = tfdata.steps_per_epoch(sizes["val"], config.data.batch_size, replicas=replicas)
+    val = _inputs(config, "val", shuffle=False, epochs=None, strategy=strategy) if val_steps else None
     callbacks = [
         keras.callbacks.BackupAndRestore(str(output / "backup")),
-        keras.callbacks.ModelCheckpoint(str(output / "best.keras"), monitor="val_loss", save_best_only=True),
+        keras.callbacks.ModelCheckpoint(str(output / "best.keras"), monitor="val_loss" if val else "loss",
+                                        save_best_only=True),
         keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
     ]
     history = model.fit(train, epochs=config.fit.epochs, steps_per_epoch=steps, validation_data=val,
-                        validation_steps=val_steps, callbacks=callbacks, verbose=verbose, shuffle=False)
+                        validation_steps=val_steps or None, callbacks=callbacks, verbose=verbose, shuffle=False)
     model.save(output / "model.keras")
     metrics = evaluate(config, model)
     metrics["replicas"] = replicas

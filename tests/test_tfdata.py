@@ -12,15 +12,36 @@ import zarr
 
 from hepdask import tfdata
 from hepdask.errors import ConfigError, StoreError
-from hepdask.tfdata import EpochPlan, chunk_order
+from hepdask.tfdata import EpochPlan, chunk_order, shard_events
 
 
-@pytest.mark.parametrize("shards", [1, 2, 3])
-def test_shards_read_every_chunk_once_per_epoch(shards):
+@pytest.mark.parametrize(("n_events", "shards", "batch"), [(1000, 1, 64), (1000, 2, 64), (1001, 2, 64),
+                                                          (1001, 3, 7), (640, 3, 64), (129, 2, 64)])
+def test_shards_split_every_epoch_into_equal_runs_and_read_no_event_twice(n_events, shards, batch):
     for epoch in range(3):
-        parts = [chunk_order(10, epoch=epoch, seed=4, shuffle=True, num_shards=shards, shard=s) for s in range(shards)]
+        plans = [EpochPlan(n_events, 128, seed=4, shuffle=True, num_shards=shards, shard=s, batch_size=batch)
+                 for s in range(shards)]
+        parts = [p.events(epoch) for p in plans]
         together = np.concatenate(parts)
-        assert sorted(together.tolist()) == list(range(10))
+        assert np.unique(together).size == together.size  # no event twice
+        assert together.size > n_events - shards  # at most num_shards - 1 left out
+        sizes = [p.size for p in parts]
+        assert sizes == shard_events(n_events, shards, batch)
+        assert len({-(-n // batch) for n in sizes}) == 1  # every replica takes the same number of steps
+        assert min(sizes) > 0
+        # Whole chunks, except where a run starts or ends: at most shards - 1 chunks read twice.
+        reads = sum(len(p.spans(epoch)) for p in plans)
+        assert reads <= plans[0].n_chunks + shards - 1
+
+
+def test_left_over_events_go_out_only_when_they_would_not_add_a_batch():
+    assert shard_events(1001, 2, 64) == [501, 500]
+    assert shard_events(1001, 2, 500) == [500, 500]  # 501 would need a second batch of 1 event
+    assert shard_events(1001, 2, 500, drop_remainder=True) == [501, 500]  # both make one batch
+    assert shard_events(1001, 2, 501, drop_remainder=True) == [500, 500]  # 501 would make one batch
+    assert shard_events(3, 2, 64) == [2, 1]
+    assert shard_events(1, 2, 64) == [0, 0]
+    assert shard_events(10, 1, 3) == [10]
 
 
 def test_chunk_order_is_seeded_and_changes_per_epoch():
@@ -30,15 +51,18 @@ def test_chunk_order_is_seeded_and_changes_per_epoch():
     assert not np.array_equal(a, chunk_order(50, epoch=0, seed=2, shuffle=True))
     assert chunk_order(5, epoch=3, seed=1, shuffle=False).tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="shard 2"):
-        chunk_order(5, epoch=0, seed=0, shuffle=False, num_shards=2, shard=2)
+        EpochPlan(5, 1, num_shards=2, shard=2)
 
 
 def test_epoch_plan_covers_a_ragged_last_chunk():
     plan = EpochPlan(n_events=1000, chunk_events=128, seed=0, shuffle=True)
     assert plan.n_chunks == 8
     assert sorted(plan.events(0).tolist()) == list(range(1000))
-    assert sum(len(plan.pairs(e)) for e in range(2)) == 16
-    assert (plan.pairs(1)[:, 0] == 1).all() and np.array_equal(plan.pairs(1)[:, 1], plan.chunks(1))
+    assert sum(len(plan.spans(e)) for e in range(2)) == 16
+    spans = plan.spans(1)
+    assert (spans[:, 0] == 1).all() and np.array_equal(spans[:, 1], chunk_order(8, epoch=1, seed=0, shuffle=True))
+    assert spans[:, 2].tolist() == [0] * 8
+    assert sorted(spans[:, 3].tolist()) == [104] + [128] * 7
 
 
 def test_import_hepdask_does_not_import_tensorflow():
@@ -116,6 +140,37 @@ def test_mirrored_strategy_replicas_see_every_event_once(tf_two_cpus, train_stor
     together = np.concatenate(keys)
     assert together.size == n
     assert np.unique(together).size == n
+
+
+@pytest.mark.parametrize("shuffle_buffer", [None, 300])
+def test_mirrored_epochs_are_whole_passes_without_empty_batches(tf_two_cpus, train_store, shuffle_buffer):
+    """Repeating input under a 2-replica strategy: each run of steps_per_epoch steps is one
+    pass (no event twice, at most 1 left out), in a new order, and every replica gets events
+    at every step, the last one included (the split's size is not a multiple of the batch)."""
+    tf = tf_two_cpus
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    n = zarr.open_group(str(train_store), mode="r")["val"]["image"].shape[0]
+    global_batch = 64
+    assert n % global_batch
+    steps = tfdata.steps_per_epoch(n, global_batch, replicas=2)
+    dist = tfdata.distributed_dataset(strategy, train_store, "val", global_batch_size=global_batch, fields=FIELDS,
+                                      seed=2, epochs=None, shuffle_buffer=shuffle_buffer)
+    it = iter(dist)
+    passes = []
+    for _ in range(2):
+        keys = []
+        for _ in range(steps):
+            batch = next(it)
+            labels = strategy.experimental_local_results(batch["label"])
+            numbers = strategy.experimental_local_results(batch["eventNumber"])
+            for r in range(2):
+                assert numbers[r].shape[0] > 0
+                keys.append(numbers[r].numpy().astype(np.int64) * 2 + labels[r].numpy().astype(np.int64))
+        passes.append(np.concatenate(keys))
+    for keys in passes:
+        assert n - 1 <= keys.size <= n
+        assert np.unique(keys).size == keys.size
+    assert not np.array_equal(passes[0], passes[1])
 
 
 def test_bad_requests_are_refused_before_training(tf_two_cpus, train_store, tmp_path):

@@ -93,3 +93,27 @@ def test_cli_train_with_a_device_list(tf_two_cpus, train_store, tmp_path, capsys
     assert "AUC" in out
     assert cli(["train", str(path), "--epochs", "1"]) == 2
     assert "already holds a finished training" in capsys.readouterr().err
+
+
+def test_fit_takes_one_planner_epoch_of_steps_per_epoch(tf_two_cpus, train_store, tmp_path, monkeypatch):
+    """Keras keeps one iterator over repeating inputs and takes steps_per_epoch steps from it
+    each epoch: those must be exactly the planner's steps for one pass over each split
+    (test_tfdata checks that the passes are whole and no replica gets an empty batch)."""
+    import keras
+    import zarr
+
+    from hepdask import tfdata
+
+    seen: dict = {}
+    plain_fit = keras.Model.fit
+
+    def noting_fit(model, x=None, **kwargs):
+        seen.update(kwargs, x=x)
+        return plain_fit(model, x, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", noting_fit)
+    fit(_config(train_store, tmp_path / "run", **{"fit.epochs": 1}), verbose=0)
+    sizes = {s: zarr.open_group(str(train_store), mode="r")[s]["label"].shape[0] for s in ("train", "val")}
+    assert seen["steps_per_epoch"] == tfdata.steps_per_epoch(sizes["train"], 64, replicas=2) == -(-sizes["train"] // 64)
+    assert seen["validation_steps"] == tfdata.steps_per_epoch(sizes["val"], 64, replicas=2)
+    assert seen["x"].cardinality == tf_two_cpus.data.INFINITE_CARDINALITY
