@@ -608,7 +608,15 @@ def _prepare_output(config: Config) -> bool:
     """
     output = Path(config.output.path)
     staging = store.staging_path(output)
-    if config.output.overwrite:
+    for path, ours in ((output, store.is_hepdask_store(output)), (staging, store.read_build_record(staging) is not None)):
+        if path.exists() and not ours and not _empty_directory(path):
+            msg = (f"{str(path)!r} exists and is not a hepdask {'store' if path == output else 'staging area'}; "
+                   "hepdask replaces only what it made: choose another output.path (--output) or move it away")
+            raise StoreError(msg)
+    if config.output.overwrite or (staging.exists() and not store.has_finished_work(staging)
+                                   and not store.is_complete(output)):
+        # Replaced on request, or left by a build that failed or was stopped before it
+        # finished anything (a bad cut, a cluster that never came): nothing to resume.
         shutil.rmtree(output, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
     elif store.is_complete(output):
@@ -633,17 +641,25 @@ def _prepare_output(config: Config) -> bool:
         # finished write tasks wrote are kept too (``_run`` decides once it has the plan).
         store.clean_staging(staging)
         return True
-    elif output.exists():
+    elif output.exists() and not _empty_directory(output):
         msg = (
             f"output {str(output)!r} exists (an incomplete store with nothing to resume); "
             "pass --overwrite (output.overwrite=true) to replace it"
         )
         raise StoreError(msg)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging.mkdir(parents=True)
-    store.write_build_record(staging, {"config_hash": config.content_hash(), "version": __version__,
-                                       "detectors": detector_digests(config)})
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True)
+        store.write_build_record(staging, {"config_hash": config.content_hash(), "version": __version__,
+                                           "detectors": detector_digests(config)})
+    except OSError as err:
+        msg = f"cannot create the output {str(output)!r}: {err.strerror or err} ({err.filename or output})"
+        raise StoreError(msg) from err
     return False
+
+
+def _empty_directory(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 def detector_digests(config: Config) -> dict[str, str]:

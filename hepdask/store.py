@@ -252,6 +252,13 @@ def clean_staging(staging: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def has_finished_work(staging: str | Path) -> bool:
+    """Whether a staging area holds anything a resumed build would reuse: a published
+    partition or a finished write task."""
+    staging = Path(staging)
+    return any(staging.glob(f"*/{META}")) or any(p.is_file() for p in (staging / WRITTEN).rglob("*"))
+
+
 def discard_staged(staging: str | Path, key: str) -> None:
     shutil.rmtree(Path(staging) / key, ignore_errors=True)
 
@@ -842,6 +849,16 @@ def is_complete(path: str | Path) -> bool:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
         return False
     return bool(root.attrs.get(COMPLETE, False))
+
+
+def is_hepdask_store(path: str | Path) -> bool:
+    """Whether *path* is a store that hepdask made, complete or not (a Zarr v3 group with
+    ``hepdask:`` attributes): the only kind of directory a build may replace."""
+    try:
+        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    except (OSError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
+        return False
+    return any(key.startswith(PREFIX) for key in root.attrs)
 
 
 def open_root(path: str | Path, *, require_complete: bool = True):

@@ -442,3 +442,50 @@ def test_a_build_goes_on_when_workers_come_back(one_worker_build, client, caplog
     assert report.events_written > 0
     assert chunk_hashes(out) == chunk_hashes(clean)
     assert store.verify(out) == []
+
+
+def test_overwrite_never_deletes_what_hepdask_did_not_make(ldmx_data, tmp_path, capsys):
+    """--overwrite replaces a hepdask store; a directory of someone's files, or a plain file,
+    at the output path is refused whatever the flags, and left as it was."""
+    data, _ = ldmx_data
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("precious")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("precious")
+    for output in (thesis, afile):
+        path = write_config(tmp_path / "c.yaml", demo_config(data, output, cluster={"workers": 1}))
+        for flags in ([], ["--overwrite"]):
+            assert cli(["build-dataset", str(path), "--no-progress", *flags]) == 2
+            err = capsys.readouterr().err
+            assert f"{str(output)!r} exists and is not a hepdask store" in err, err
+    assert (thesis / "chapter1.tex").read_text() == "precious"
+    assert afile.read_text() == "precious"
+
+
+def test_an_unwritable_output_is_one_clear_line(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    (tmp_path / "afile").write_text("")
+    path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "afile" / "o.zarr"))
+    assert cli(["build-dataset", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hepdask: error: cannot create the output") and "afile" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_build_that_failed_before_finishing_anything_does_not_block_the_fixed_config(ldmx_data, client,
+                                                                                   tmp_path, capsys):
+    """A build whose cluster never came staged nothing: the corrected config builds instead
+    of being refused as 'a different config', and nothing claims to resume."""
+    data, _ = ldmx_data
+    out = tmp_path / "o.zarr"
+    raw = demo_config(data, out, cluster={"kind": "address", "address": "tcp://127.0.0.1:9"})
+    raw["output"]["chunk_events"] = 7
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(hepdask.HepdaskError):
+        hepdask.build_dataset(from_dict(raw), progress=False)
+    assert store.staging_path(out).exists() and not store.has_finished_work(store.staging_path(out))
+    raw["output"]["chunk_events"] = 11
+    report = hepdask.build_dataset(from_dict(raw), client=client, progress=True)
+    assert report.events_written > 0
+    assert "resuming" not in capsys.readouterr().out
+    assert store.verify(out) == []
