@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="print the SLURM job script that would be submitted; submit nothing")
     build.add_argument("--performance-report", action="store_true",
                        help="save Dask's performance report next to the store (cluster.performance_report)")
-    build.add_argument("--output", help="output store path (output.path)")
+    build.add_argument("--output", help="output store path (output.path), relative to the current directory")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -107,8 +107,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"cluster.profile={json.dumps(str(Path(args.profile).resolve()))}")
     if args.performance_report:
         overrides.append("cluster.performance_report=true")
-    if args.output:
-        overrides.append(f"output.path={json.dumps(args.output)}")
+    if args.output:  # a path typed on the command line is relative to where it was typed
+        overrides.append(f"output.path={json.dumps(str(Path(args.output).expanduser().resolve()))}")
     return overrides
 
 

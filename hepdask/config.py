@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, SelectionError, did_you_mean
 
 #: dtypes an image may be stored as; integer images count hits and saturate at their maximum.
 ImageDtype = Literal["uint8", "uint16", "uint32", "float32", "float64"]
@@ -328,6 +329,9 @@ class Tls(_Model):
     key: str | None = None
 
 
+#: A Dask scheduler address: ``[protocol://]host:port`` (``inproc://`` addresses have no port).
+_SCHEDULER_ADDRESS = re.compile(r"^(inproc://\S+|([a-z]+://)?(\[[0-9a-fA-F:]+\]|[^\s:/\[\]]+):\d+)$")
+
 #: ``cluster.dashboard_address: auto`` for a LocalCluster of worker processes.
 DEFAULT_DASHBOARD = "127.0.0.1:8787"
 
@@ -375,6 +379,11 @@ class Cluster(_Model):
     def _address(self) -> Cluster:
         if self.kind == "address" and not self.address:
             msg = "cluster.kind 'address' needs cluster.address (e.g. tcp://127.0.0.1:8786)"
+            raise ValueError(msg)
+        if self.kind == "address" and not _SCHEDULER_ADDRESS.match(self.address or ""):
+            hint = did_you_mean(str(self.address), ["local", "slurm"])
+            msg = (f"cluster.address {self.address!r} is not a scheduler address such as tcp://127.0.0.1:8786"
+                   f"{hint}{' (cluster.kind, or --cluster)' if hint else ''}")
             raise ValueError(msg)
         if self.minimum_jobs > self.jobs:
             msg = f"cluster.minimum_jobs ({self.minimum_jobs}) exceeds cluster.jobs ({self.jobs})"
@@ -457,7 +466,28 @@ class Config(_Model):
         if clash:
             msg = f"event field names {sorted(clash)} clash with store arrays {sorted(reserved)}"
             raise ValueError(msg)
+        self._check_cuts(hit_fields, event_fields)
         return self
+
+    def _check_cuts(self, hit_fields: list[str], event_fields: list[str]) -> None:
+        """Parse every cut now, so a typo fails before any cluster starts. Hit field names are
+        all known unless a CSV detector table adds columns that only the file names."""
+        from .selection import Cut
+
+        csv_table = self.geometry is not None and not (self.geometry.file or "").lower().endswith(".detx") \
+            and self.geometry.keys is not None
+        hit_names = None if csv_table else hit_fields
+        cuts = [("selection.hits", self.selection.hits, hit_names),
+                ("selection.events", self.selection.events, [*event_fields, "nhits"])]
+        for array, image in self.all_images().items():
+            where = "image" if array == "image" else f"images.{array[len('image_'):]}"
+            cuts.append((f"{where}.hits", image.hits, hit_names))
+        for where, text, names in cuts:
+            if text:
+                try:
+                    Cut(text, names, where)
+                except SelectionError as err:
+                    raise ValueError(str(err)) from None
 
     def all_images(self) -> dict[str, Image]:
         """Every image of the build by its array name: ``image``, then ``image_<name>``."""
@@ -610,21 +640,58 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
+#: Names pydantic gives the members of a union in an error's location (besides names that
+#: are no identifiers, such as ``constrained-int`` or ``literal['auto']``).
+_UNION_TAGS = {"int", "float", "str", "bool", "none"}
+
+
+def _key(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An error's location without pydantic's union-member tags: the config key at fault."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (not p.isidentifier() or p in _UNION_TAGS)))
+
+
+def _merged_message(items: list[dict]) -> str:
+    """One message for the errors of one key: the alternatives of a union joined with "or"."""
+    messages = [item["msg"].removeprefix("Value error, ") for item in items]
+    prefix = "Input should be "
+    if len(messages) > 1 and all(m.startswith(prefix) for m in messages):
+        return prefix + " or ".join(m[len(prefix):].split(",")[0] for m in messages)
+    return "; ".join(dict.fromkeys(messages))
+
+
+def _describe(err: ValidationError, source: str, root: type[BaseModel] | None = None,
+              overrides: Sequence[str] = ()) -> str:
+    """One line per config key at fault, naming the key, the value given, and where it was
+    given: the config file, or the ``--set`` override (or flag) that set it."""
     root = root or Config
-    lines = []
+    set_by = {tuple(parse_override(text)[0]): text for text in overrides}
+
+    def origin(key: tuple[Any, ...]) -> str:
+        parts = tuple(map(str, key))
+        for path, text in set_by.items():
+            if parts[: len(path)] == path or (parts and path[: len(parts)] == parts):
+                return f"--set {text!r}"
+        return source
+
+    grouped: dict[tuple[Any, ...], list[dict]] = {}
     for item in err.errors():
-        loc = tuple(item["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            parent = _model_at(loc[:-1], root)
-            choices = list(parent.model_fields) if parent else []
-            hint = did_you_mean(str(loc[-1]), choices)
-            lines.append(f"{source}: unknown key {where!r}{hint}")
-        else:
-            value = item.get("input")
-            shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
-            lines.append(f"{source}: {where}: {item['msg']}{shown}")
+        grouped.setdefault(_key(tuple(item["loc"])), []).append(item)
+    missing = {key for key, items in grouped.items() if items[0]["type"] == "missing"}
+    lines, explained = [], set()
+    for key, items in grouped.items():
+        if items[0]["type"] != "extra_forbidden":
+            continue
+        parent = _model_at(key[:-1], root)
+        choices = list(parent.model_fields) if parent else []
+        lines.append(f"{origin(key)}: unknown key {'.'.join(map(str, key))!r}{did_you_mean(str(key[-1]), choices)}")
+        explained.update(m for m in missing if m[:-1] == key[:-1] and did_you_mean(str(key[-1]), [m[-1]]))
+    for key, items in grouped.items():
+        if items[0]["type"] == "extra_forbidden" or key in explained:
+            continue  # a misspelt required key: its unknown-key line says what to write
+        value = items[0].get("input")
+        shown = "" if isinstance(value, dict | list) or items[0]["type"] == "missing" else f" (got {value!r})"
+        where = f"{'.'.join(map(str, key))}: " if key else ""
+        lines.append(f"{origin(key)}: {where}{_merged_message(items)}{shown}")
     return "\n".join(lines)
 
 
@@ -638,7 +705,11 @@ def _testdata(path: str) -> str:
     except ImportError:
         msg = f"{path!r} needs the km3net-testdata package: pip install 'hepdask[km3net]'"
         raise ConfigError(msg) from None
-    return str(km3net_testdata.data_path(path[len(TESTDATA_SCHEME):]))
+    try:
+        return str(km3net_testdata.data_path(path[len(TESTDATA_SCHEME):]))
+    except (RuntimeError, OSError, ValueError) as err:
+        msg = f"{path!r}: no such file in the km3net-testdata package ({err})"
+        raise ConfigError(msg) from None
 
 
 def _resolve(path: str, base: Path) -> str:
@@ -676,8 +747,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
-def from_dict(data: dict[str, Any], *, base: str | Path = ".", source: str = "<config>") -> Config:
-    """Validate a config mapping; relative paths are taken relative to *base*."""
+def from_dict(data: dict[str, Any], *, base: str | Path = ".", source: str = "<config>",
+              overrides: Sequence[str] = ()) -> Config:
+    """Validate a config mapping; relative paths are taken relative to *base*. *overrides*
+    (already applied) are named in the errors of the keys they set."""
     if not isinstance(data, dict):
         msg = f"{source}: the config must be a YAML mapping, got {type(data).__name__}"
         raise ConfigError(msg)
@@ -685,7 +758,7 @@ def from_dict(data: dict[str, Any], *, base: str | Path = ".", source: str = "<c
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_describe(err, source)) from None
+        raise ConfigError(_describe(err, source, overrides=overrides)) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -713,7 +786,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     path = Path(path)
     data = _read_yaml(path)
     data = apply_overrides(data, list(overrides)) if overrides else data
-    return from_dict(data, base=path.parent, source=str(path))
+    return from_dict(data, base=path.parent, source=str(path), overrides=overrides)
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,4 +865,4 @@ def load_train(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_describe(err, str(path), TrainConfig)) from None
+        raise ConfigError(_describe(err, str(path), TrainConfig, overrides)) from None

@@ -31,12 +31,13 @@ _FUNCTIONS = {"abs": np.abs, "sqrt": np.sqrt, "log": np.log, "log10": np.log10, 
 
 
 class Cut:
-    """A parsed cut; ``Cut(text, names, where)`` checks it against the names it may use."""
+    """A parsed cut; ``Cut(text, names, where)`` checks it against the names it may use
+    (``names=None``: the grammar only, where the names are known only later)."""
 
-    def __init__(self, text: str, names: Iterable[str], where: str) -> None:
+    def __init__(self, text: str, names: Iterable[str] | None, where: str) -> None:
         self.text = text
         self.where = where
-        allowed = set(names)
+        allowed = None if names is None else set(names)
         try:
             tree = ast.parse(text, mode="eval")
         except SyntaxError as err:
@@ -46,9 +47,9 @@ class Cut:
         self.names: set[str] = set()
         self._check(self._tree, allowed)
 
-    def _check(self, node: ast.AST, allowed: set[str]) -> None:
+    def _check(self, node: ast.AST, allowed: set[str] | None) -> None:
         if isinstance(node, ast.Name):
-            if node.id not in allowed:
+            if allowed is not None and node.id not in allowed:
                 msg = (
                     f"{self.where}: unknown field {node.id!r} in {self.text!r}"
                     f"{did_you_mean(node.id, allowed)} (fields: {sorted(allowed)})"

@@ -551,3 +551,16 @@ def test_build_ignores_a_closed_default_client(ldmx_data, client, tmp_path):
     assert not thread.is_alive(), "the build hung waiting on the closed default client's event loop"
     assert outcome[0].events_written > 0
     assert "stage-" in (tmp_path / "store.zarr.performance-report.html").read_text()
+
+
+def test_output_flag_is_relative_to_the_current_directory(ldmx_data, tmp_path, monkeypatch):
+    data, _ = ldmx_data
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "here").mkdir()
+    path = write_config(tmp_path / "cfg" / "c.yaml", demo_config(data, tmp_path / "unused.zarr"))
+    monkeypatch.chdir(tmp_path / "here")
+    assert cli(["build-dataset", str(path), "--output", "rel.zarr", "--dry-run"]) == 0
+    from hepdask.cli import _flag_overrides, _parser
+
+    args = _parser().parse_args(["build-dataset", str(path), "--output", "rel.zarr"])
+    assert f"output.path={json.dumps(str(tmp_path / 'here' / 'rel.zarr'))}" in _flag_overrides(args)

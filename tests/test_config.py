@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,53 @@ def test_content_hash_ignores_the_cluster(tmp_path):
     c = from_dict(_config(tmp_path, **{"output.chunk_events": 3}))
     assert a.content_hash() == b.content_hash() != c.content_hash()
     assert yaml.safe_load(a.to_yaml())["name"] == "test"
+
+
+@pytest.mark.parametrize(
+    ("selection", "message"),
+    [
+        ({"hits": "Ex > 0.01"}, "selection.hits: unknown field 'Ex' in 'Ex > 0.01'; did you mean"),
+        ({"events": "nhit >= 3"}, "selection.events: unknown field 'nhit' in 'nhit >= 3'; did you mean 'nhits'?"),
+        ({"events": "__import__('os')"}, "selection.events: only"),
+        ({"hits": "E >> 1"}, "operator RShift is not allowed"),
+    ],
+)
+def test_cuts_are_checked_when_the_config_loads(tmp_path, selection, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(_config(tmp_path, selection=selection))
+
+
+def test_a_per_image_cut_is_checked_too(tmp_path):
+    raw = _config(tmp_path)
+    raw["image"]["hits"] = "zz > 1"
+    with pytest.raises(ConfigError, match=re.escape("image.hits: unknown field 'zz'")):
+        from_dict(raw)
+
+
+def test_errors_are_one_line_per_key_and_name_the_override(tmp_path):
+    path = write_config(tmp_path / "c.yaml", _config(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        load(path, ["output.chunk_events=ten"])
+    assert str(err.value) == ("--set 'output.chunk_events=ten': output.chunk_events: Input should be a valid "
+                              "integer or 'auto' (got 'ten')")
+    raw = _config(tmp_path)
+    raw["tre"] = raw.pop("tree")
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw, source="c.yaml")
+    assert str(err.value) == "c.yaml: unknown key 'tre'; did you mean 'tree'?"
+
+
+def test_a_cluster_address_that_is_no_address_is_refused_with_a_hint(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape("cluster.address 'lcoal' is not a scheduler address")) as err:
+        from_dict(_config(tmp_path, cluster={"kind": "address", "address": "lcoal"}))
+    assert "did you mean 'local'?" in str(err.value)
+    for address in ("tcp://10.0.0.1:8786", "tls://node01:8786", "node01:8786", "tcp://[::1]:8786"):
+        assert from_dict(_config(tmp_path, cluster={"kind": "address", "address": address})).cluster.address == address
+
+
+def test_a_missing_km3net_testdata_file_is_a_config_error(tmp_path):
+    pytest.importorskip("km3net_testdata")
+    raw = _config(tmp_path)
+    raw["samples"][0]["files"] = ["km3net-testdata:offline/no-such-file.root"]
+    with pytest.raises(ConfigError, match="no such file in the km3net-testdata package"):
+        from_dict(raw)
