@@ -786,6 +786,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         client.register_plugin(cluster.TunedMalloc())
     if config.cluster.tune_gc:
         client.register_plugin(cluster.FrozenImports())
+    client.register_plugin(cluster.QuietUserErrors())
 
     per_task = partitions_per_task(config.read.partitions_per_task, len(partitions), len(client.nthreads()))
     results = _stage_all(client, partitions, job, bar, config.cluster.worker_timeout, per_task)

@@ -70,6 +70,41 @@ class FrozenImports(WorkerPlugin):
             heap.settle()
 
 
+class QuietUserErrors(WorkerPlugin):
+    """Keeps a worker from logging "Compute Failed" with a traceback for a task that raised a
+    hepdask error (a bad file, a det_id mismatch): the build reports those in one line on the
+    client, and seven lines of worker log per failed task before it buried that line. Any
+    other exception, a bug, is still logged in full."""
+
+    name = "hepdask-quiet-user-errors"
+
+    def setup(self, worker) -> None:
+        logger = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
+            logger.addFilter(_UserErrorFilter())
+
+
+class _UserErrorFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith("Compute Failed")):
+            return True
+        # distributed's worker logs (key, state, task, exception_text, traceback_text).
+        args = record.args if isinstance(record.args, tuple) else ()
+        exception = args[3] if len(args) > 3 and isinstance(args[3], str) else ""
+        return exception.split("(", 1)[0] not in _user_error_names()
+
+
+def _user_error_names() -> set[str]:
+    from . import errors
+
+    found, todo = set(), [errors.HepdaskError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
 def default_workers() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -23,7 +23,13 @@ from hepdask.cli import PRELOAD
 from hepdask.cli import main as cli
 from hepdask.config import from_dict
 
-from .data_generation import demo_config, flat_branch_file, write_config, wrong_tree_file
+from .data_generation import (
+    demo_config,
+    flat_branch_file,
+    not_root_file,
+    write_config,
+    wrong_tree_file,
+)
 
 
 def chunk_hashes(path: Path) -> dict[str, str]:
@@ -564,3 +570,19 @@ def test_output_flag_is_relative_to_the_current_directory(ldmx_data, tmp_path, m
 
     args = _parser().parse_args(["build-dataset", str(path), "--output", "rel.zarr"])
     assert f"output.path={json.dumps(str(tmp_path / 'here' / 'rel.zarr'))}" in _flag_overrides(args)
+
+
+def test_a_bad_file_found_by_a_worker_is_one_line_on_stderr(ldmx_data, tmp_path):
+    """Workers would log "Compute Failed" with a traceback for each failed task before the
+    client's one-line error; hepdask errors are reported once, by the client."""
+    data, _ = ldmx_data
+    bad = not_root_file(tmp_path / "late.root")
+    raw = demo_config(data, tmp_path / "o.zarr", cluster={"workers": 2})
+    raw["samples"][1]["files"] = [*raw["samples"][1]["files"], bad]
+    raw["read"]["partitions_per_task"] = 1
+    path = write_config(tmp_path / "c.yaml", raw)
+    done = subprocess.run([sys.executable, "-m", "hepdask.cli", "build-dataset", str(path), "--no-progress"],
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("hepdask: error:") and "late.root" in done.stderr
