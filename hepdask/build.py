@@ -797,6 +797,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     staged = [store.Staged(r["key"], 0, {}) if "bad" in r else store.Staged.from_json(r) for r in results]
 
     counts = [s.n_events for s in staged]
+    _check_selected(config, partitions, staged, job.staging, bar)
     plans = store.assign(counts, config.output.split, seed=config.output.shuffle.seed,
                          shuffle=config.output.shuffle.enabled)
     arrays, dims = _array_specs(config, job.images, staged)
@@ -878,6 +879,28 @@ def _label_attrs(config: Config) -> dict[str, Any]:
     if config.labels is not None:
         return {"flag_values": sorted(set(config.labels.map.values())), "source_field": config.labels.field}
     return {"flag_values": [s.label for s in config.samples], "flag_meanings": " ".join(s.name for s in config.samples)}
+
+
+def _check_selected(config: Config, partitions: list[sources.Partition], staged: list[store.Staged],
+                    staging: str, bar) -> None:
+    """Refuse to write a store without events; say which samples lost every event."""
+    read: dict[str, int] = {s.name: 0 for s in config.samples}
+    kept = dict.fromkeys(read, 0)
+    for partition, part in zip(partitions, staged):
+        read[partition.sample] += part.info.get("entries", 0)
+        kept[partition.sample] += part.n_events
+    cuts = ", ".join(f"{key} {text!r}" for key, text in (("selection.hits", config.selection.hits),
+                                                          ("selection.events", config.selection.events)) if text)
+    if not sum(kept.values()):
+        # Nothing staged is worth resuming: any change that keeps events is a new config.
+        shutil.rmtree(staging, ignore_errors=True)
+        msg = (f"no event to write: of {sum(read.values())} events read, the selection ({cuts or 'none'}) "
+               "kept none; nothing was written")
+        raise BuildError(msg)
+    for sample, n in kept.items():
+        if not n:
+            bar.print(f"warning: sample {sample!r}: the selection ({cuts or 'none'}) kept none of its "
+                      f"{read[sample]} events read")
 
 
 def _check_bad_fraction(config: Config, bad_files: list[dict], n_files: int) -> None:

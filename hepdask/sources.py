@@ -24,7 +24,7 @@ import awkward as ak
 import numpy as np
 import uproot
 
-from .errors import BranchError, InputFileError, MissingInputError, did_you_mean
+from .errors import BranchError, ConfigError, InputFileError, MissingInputError, did_you_mean
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _INDEXED = re.compile(r"^(?P<branch>.+?)\[(?P<index>-?\d+)\]$")
@@ -87,10 +87,16 @@ def expand(sample_name: str, patterns: list[str], *, must_exist: bool = True) ->
 
 
 def plan(samples: list[tuple[str, int, list[str]]], *, must_exist: bool = True) -> list[Partition]:
-    """Partitions for ``(name, label, patterns)`` samples: one per file, in a stable order."""
+    """Partitions for ``(name, label, patterns)`` samples: one per file, in a stable order.
+    A file in two samples (its events would be written twice, under two labels) is refused."""
     partitions: list[Partition] = []
+    owner: dict[str, str] = {}
     for name, label, patterns in samples:
         for path in expand(name, patterns, must_exist=must_exist):
+            other = owner.setdefault(str(Path(path).absolute()), name)
+            if other != name:
+                msg = f"file {path!r} is in samples {other!r} and {name!r}; a file belongs to one sample"
+                raise ConfigError(msg)
             partitions.append(Partition(len(partitions), name, label, path))
     return partitions
 

@@ -586,3 +586,33 @@ def test_a_bad_file_found_by_a_worker_is_one_line_on_stderr(ldmx_data, tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert done.stderr.startswith("hepdask: error:") and "late.root" in done.stderr
+
+
+def test_a_file_in_two_samples_is_refused(ldmx_data, tmp_path, capsys):
+    data, files = ldmx_data
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["samples"][1]["files"] = [*config["samples"][1]["files"], files["signal"][0]]
+    err = _run_bad(tmp_path, capsys, config)
+    assert f"file {files['signal'][0]!r} is in samples 'signal' and 'background'" in err
+
+
+def test_a_selection_that_keeps_no_event_writes_nothing(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    out = tmp_path / "o.zarr"
+    config = demo_config(data, out, cluster={"workers": 1})
+    config["selection"] = {"events": "nhits >= 100000"}
+    err = _run_bad(tmp_path, capsys, config)
+    assert "no event to write" in err and "'nhits >= 100000'" in err and "kept none" in err
+    assert not out.exists() and not store.staging_path(out).exists()
+
+
+def test_a_sample_the_selection_empties_is_named(ldmx_data, tmp_path):
+    data, _ = ldmx_data
+    config = from_dict(demo_config(data, tmp_path / "o.zarr", selection={"events": "nhits > 3"}))
+    partitions = [sources.Partition(0, "signal", 1, "a.root"), sources.Partition(1, "background", 0, "b.root")]
+    staged = [store.Staged("p0", 7, {}, {"entries": 9}), store.Staged("p1", 0, {}, {"entries": 5})]
+    said = []
+    bar = type("Bar", (), {"print": lambda self, text: said.append(text)})()
+    build._check_selected(config, partitions, staged, str(tmp_path / "staging"), bar)
+    assert said == [("warning: sample 'background': the selection (selection.events 'nhits > 3') kept none "
+                     "of its 5 events read")]
