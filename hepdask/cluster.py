@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -74,19 +75,25 @@ class QuietUserErrors(WorkerPlugin):
     """Keeps a worker from logging "Compute Failed" with a traceback for a task that raised a
     hepdask error (a bad file, a det_id mismatch): the build reports those in one line on the
     client, and seven lines of worker log per failed task before it buried that line. Any
-    other exception, a bug, is still logged in full."""
+    other exception, a bug, is still logged in full. Also quiet: the warning for each task
+    cancelled when a build stops (Ctrl-C, or another task's error)."""
 
     name = "hepdask-quiet-user-errors"
 
     def setup(self, worker) -> None:
-        logger = logging.getLogger("distributed.worker")
-        if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
-            logger.addFilter(_UserErrorFilter())
+        for name in ("distributed.worker", "distributed.worker.state_machine"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
+                logger.addFilter(_UserErrorFilter())
 
 
 class _UserErrorFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (isinstance(record.msg, str) and record.msg.startswith("Compute Failed")):
+        if not isinstance(record.msg, str):
+            return True
+        if record.msg.startswith("Async instruction for") and "ended with CancelledError" in record.getMessage():
+            return False
+        if not record.msg.startswith("Compute Failed"):
             return True
         # distributed's worker logs (key, state, task, exception_text, traceback_text).
         args = record.args if isinstance(record.args, tuple) else ()
@@ -170,19 +177,37 @@ def _start_local(spec: Cluster, security, *, n_workers: int, threads_per_worker:
     # unless TLS is asked for.
     network = {"host": "127.0.0.1"} if processes or security is not None else {}
     try:
-        return LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads_per_worker,
-            processes=processes,
-            dashboard_address=spec.dashboard(in_process=not processes),
-            memory_limit=spec.memory_limit,
-            **network,
-            **({"security": security, "protocol": "tls://"} if security is not None else {}),
-        )
+        with _sigint_ignored_by_children(processes):
+            return LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads_per_worker,
+                processes=processes,
+                dashboard_address=spec.dashboard(in_process=not processes),
+                memory_limit=spec.memory_limit,
+                **network,
+                **({"security": security, "protocol": "tls://"} if security is not None else {}),
+            )
     except (OSError, TimeoutError, ValueError, RuntimeError) as err:
         where = "worker processes" if processes else "worker in this process"
         msg = f"cannot start a LocalCluster of {n_workers} {where}: {err}"
         raise ClusterError(msg) from None
+
+
+@contextmanager
+def _sigint_ignored_by_children(spawning: bool) -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (an ignored signal stays ignored across
+    exec, and Python then installs no KeyboardInterrupt handler): Ctrl-C in a terminal
+    reaches the whole process group, and each worker printed its own tracebacks (about 35
+    lines) before the build's one line. The client stops the build and closes the workers.
+    A Ctrl-C while the workers start is ignored."""
+    if not spawning or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager
@@ -193,9 +218,26 @@ def _local_cluster(spec: Cluster, security, settings: dict, restore: dict[str, s
         cluster = _start_local(spec, security, **kwargs)
     try:
         yield cluster
+    except KeyboardInterrupt:
+        _abandon_running_tasks(cluster)
+        raise
     finally:
         with _restored_environ(restore):
             cluster.close()
+
+
+def _abandon_running_tasks(cluster) -> None:
+    """Ctrl-C: a task running on a worker thread of this process cannot be stopped, and
+    closing its worker would wait up to 30 s for it. Staged partitions are published by an
+    atomic rename, so the worker is closed without waiting; the thread ends with the process."""
+    from distributed import Worker
+
+    for worker in list(getattr(cluster, "workers", {}).values()):
+        if isinstance(worker, Worker):
+            try:
+                cluster.sync(worker.close, executor_wait=False, timeout=ABANDON_TIMEOUT_SECONDS)
+            except (OSError, TimeoutError, RuntimeError):
+                log.debug("closing the in-process worker after Ctrl-C failed", exc_info=True)
 
 
 @contextmanager
@@ -411,6 +453,10 @@ def wait_for_workers(client, cluster, n_workers: int, timeout: float, say: Calla
 
 # --------------------------------------------------------------------------------------------
 # a build that loses every worker
+
+#: Seconds a Ctrl-C'd build gives its in-process worker to close (it does not wait for the
+#: running task).
+ABANDON_TIMEOUT_SECONDS = 2.0
 
 #: Seconds without a single worker before a running build says so.
 NO_WORKER_GRACE_SECONDS = 30.0

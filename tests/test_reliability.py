@@ -489,3 +489,50 @@ def test_a_build_that_failed_before_finishing_anything_does_not_block_the_fixed_
     assert report.events_written > 0
     assert "resuming" not in capsys.readouterr().out
     assert store.verify(out) == []
+
+
+CTRL_C_SCRIPT = """
+import sys, time
+from hepdask import build, cli
+plain = build._stage
+
+def slow_stage(*args, **kwargs):
+    print("staging", flush=True)
+    time.sleep(60)  # a long read that Ctrl-C cannot interrupt on a worker thread
+    return plain(*args, **kwargs)
+
+build._stage = slow_stage
+sys.argv = ["hepdask", *sys.argv[1:]]
+cli.entry()
+"""
+
+
+def test_ctrl_c_stops_a_build_in_this_process_at_once_with_one_line(ldmx_data, tmp_path):
+    """A one-partition build runs on a worker thread of the hepdask process; closing that
+    worker used to wait 30 s for the running task after Ctrl-C."""
+    data, files = ldmx_data
+    raw = demo_config(data, tmp_path / "o.zarr")
+    raw["samples"] = [{**raw["samples"][0], "files": [files["signal"][0]]}]
+    path = write_config(tmp_path / "c.yaml", raw)
+    process = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, "build-dataset", str(path), "--no-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "staging"
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert time.monotonic() - started < 10
+    assert err.strip() == "hepdask: interrupted; the output is left without its completion marker"
+
+
+def test_worker_processes_leave_ctrl_c_to_the_client(tmp_path):
+    """Ctrl-C reaches the whole process group; workers that took it printed their own
+    tracebacks. They start with SIGINT ignored, and the client's handler is back after."""
+    from hepdask.cluster import connect
+    from hepdask.config import Cluster
+
+    before = signal.getsignal(signal.SIGINT)
+    with connect(Cluster(workers=1, dashboard_address=None)) as client:
+        handlers = client.run(lambda: str(signal.getsignal(signal.SIGINT)))
+    assert list(handlers.values()) == [str(signal.SIG_IGN)]
+    assert signal.getsignal(signal.SIGINT) is before
