@@ -240,6 +240,7 @@ def _unchanged(done: store.Staged, partition: sources.Partition) -> bool:
         current = sources.file_info(partition.file)
     except OSError:
         return False
+    current["entry_range"] = [partition.entry_start, partition.entry_stop]
     return all(done.info.get(k) == v for k, v in current.items())
 
 
@@ -286,7 +287,8 @@ def _stage(partition: sources.Partition, job: Job) -> store.Staged:
                 labels["label"] = truth.map_labels(events[job.labels.field], job.labels.map, job.labels.default,
                                                    where=partition.file)
             writer.append({**images, "entry": entries, **labels, **events})
-        info = {"entries": entries_read, "stats": stats["image"].to_dict(), **sources.file_info(partition.file)}
+        info = {"entries": entries_read, "stats": stats["image"].to_dict(), **sources.file_info(partition.file),
+                "entry_range": [partition.entry_start, partition.entry_stop]}
         if len(job.images) > 1:
             info["image_stats"] = {k: v.to_dict() for k, v in stats.items() if k != "image"}
         if counts is not None:
@@ -526,9 +528,15 @@ def plan_report(config: Config, partitions, first_entries: dict[str, int], gener
     image_bytes = event_bytes(images)
     report.images = {img.array: {"shape": list(img.layout.shape), "dtype": img.dtype} for img in images[1:]}
     estimate = 0
+    per_partition = config.read.entries_per_partition
+    split_later = per_partition is not None and all(p.entry_stop is None for p in partitions)
+    if split_later:
+        report.n_partitions = 0
     for sample in config.samples:
-        n_files = sum(1 for p in partitions if p.sample == sample.name)
+        n_files = len({p.file for p in partitions if p.sample == sample.name})
         events = first_entries.get(sample.name, 0) * n_files
+        if split_later:
+            report.n_partitions += n_files * max(1, -(-first_entries.get(sample.name, 0) // per_partition))
         if generated.get(sample.name) and sample.generate is not None:
             n_files = sample.generate.n_files
             events = n_files * sample.generate.events_per_file
@@ -538,7 +546,9 @@ def plan_report(config: Config, partitions, first_entries: dict[str, int], gener
     report.plan = {
         "estimated_events": estimate,
         "estimated_uncompressed_bytes": estimate * image_bytes,
-        "note": "events estimated from the first file of each sample (or its generator) times its number of files",
+        "note": "events estimated from the first file of each sample (or its generator) times its number of files"
+                + ("; so are the partitions (the build counts every file's entries on the workers)"
+                   if split_later else ""),
     }
     return report
 
@@ -565,6 +575,10 @@ def build_dataset(
             [(s.name, s.label, s.files) for s in config.samples if s.name not in pending], must_exist=not skip,
         )
         first_entries = probe(config, partitions)
+        if config.read.entries_per_partition and len(partitions) == 1:
+            # The probe opened the only file: its entry ranges are known without another open.
+            counts = [first_entries.get(partitions[0].sample)]
+            partitions = sources.split_entries(partitions, counts, config.read.entries_per_partition)
         if dry_run:
             return plan_report(config, partitions, first_entries, generated)
         if _prepare_output(config):
@@ -772,6 +786,20 @@ def _wait(client, futures, bar, task, worker_timeout: float) -> None:
             bar.advance(task)
 
 
+def _split_files(client, partitions: list[sources.Partition], config: Config, bar, build_id: str):
+    """Count every file's entries on the workers (a few files a task) and cut the files into
+    partitions of at most ``read.entries_per_partition`` entries."""
+    files = [p.file for p in partitions]
+    per_task = max(1, -(-len(files) // (STAGE_TASKS_PER_WORKER * max(1, len(client.nthreads())))))
+    groups = [files[i : i + per_task] for i in range(0, len(files), per_task)]
+    task = bar.add("count entries", len(groups))
+    futures = [client.submit(sources.count_entries, group, config.tree, memory_map=config.read.memory_map,
+                             key=f"count-{build_id}-{i}") for i, group in enumerate(groups)]
+    _wait(client, futures, bar, task, config.cluster.worker_timeout)
+    counts = [n for group in client.gather(futures) for n in group]
+    return sources.split_entries(partitions, counts, config.read.entries_per_partition)
+
+
 def _run(config: Config, partitions: list[sources.Partition], client, bar, started: float, *,
          dashboard: bool = True) -> BuildReport:
     from . import cluster
@@ -781,19 +809,21 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     report = BuildReport(config.name, config.output.path, dashboard=cluster.dashboard_link(client) if dashboard else None)
     if report.dashboard:
         bar.print(f"Dask dashboard: {report.dashboard}")
-    report.n_partitions = len(partitions)
     if config.cluster.tune_malloc:
         client.register_plugin(cluster.TunedMalloc())
     if config.cluster.tune_gc:
         client.register_plugin(cluster.FrozenImports())
     client.register_plugin(cluster.QuietUserErrors())
+    if config.read.entries_per_partition and len(partitions) > 1 and all(p.entry_stop is None for p in partitions):
+        partitions = _split_files(client, partitions, config, bar, job.build_id)
+    report.n_partitions = len(partitions)
 
     per_task = partitions_per_task(config.read.partitions_per_task, len(partitions), len(client.nthreads()))
     results = _stage_all(client, partitions, job, bar, config.cluster.worker_timeout, per_task)
-    report.bad_files = [
-        {"path": p.file, "sample": p.sample, **r["bad"]} for p, r in zip(partitions, results) if "bad" in r
-    ]
-    _check_bad_fraction(config, report.bad_files, len(partitions))
+    bad_by_file = {p.file: {"path": p.file, "sample": p.sample, **r["bad"]} for p, r in zip(partitions, results)
+                   if "bad" in r}
+    report.bad_files = list(bad_by_file.values())
+    _check_bad_fraction(config, report.bad_files, len({p.file for p in partitions}))
     staged = [store.Staged(r["key"], 0, {}) if "bad" in r else store.Staged.from_json(r) for r in results]
 
     counts = [s.n_events for s in staged]
@@ -850,13 +880,17 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     report.image_shape, report.image_dtype, report.chunk_events = layout.shape, job.dtype, per_chunk
     _fill_report(report, config, job.images, partitions, staged, plans)
     bad = {b["path"]: b for b in report.bad_files}
-    manifest = [
-        {"path": p.file, "sample": p.sample, "label": p.label, "entries": s.info.get("entries", 0),
-         "selected": s.n_events, "size": s.info.get("size"), "mtime": s.info.get("mtime"),
-         "status": "bad" if p.file in bad else "ok",
-         **({"exception": bad[p.file]["exception"], "message": bad[p.file]["message"]} if p.file in bad else {})}
-        for p, s in zip(partitions, staged)
-    ]
+    manifest: dict[str, dict] = {}
+    for p, s in zip(partitions, staged):  # one row per file, whatever its entry ranges
+        row = manifest.setdefault(p.file, {
+            "path": p.file, "sample": p.sample, "label": p.label, "entries": 0, "selected": 0,
+            "size": s.info.get("size"), "mtime": s.info.get("mtime"), "status": "bad" if p.file in bad else "ok",
+            **({"exception": bad[p.file]["exception"], "message": bad[p.file]["message"]} if p.file in bad else {}),
+        })
+        row["entries"] += s.info.get("entries", 0)
+        row["selected"] += s.n_events
+        for key in ("size", "mtime"):
+            row[key] = row[key] if row[key] is not None else s.info.get(key)
     # The digests the build checked at its start (and a resume checked again), not a re-read.
     record = store.read_build_record(job.staging) or {}
     report.wall_seconds = time.perf_counter() - started
@@ -865,7 +899,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         store.PREFIX + "version": __version__,
         store.PREFIX + "config": config.to_yaml(),
         store.PREFIX + "config_hash": config.content_hash(),
-        store.PREFIX + "manifest": manifest,
+        store.PREFIX + "manifest": list(manifest.values()),
         **({store.PREFIX + "detectors": record.get("detectors", {})} if config.geometry is not None else {}),
         store.PREFIX + "splits": list(plans),
         store.PREFIX + "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -966,9 +1000,11 @@ def _fill_report(report: BuildReport, config: Config, images: tuple[ImageJob, ..
     extra = {img.array: binning.BinStats(tuple(a.name for a in img.layout.axes)) for img in images[1:]}
     for sample in config.samples:
         report.samples[sample.name] = {"files": 0, "read": 0, "selected": 0}
+    files = set()
     for p, s in zip(partitions, staged):
         entry = report.samples[p.sample]
-        entry["files"] += 1
+        entry["files"] += p.file not in files
+        files.add(p.file)
         entry["read"] += int(s.info.get("entries", 0))
         entry["selected"] += s.n_events
         if "stats" in s.info:

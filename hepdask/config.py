@@ -181,6 +181,9 @@ class Read(_Model):
     """How input files are read, and what a bad input file does to the build.
 
     ``step_size`` entries are read at a time (this bounds a worker's memory).
+    ``entries_per_partition`` splits every file into partitions of at most that many entries,
+    so that a few large files are staged in parallel (by default a partition is a whole
+    file); the entries are then counted by opening every file once on the workers.
     ``partitions_per_task`` partitions (files) are staged by one Dask task: ``auto`` groups
     small-file datasets so that per-task overhead does not dominate (see
     ``build.partitions_per_task``); it does not change what is stored. ``memory_map``
@@ -193,6 +196,7 @@ class Read(_Model):
     """
 
     step_size: Annotated[int, Field(gt=0)] = 20_000
+    entries_per_partition: Annotated[int, Field(gt=0)] | None = None
     partitions_per_task: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     memory_map: bool = True
     on_bad_file: Literal["fail", "skip"] = "fail"

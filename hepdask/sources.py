@@ -318,10 +318,33 @@ def _name_of(leaf) -> str | None:
     return None if leaf is None else str(leaf.member("fName"))
 
 
-def num_entries(path: str, tree_name: str) -> int:
-    file, tree = open_tree(path, tree_name)
-    with file:
-        return int(tree.num_entries)
+def count_entries(paths: list[str], tree_name: str, *, memory_map: bool = True) -> list[int | None]:
+    """The entries of each file's tree (a Dask task); None for a file that cannot be read,
+    whose partition then fails (or is skipped) on a worker as usual."""
+    counts: list[int | None] = []
+    for path in paths:
+        try:
+            file, tree = open_tree(path, tree_name, memory_map=memory_map)
+        except InputFileError:
+            counts.append(None)
+            continue
+        with file:
+            counts.append(int(tree.num_entries))
+    return counts
+
+
+def split_entries(partitions: list[Partition], counts: list[int | None], entries_per_partition: int) -> list[Partition]:
+    """Whole-file partitions cut into entry ranges of at most *entries_per_partition*
+    (a file of unknown size, or a partition already cut, stays as it is), numbered anew in
+    the same order."""
+    ranges: list[tuple[Partition, int, int | None]] = []
+    for partition, n in zip(partitions, counts):
+        if n is None or n <= entries_per_partition or partition.entry_stop is not None:
+            ranges.append((partition, partition.entry_start, partition.entry_stop))
+            continue
+        ranges.extend((partition, start, min(start + entries_per_partition, n))
+                      for start in range(0, n, entries_per_partition))
+    return [Partition(i, p.sample, p.label, p.file, start, stop) for i, (p, start, stop) in enumerate(ranges)]
 
 
 def _flatten_hits(path: str, arrays: dict, hits: dict[str, str], start: int):
