@@ -845,8 +845,11 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
             attrs={store.PREFIX + "building": True},
             array_attrs={"label": _label_attrs(config)}, plan=plan_id,
         )
+    metadata = {s.name: {key: config.metadata_value(s, key) for key in config.metadata_fields()}
+                for s in config.samples}
     constants = {
-        i: {"label": p.label, "sample": p.sample, "source_file": p.file} for i, p in enumerate(partitions)
+        i: {"label": p.label, "sample": p.sample, "source_file": p.file, **metadata[p.sample]}
+        for i, p in enumerate(partitions)
     }
     ranges = {split: store.chunk_ranges(plan.size, per_chunk) for split, plan in plans.items()}
     chunk_bytes = per_chunk * event_bytes(job.images)
@@ -902,6 +905,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         store.PREFIX + "manifest": list(manifest.values()),
         **({store.PREFIX + "detectors": record.get("detectors", {})} if config.geometry is not None else {}),
         store.PREFIX + "splits": list(plans),
+        store.PREFIX + "samples": {s.name: {"label": s.label, "metadata": s.metadata} for s in config.samples},
         store.PREFIX + "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         store.PREFIX + "building": False,
     })
@@ -969,6 +973,8 @@ def _array_specs(config: Config, images: tuple[ImageJob, ...], staged: list[stor
     example = next((s for s in staged if s.n_events), None)
     for name in config.event_fields():
         arrays[name] = example.arrays[name] if example else store.ArraySpec("float64")
+    for name, dtype in config.metadata_fields().items():  # per-partition constants, like label
+        arrays[name] = store.ArraySpec(dtype)
     dims = dict.fromkeys(arrays, ())
     for img in images:
         dims[img.array] = img.dims

@@ -314,8 +314,10 @@ def print_info(info: dict, console) -> None:
     more = {name: image for s in info["splits"].values() for name, image in s.get("more_images", {}).items()}
     for name, image in more.items():
         console.print(f"{name}: {'x'.join(map(str, image['shape']))} {image['dtype']} ({', '.join(image['dims'])})")
-    rows = [(name, s["label"], s["files"], s["entries"], s["selected"]) for name, s in info["samples"].items()]
-    console.print(_table("provenance", ["sample", "label", "files", "entries", "selected"], rows))
+    rows = [(name, s["label"], s["files"], s["entries"], s["selected"],
+             " ".join(f"{k}={v}" for k, v in s.get("metadata", {}).items()))
+            for name, s in info["samples"].items()]
+    console.print(_table("provenance", ["sample", "label", "files", "entries", "selected", "metadata"], rows))
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:

@@ -470,6 +470,11 @@ class Config(_Model):
         if clash:
             msg = f"event field names {sorted(clash)} clash with store arrays {sorted(reserved)}"
             raise ValueError(msg)
+        for key in self.metadata_fields():
+            if not _ARRAY_NAME.match(key) or key in reserved or key in event_fields:
+                msg = (f"samples: metadata key {key!r} names a per-event array: it must be a plain identifier "
+                       f"and not one of {sorted(reserved | set(event_fields))}")
+                raise ValueError(msg)
         self._check_cuts(hit_fields, event_fields)
         return self
 
@@ -508,6 +513,32 @@ class Config(_Model):
             if self.geometry.time is not None:
                 fields.append(self.geometry.calibrated)
         return list(dict.fromkeys(fields))
+
+    def metadata_fields(self) -> dict[str, str]:
+        """Every sample metadata key with the dtype of the per-event array that stores it:
+        ``str`` if any sample gives text, ``int64`` if every sample gives a whole number (or
+        a bool), else ``float64`` (NaN for a sample without the key)."""
+        keys = list(dict.fromkeys(k for s in self.samples for k in s.metadata))
+        dtypes = {}
+        for key in keys:
+            values = [s.metadata.get(key) for s in self.samples]
+            if any(isinstance(v, str) for v in values):
+                dtypes[key] = "str"
+            elif all(isinstance(v, int) for v in values):
+                dtypes[key] = "int64"
+            else:
+                dtypes[key] = "float64"
+        return dtypes
+
+    def metadata_value(self, sample: Sample, key: str) -> Any:
+        """*sample*'s value of metadata *key* as its array stores it (NaN or "" if it has none)."""
+        value = sample.metadata.get(key)
+        kind = self.metadata_fields()[key]
+        if kind == "str":
+            return "" if value is None else str(value)
+        if value is None:
+            return float("nan")
+        return int(value) if kind == "int64" else float(value)
 
     def event_fields(self) -> list[str]:
         """Event fields stored per event: the read ones and the truth preset's."""

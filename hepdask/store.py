@@ -933,6 +933,9 @@ def store_info(path: str | Path) -> dict[str, Any]:
         entry["files"] += 1
         entry["entries"] += int(item.get("entries") or 0)
         entry["selected"] += int(item.get("selected") or 0)
+    for name, sample in attrs.get(PREFIX + "samples", {}).items():
+        if sample.get("metadata") and name in by_sample:
+            by_sample[name]["metadata"] = sample["metadata"]
     info["samples"] = by_sample
     info["statistics"] = attrs.get(PREFIX + "statistics", {})
     return info

@@ -671,3 +671,31 @@ def test_a_resumed_build_reuses_a_staged_range_only_for_the_same_range(ldmx_data
     assert build._unchanged(done, sources.Partition(1, "signal", 1, path, 0, 10))
     assert not build._unchanged(done, sources.Partition(1, "signal", 1, path, 10, 20))
     assert not build._unchanged(done, sources.Partition(1, "signal", 1, path))
+
+
+def test_sample_metadata_becomes_per_event_arrays_and_attributes(ldmx_data, client, tmp_path):
+    """Constant per-sample metadata (e.g. the signal mass an LDMX model takes as an extra
+    input) is stored per event, like the label, and listed in the root attributes."""
+    data, _ = ldmx_data
+    out = tmp_path / "meta.zarr"
+    raw = demo_config(data, out)
+    raw["samples"][0]["metadata"] = {"mass": 0.5, "process": "signal-like", "run": 7}
+    raw["samples"][1]["metadata"] = {"process": "background-like", "run": 8}
+    hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    ds = hepdask.open_dataset(out, "train")
+    is_signal = ds["sample"].values == "signal"
+    assert is_signal.any() and (~is_signal).any()
+    assert ds["mass"].dtype == np.float64
+    assert (ds["mass"].values[is_signal] == 0.5).all() and np.isnan(ds["mass"].values[~is_signal]).all()
+    assert ds["run"].dtype == np.int64 and set(ds["run"].values[is_signal]) == {7}
+    assert set(ds["process"].values[~is_signal]) == {"background-like"}
+    attrs = zarr.open_group(str(out), mode="r").attrs["hepdask:samples"]
+    assert attrs["signal"] == {"label": 1, "metadata": {"mass": 0.5, "process": "signal-like", "run": 7}}
+
+
+def test_a_metadata_key_that_clashes_with_an_array_is_refused(ldmx_data, tmp_path):
+    data, _ = ldmx_data
+    raw = demo_config(data, tmp_path / "o.zarr")
+    raw["samples"][0]["metadata"] = {"label": 3}
+    with pytest.raises(hepdask.HepdaskError, match="metadata key 'label' names a per-event array"):
+        from_dict(raw)
