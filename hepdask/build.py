@@ -880,6 +880,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     bar.advance(write_task, n_tasks - len(writes))
     _wait(client, writes, bar, write_task, config.cluster.worker_timeout)
 
+    maxima = store.written_maxima(job.staging, plan_id)
     report.image_shape, report.image_dtype, report.chunk_events = layout.shape, job.dtype, per_chunk
     _fill_report(report, config, job.images, partitions, staged, plans)
     bad = {b["path"]: b for b in report.bad_files}
@@ -906,6 +907,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         **({store.PREFIX + "detectors": record.get("detectors", {})} if config.geometry is not None else {}),
         store.PREFIX + "splits": list(plans),
         store.PREFIX + "samples": {s.name: {"label": s.label, "metadata": s.metadata} for s in config.samples},
+        **({store.PREFIX + "image_max": maxima} if maxima is not None else {}),
         store.PREFIX + "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         store.PREFIX + "building": False,
     })

@@ -836,6 +836,9 @@ class TrainData(_Model):
     batch_size: Annotated[int, Field(gt=0)] = 256
     shuffle_buffer: Annotated[int, Field(gt=0)] | None = None
     transforms: list[Literal["log1p", "divide_by_max", "add_channel_axis", "channels_first_to_last"]] = []
+    #: The dtype the images reach the model in; ``null`` keeps the stored dtype (e.g. uint8
+    #: counts, cast by the model on the accelerator: a quarter of the bytes to move).
+    cast: Literal["float32", "float16", "bfloat16"] | None = "float32"
     seed: int = 42
     steps_per_epoch: Annotated[int, Field(gt=0)] | None = None
 

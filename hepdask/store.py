@@ -545,6 +545,24 @@ def written_tasks(staging: str | Path, plan: str) -> set[str]:
     return {p.name for p in directory.iterdir()} if directory.is_dir() else set()
 
 
+def written_maxima(staging: str | Path, plan: str) -> dict[str, dict[str, float]] | None:
+    """``{split: {image array: largest value}}`` over the finished write tasks of *plan*
+    (their markers record what they wrote), or None if a marker lacks it."""
+    maxima: dict[str, dict[str, float]] = {}
+    directory = _written(staging, plan)
+    for marker in directory.iterdir() if directory.is_dir() else ():
+        try:
+            record = json.loads(marker.read_text() or "{}")
+        except ValueError:
+            return None
+        if "split" not in record:
+            return None
+        split = maxima.setdefault(record["split"], {})
+        for name, value in record["max"].items():
+            split[name] = max(split.get(name, value), value)
+    return maxima
+
+
 def _zarr_dtype(dtype: str):
     return str if dtype in ("str", "<U0", "O") or dtype.startswith("<U") else dtype
 
@@ -699,6 +717,7 @@ def write_chunks(
     files = {name: ChunkFiles.of(array) for name, array in targets.items()}
     event_bytes = max(_event_bytes(a) for a in targets.values()) if targets else 1
     written = 0
+    maxima: dict[str, float] = {}
     for span in _spans(ranges, max(1, GATHER_BYTES // event_bytes)):
         first, last = span[0][0], span[-1][1]
         a, b = first - origin, last - origin
@@ -713,10 +732,14 @@ def write_chunks(
                 for where in np.split(span_order, bounds):
                     values[where] = read_rows(staging, staged[int(parts[where[0]])], name, rows[where])
             _write_span(array, files[name], first, last, values)
+            if name.startswith("image") and values.size and values.dtype.kind in "iuf":
+                maxima[name] = max(maxima.get(name, -np.inf), float(np.nanmax(values)))
         written += last - first
     if done is not None:
+        # The marker also records the largest image values written, which the build
+        # gathers into the store's statistics (for dividing by a split's maximum).
         Path(done).parent.mkdir(parents=True, exist_ok=True)
-        Path(done).touch()
+        Path(done).write_text(json.dumps({"split": split, "max": maxima}))
     return written
 
 

@@ -271,7 +271,11 @@ def _chunk_reader(array) -> Callable[[int, int, int], np.ndarray]:
 
 
 def image_maximum(path: str | Path, split: str = "train", field: str = "image") -> float:
-    """The largest value of a field, read chunk by chunk (for ``divide_by_max``)."""
+    """The largest value of a field (for ``divide_by_max``): the build's record of it
+    (``hepdask:image_max``), or, for a store without one, read chunk by chunk."""
+    recorded = store.open_root(path).attrs.get(store.PREFIX + "image_max", {}).get(split, {})
+    if field in recorded:
+        return float(recorded[field]) if recorded[field] > 0 else 1.0
     source = SplitSource.open(path, split, (field,))
     read = source.reader()
     return float(max((read(c)[0].max(initial=0) for c in range(-(-source.n_events // source.chunk_events))),

@@ -203,7 +203,7 @@ def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | Non
     image_field, label_field = data.fields
     fields = (image_field, label_field, *data.extra_inputs)
     kwargs = {"shuffle": shuffle, "seed": data.seed, "fields": fields, "shuffle_buffer": data.shuffle_buffer,
-                  "transforms": data.transforms, "epochs": epochs, "as_dict": True}
+                  "transforms": data.transforms, "cast": data.cast, "epochs": epochs, "as_dict": True}
 
     def arrange(batch):
         y = tf.cast(batch[label_field], tf.float32 if config.model.classes == 2 else tf.int32)
@@ -244,7 +244,8 @@ def _image_shape(config: TrainConfig) -> tuple[int, ...]:
     import tensorflow as tf
 
     batch = next(iter(tfdata.tf_dataset(config.store, "train", batch_size=1, shuffle=False,
-                                        fields=config.data.fields, transforms=config.data.transforms)))
+                                        fields=config.data.fields, transforms=config.data.transforms,
+                                        cast=config.data.cast)))
     image = batch[0] if isinstance(batch, tuple) else batch[config.data.fields[0]]
     return tuple(int(d) for d in tf.shape(image)[1:])
 

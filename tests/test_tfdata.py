@@ -262,9 +262,16 @@ def test_chunk_reader_equals_zarr_for_every_codec(ldmx_data, client, tmp_path, c
             assert values.dtype == group[name].dtype
 
 
-def test_divide_by_max_scales_every_split_by_the_train_maximum(tf_two_cpus, train_store):
-    maximum = float(zarr.open_group(str(train_store), mode="r")["train"]["image"][:].max())
-    assert tfdata.image_maximum(train_store) == maximum
+def test_divide_by_max_scales_every_split_by_the_train_maximum(tf_two_cpus, train_store, monkeypatch):
+    root = zarr.open_group(str(train_store), mode="r")
+    maximum = float(root["train"]["image"][:].max())
+    # The build recorded each split's maximum, so the reader takes it without reading the split.
+    assert root.attrs["hepdask:image_max"]["train"]["image"] == maximum
+    assert {split: float(root[split]["image"][:].max()) for split in ("val", "test")} == {
+        split: root.attrs["hepdask:image_max"][split]["image"] for split in ("val", "test")}
+    with monkeypatch.context() as patched:
+        patched.setattr(tfdata.SplitSource, "reader", None)
+        assert tfdata.image_maximum(train_store) == maximum
     image, _ = next(iter(tfdata.tf_dataset(train_store, "val", batch_size=16, shuffle=False,
                                            transforms=["divide_by_max"])))
     raw = zarr.open_group(str(train_store), mode="r")["val"]["image"][:16]

@@ -117,3 +117,15 @@ def test_fit_takes_one_planner_epoch_of_steps_per_epoch(tf_two_cpus, train_store
     assert seen["steps_per_epoch"] == tfdata.steps_per_epoch(sizes["train"], 64, replicas=2) == -(-sizes["train"] // 64)
     assert seen["validation_steps"] == tfdata.steps_per_epoch(sizes["val"], 64, replicas=2)
     assert seen["x"].cardinality == tf_two_cpus.data.INFINITE_CARDINALITY
+
+
+def test_data_cast_sets_the_dtype_the_model_gets(tf_two_cpus, train_store, tmp_path):
+    import zarr
+
+    from hepdask import train
+
+    stored = zarr.open_group(str(train_store), mode="r")["train"]["image"].dtype
+    for cast, expected in ((None, stored), ("float16", np.float16)):
+        config = _config(train_store, tmp_path / "c", **{"data.cast": cast, "data.transforms": ["add_channel_axis"]})
+        x, _ = next(iter(train._inputs(config, "val", shuffle=False, epochs=1)))
+        assert x.dtype.as_numpy_dtype == expected
