@@ -619,7 +619,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        msg = f"--set {text!r}: value is not valid YAML: {err}"
+        msg = f"--set {text!r}: value is not valid YAML: {_yaml_problem(err)}"
         raise ConfigError(msg) from err
     return [part.strip() for part in key.split(".")], value
 
@@ -796,6 +796,16 @@ def from_dict(data: dict[str, Any], *, base: str | Path = ".", source: str = "<c
         raise ConfigError(_describe(err, source, overrides=overrides)) from None
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's text spans several lines,
+    with a copy of the offending line)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -808,7 +818,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        msg = f"{path}: not valid YAML (only plain YAML is accepted, no Python tags): {err}"
+        msg = f"{path}: not valid YAML (only plain YAML is accepted, no Python tags): {_yaml_problem(err)}"
         raise ConfigError(msg) from None
     if not isinstance(data, dict):
         msg = f"{path}: the config must be a YAML mapping, got {type(data).__name__}"

@@ -129,7 +129,22 @@ def _as_input_error(path: str, err: BaseException) -> InputFileError:
     if isinstance(err, FileNotFoundError):
         return MissingInputError(f"{path}: file does not exist")
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    start = _first_bytes(path)
+    if start is not None and start != ROOT_MAGIC:
+        return InputFileError(f"{path}: not a ROOT file (it starts with {start!r}, not {ROOT_MAGIC!r})")
     return InputFileError(f"{path}: cannot read ({type(err).__name__}: {text})")
+
+
+#: The first bytes of every ROOT file.
+ROOT_MAGIC = b"root"
+
+
+def _first_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(ROOT_MAGIC))
+    except OSError:
+        return None
 
 
 def open_options(*, memory_map: bool) -> dict:
@@ -160,7 +175,8 @@ def open_tree(path: str, tree_name: str, *, memory_map: bool = True):
         raise _as_input_error(path, err) from err
     if not isinstance(tree, uproot.TTree):
         file.close()
-        msg = f"{path}: {tree_name!r} is a {type(tree).__name__}, not a TTree"
+        kind = getattr(tree, "classname", None) or type(tree).__name__
+        msg = f"{path}: {tree_name!r} is a {kind}, not a TTree (hepdask reads TTrees)"
         raise BranchError(msg)
     return file, tree
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import malloc, store
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StoreError, did_you_mean
 
 TRANSFORMS = ("log1p", "divide_by_max", "add_channel_axis", "channels_first_to_last")
 
@@ -207,7 +207,8 @@ class SplitSource:
         arrays = set(group.array_keys())
         for name in fields:
             if name not in arrays:
-                msg = f"store {str(path)!r}, split {split!r}: no field {name!r} (fields: {sorted(arrays)})"
+                msg = (f"store {str(path)!r}, split {split!r}: no field {name!r}{did_you_mean(name, arrays)} "
+                       f"(fields: {sorted(arrays)})")
                 raise StoreError(msg)
         if not fields:
             msg = "tf_dataset needs at least one field"

@@ -389,7 +389,11 @@ def test_file_that_is_not_root(ldmx_data, tmp_path, capsys):
     config = demo_config(data, tmp_path / "o.zarr")
     config["samples"][1]["files"] = [str(bogus)]
     err = _run_bad(tmp_path, capsys, config)
-    assert "bogus.root" in err and "cannot read" in err
+    assert "bogus.root: not a ROOT file (it starts with b'this', not b'root')" in err
+    small = tmp_path / "README.root"  # short enough that uproot fails on its first chunk
+    small.write_text("notes\n")
+    config["samples"][1]["files"] = [str(small)]
+    assert "README.root: not a ROOT file" in _run_bad(tmp_path, capsys, config)
 
 
 def test_missing_tree_suggests_close_match(ldmx_data, tmp_path, capsys):

@@ -184,3 +184,12 @@ def test_a_missing_km3net_testdata_file_is_a_config_error(tmp_path):
     raw["samples"][0]["files"] = ["km3net-testdata:offline/no-such-file.root"]
     with pytest.raises(ConfigError, match="no such file in the km3net-testdata package"):
         from_dict(raw)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nsamples: [a, b\ntree: t\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert len(str(err.value).splitlines()) == 1
+    assert "not valid YAML" in str(err.value) and "line 3" in str(err.value)

@@ -178,6 +178,8 @@ def test_bad_requests_are_refused_before_training(tf_two_cpus, train_store, tmp_
         tfdata.tf_dataset(train_store, "valid")
     with pytest.raises(StoreError, match="no field 'energy'"):
         tfdata.tf_dataset(train_store, "train", fields=("energy", "label"))
+    with pytest.raises(StoreError, match="no field 'imag'; did you mean 'image'"):
+        tfdata.tf_dataset(train_store, "train", fields=("imag", "label"))
     with pytest.raises(StoreError, match="holds strings"):
         tfdata.tf_dataset(train_store, "train", fields=("sample", "label"))
     with pytest.raises(ConfigError, match="unknown transform"):
