@@ -12,12 +12,12 @@ Two layers, as xbatcher separates them:
 
 Under ``tf.distribute``, ``distributed_dataset`` builds the input with
 ``strategy.distribute_datasets_from_function``: each input pipeline (``InputContext``) reads its
-own run of the epoch's chunks and batches at the per-replica batch size, so no event is read
-twice in an epoch. The runs hold equal numbers of events (``shard_events``), so every replica
-takes the same number of steps and a partial last batch is partial on every replica: none is
-ever handed the empty batch that tf.distribute documents for a replica whose data ran out
-(TensorFlow's CPU ``Conv2D`` fails on an empty batch). Up to ``num_shards - 1`` events an epoch
-may be left out for that.
+own run of the epoch's chunks and batches at the per-replica batch size, and its replicas take
+its batches in turn, so no event is read twice in an epoch. The runs hold equal numbers of
+events (``shard_events``) and each step's events are split evenly among the replicas, so every
+replica takes the same number of steps and none is ever handed the empty batch that
+tf.distribute documents for a replica whose data ran out (TensorFlow's CPU ``Conv2D`` fails on
+an empty batch). Fewer events than there are replicas may be left out of an epoch for that.
 
 TensorFlow is imported only inside the adapter functions; ``import hepdask`` never imports it.
 
