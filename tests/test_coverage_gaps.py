@@ -1,0 +1,295 @@
+"""Checks that the other test files leave out: KM3NeT MC truth per event against uproot,
+planning that never opens a file, the ``generate:`` example-data path (build and CLI), and
+the near-match hint of a missing branch."""
+
+from __future__ import annotations
+
+import builtins
+import io
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import pytest
+import uproot
+import yaml
+
+import hepdask
+from hepdask import examples, sources, store
+from hepdask.cli import main as cli
+from hepdask.config import from_dict, load
+
+from .data_generation import demo_config, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+ZT_CONFIG = REPO / "configs" / "km3net-mu-vs-nu.yaml"
+
+
+# ------------------------------------------------------------------------------------------
+# 1. KM3NeT MC truth, event by event
+
+
+@pytest.fixture(scope="module")
+def neutrino_store(tmp_path_factory):
+    """configs/km3net-mu-vs-nu.yaml restricted to its neutrino sample, one split, unshuffled,
+    built in this process."""
+    pytest.importorskip("km3net_testdata")
+    directory = tmp_path_factory.mktemp("km3-truth")
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["samples"] = [s for s in raw["samples"] if s["name"] == "neutrino"]
+    assert len(raw["samples"]) == 1
+    raw.pop("images", None)  # the truth does not depend on the images; one is enough
+    raw["output"].update(path=str(directory / "nu.zarr"), split={"train": 1.0}, shuffle={"enabled": False})
+    raw["cluster"] = {"processes": False}
+    path = directory / "nu.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load(path)
+    report = hepdask.build_dataset(config, progress=False)
+    return config, report, directory / "nu.zarr"
+
+
+def _source_truth(path: str) -> dict[str, np.ndarray]:
+    """Track 0 of every event, read with uproot alone."""
+    tree = uproot.open(path)["E"]
+    names = {"dir_x": "dir.x", "dir_y": "dir.y", "dir_z": "dir.z",
+             "vertex_x": "pos.x", "vertex_y": "pos.y", "vertex_z": "pos.z", "energy": "E", "pdgid": "type"}
+    out = {}
+    for field, leaf in names.items():
+        array = tree[f"Evt/mc_trks/mc_trks.{leaf}"].array(library="ak")
+        assert ak.min(ak.num(array, axis=1)) >= 1  # every event of these files has an MC track
+        out[field] = ak.to_numpy(array[:, 0]).astype(np.float64)
+    return out
+
+
+def _angle_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b| on the circle."""
+    return np.abs((a - b + np.pi) % (2 * np.pi) - np.pi)
+
+
+def test_km3net_truth_per_event_equals_track_zero(neutrino_store):
+    config, report, out = neutrino_store
+    assert config.truth is not None and config.truth.prefix == "mc_"
+    ds = hepdask.open_dataset(out, "train")
+    files = np.array([str(f) for f in ds.source_file.values])
+    entries = ds.entry.values.astype(np.int64)
+    sample_files = config.samples[0].files
+    assert set(files) == set(sample_files)
+    checked = 0
+    for path in sample_files:
+        source = _source_truth(path)
+        n = source["dir_x"].size
+        mine = np.flatnonzero(files == path)
+        # every entry of the file is stored once (the config selects no events)
+        assert sorted(entries[mine].tolist()) == list(range(n))
+        entry = entries[mine]
+        for field in ("dir_x", "dir_y", "dir_z", "vertex_x", "vertex_y", "vertex_z", "energy", "pdgid"):
+            stored = ds[f"mc_{field}"].values[mine]
+            np.testing.assert_array_equal(stored, source[field][entry], err_msg=f"{path}: mc_{field}")
+        dx, dy, dz = (source[f"dir_{a}"][entry] for a in "xyz")
+        assert np.abs(np.sqrt(dx**2 + dy**2 + dz**2) - 1).max() < 1e-6  # unit directions
+        assert not np.allclose(dx, 0) and not np.allclose(dy, 0)  # azimuths are not trivially 0
+        # The direction the particle comes from is -dir. Zenith: its angle to +z (the downward
+        # vertical's opposite: a down-going track, dir_z = -1, comes from zenith 0). Azimuth:
+        # the angle of its (x, y) projection, in [0, 2 pi).
+        zenith = np.arctan2(np.hypot(dx, dy), -dz)
+        azimuth = np.mod(np.arctan2(-dy, -dx), 2 * np.pi)
+        stored_zenith = ds.mc_zenith.values[mine]
+        stored_azimuth = ds.mc_azimuth.values[mine]
+        np.testing.assert_allclose(stored_zenith, zenith, rtol=0, atol=1e-9)
+        assert (_angle_difference(stored_azimuth, azimuth) < 1e-9).all()
+        assert ((stored_zenith >= 0) & (stored_zenith <= np.pi)).all()
+        assert ((stored_azimuth >= 0) & (stored_azimuth < 2 * np.pi)).all()
+        checked += mine.size
+    assert checked == report.events_written == ds.sizes["event"] == 170
+
+
+def test_km3net_zenith_of_up_and_down_going_events(neutrino_store):
+    """Spot checks with the sign spelt out: an up-going track (dir_z > 0) comes from below."""
+    _, _, out = neutrino_store
+    ds = hepdask.open_dataset(out, "train")
+    dir_z = ds.mc_dir_z.values
+    zenith = ds.mc_zenith.values
+    up, down = dir_z > 0, dir_z < 0
+    assert up.any() and down.any()
+    assert (zenith[up] > np.pi / 2).all() and (zenith[down] < np.pi / 2).all()
+
+
+# ------------------------------------------------------------------------------------------
+# 2. planning 10,000 files opens none of them
+
+
+def _refuse(*args, **kwargs):
+    msg = f"opened during planning: {args[:1]}"
+    raise AssertionError(msg)
+
+
+@pytest.mark.parametrize("by", ["glob", "list"])
+def test_plan_of_10000_files_opens_none(tmp_path, monkeypatch, by):
+    n = 10_000
+    directory = tmp_path / "many"
+    directory.mkdir()
+    names = [directory / f"f{i:05d}.root" for i in range(n)]
+    for path in names:
+        path.touch()
+    patterns = [str(directory / "f*.root")] if by == "glob" else [str(p) for p in reversed(names)]
+    with monkeypatch.context() as patch:
+        patch.setattr(uproot, "open", _refuse)
+        patch.setattr(sources.uproot, "open", _refuse)
+        patch.setattr(builtins, "open", _refuse)
+        patch.setattr(io, "open", _refuse)
+        patch.setattr(sources, "open_tree", _refuse)
+        partitions = sources.plan([("many", 3, patterns)])
+    assert len(partitions) == n
+    assert [p.index for p in partitions] == list(range(n))
+    assert {(p.sample, p.label, p.entry_start, p.entry_stop) for p in partitions} == {("many", 3, 0, None)}
+    expected = sorted(str(p) for p in names) if by == "glob" else patterns  # a list keeps its order
+    assert [p.file for p in partitions] == expected
+    assert partitions[-1].key == "p0009999"
+
+
+def test_plan_of_missing_stub_paths_opens_none(tmp_path, monkeypatch):
+    """With must_exist=False (on_bad_file: skip) paths that do not exist are planned too."""
+    stubs = [str(tmp_path / f"stub{i:05d}.root") for i in range(10_000)]
+    with monkeypatch.context() as patch:
+        patch.setattr(uproot, "open", _refuse)
+        patch.setattr(builtins, "open", _refuse)
+        partitions = sources.plan([("stub", 0, stubs)], must_exist=False)
+    assert [p.file for p in partitions] == stubs
+    with pytest.raises(hepdask.errors.MissingInputError, match=r"stub00000\.root' does not exist"):
+        sources.plan([("stub", 0, stubs)])
+
+
+# ------------------------------------------------------------------------------------------
+# 3. example data: the generate: block and make-example-data
+
+
+def _generate_config(tmp_path: Path) -> dict:
+    data = tmp_path / "data"
+    config = demo_config(data, tmp_path / "gen.zarr", selection={}, cluster={"processes": False})
+    config["samples"][0]["generate"] = {"signal": True, "n_files": 2, "events_per_file": 20, "seed": 5,
+                                        "directory": str(data)}
+    config["samples"][1]["generate"] = {"signal": False, "n_files": 2, "events_per_file": 20, "seed": 6,
+                                        "directory": str(data)}
+    config["output"]["shuffle"] = {"enabled": False}
+    config["output"]["split"] = {"train": 1.0}
+    return config
+
+
+def _tree_arrays(path: str) -> dict[str, np.ndarray]:
+    tree = uproot.open(path)[examples.TREE]
+    arrays = tree.arrays(["x", "y", "z", "E", "eventNumber"], library="ak")
+    return {k: ak.to_numpy(ak.flatten(arrays[k], axis=None)) for k in arrays.fields} | {
+        "counts": ak.to_numpy(ak.num(arrays["x"], axis=1))}
+
+
+def test_generate_block_dry_run_writes_nothing(tmp_path):
+    raw = _generate_config(tmp_path)
+    report = hepdask.build_dataset(from_dict(raw), dry_run=True, progress=False)
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
+    for name in ("signal", "background"):
+        assert report.samples[name]["files_to_generate"] == 2
+        assert report.samples[name]["estimated_events"] == 40
+    assert report.plan["estimated_events"] == 80
+
+
+def test_generate_block_writes_the_files_then_builds(tmp_path):
+    raw = _generate_config(tmp_path)
+    data = tmp_path / "data"
+    assert not data.exists()
+    report = hepdask.build_dataset(from_dict(raw), progress=False)
+    written = sorted(p.name for p in data.iterdir())
+    assert written == ["background_00000.root", "background_00001.root", "signal_00000.root", "signal_00001.root"]
+    assert report.events_written == 80
+    assert store.is_complete(tmp_path / "gen.zarr")
+    ds = hepdask.open_dataset(tmp_path / "gen.zarr", "train")
+    assert ds.sizes["event"] == 80
+    files = np.array([str(f) for f in ds.source_file.values])
+    assert set(files) == {str(data / name) for name in written}
+    for name in written:
+        mine = files == str(data / name)
+        arrays = _tree_arrays(str(data / name))
+        assert arrays["counts"].size == 20
+        # eventNumber continues from file to file (first_event = i * events_per_file)
+        first = 20 * int(name[-10:-5])
+        assert sorted(ds.eventNumber.values[mine].tolist()) == list(range(first, first + 20))
+        assert set(ds.label.values[mine].tolist()) == {1 if name.startswith("signal") else 0}
+    # a second build finds the files and generates nothing more
+    before = {p.name: p.stat().st_mtime_ns for p in data.iterdir()}
+    raw["output"]["overwrite"] = True
+    assert hepdask.build_dataset(from_dict(raw), progress=False).events_written == 80
+    assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == before
+
+
+def test_generate_block_tops_up_missing_files(tmp_path):
+    raw = _generate_config(tmp_path)
+    raw["samples"] = raw["samples"][:1]
+    data = tmp_path / "data"
+    examples.generate(data, signal=True, n_files=1, events_per_file=20, seed=5)
+    first = (data / "signal_00000.root").stat().st_mtime_ns
+    report = hepdask.build_dataset(from_dict(raw), progress=False)
+    assert report.events_written == 40
+    assert (data / "signal_00000.root").stat().st_mtime_ns == first
+    assert (data / "signal_00001.root").exists()
+
+
+def test_make_example_data_cli(tmp_path, capsys):
+    out = tmp_path / "examples"
+    assert cli(["make-example-data", str(out), "--signal", "--files", "3", "--events", "7", "--seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert f"3 files in {out}" in printed
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["signal_00000.root", "signal_00001.root", "signal_00002.root"]
+    for i, path in enumerate(files):
+        tree = uproot.open(path)[examples.TREE]
+        assert tree.num_entries == 7
+        assert set(tree.keys()) >= {"x", "y", "z", "E", "eventNumber", "nHits"}
+        assert tree["eventNumber"].array(library="np").tolist() == list(range(7 * i, 7 * i + 7))
+        np.testing.assert_array_equal(tree["nHits"].array(library="np"),
+                                      ak.to_numpy(ak.num(tree["x"].array(library="ak"), axis=1)))
+    assert cli(["make-example-data", str(tmp_path / "bg"), "--background", "--files", "1", "--events", "4"]) == 0
+    assert [f.name for f in (tmp_path / "bg").iterdir()] == ["background_00000.root"]
+
+
+def test_make_example_data_equals_the_generate_block(tmp_path, capsys):
+    """The CLI and a sample's generate: block with the same seed write the same events."""
+    assert cli(["make-example-data", str(tmp_path / "cli"), "--signal", "--files", "2", "--events", "20",
+                "--seed", "5"]) == 0
+    capsys.readouterr()
+    raw = _generate_config(tmp_path)
+    raw["samples"] = raw["samples"][:1]
+    hepdask.build_dataset(from_dict(raw), progress=False)
+    for i in range(2):
+        a = _tree_arrays(str(tmp_path / "cli" / f"signal_{i:05d}.root"))
+        b = _tree_arrays(str(tmp_path / "data" / f"signal_{i:05d}.root"))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+# ------------------------------------------------------------------------------------------
+# 4. a missing branch names its closest match
+
+
+def test_missing_branch_error_says_did_you_mean(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["hits"]["E"] = "Energy"
+    path = write_config(tmp_path / "bad.yaml", config)
+    code = cli(["build-dataset", str(path), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("hepdask: error:")
+    assert "hits.E: branch 'Energy' not in tree 'ecalHits'" in err
+    assert "did you mean 'E'?" in err
+    assert "signal_00000.root" in err
+    assert not store.is_complete(tmp_path / "o.zarr")
+
+
+def test_missing_event_branch_suggests_the_close_spelling(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    config = demo_config(data, tmp_path / "o.zarr")
+    config["event"]["eventNumber"] = "eventNumbr"
+    path = write_config(tmp_path / "bad.yaml", config)
+    assert cli(["build-dataset", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "event.eventNumber: branch 'eventNumbr' not in tree 'ecalHits'; did you mean 'eventNumber'?" in err
