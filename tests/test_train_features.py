@@ -1,0 +1,208 @@
+"""Training features beyond test_train's: OneDeviceStrategy (config and CLI), 3-D models,
+extra scalar inputs, and resuming a killed training from its BackupAndRestore backup."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import yaml
+
+from hepdask.cli import main as cli
+from hepdask.errors import ConfigError
+from hepdask.train import fit
+
+from .test_train import _config
+
+#: One fast training step of a small model.
+QUICK = {"fit.epochs": 1, "data.steps_per_epoch": 2, "model.filters": 4, "model.dense": 8}
+
+
+@pytest.fixture(scope="module")
+def store_3d(client, tmp_path_factory):
+    """A small store whose images have three axes: (z, x, y) = (8, 8, 4) bins."""
+    import hepdask
+    from hepdask.config import from_dict
+
+    from .data_generation import demo_config, ldmx_files
+
+    directory = tmp_path_factory.mktemp("train-3d")
+    ldmx_files(directory, n_files=2, events=100, seed=5)
+    out = directory / "image3d.zarr"
+    raw = demo_config(directory, out, **{"selection.events": None})
+    raw["image"]["axes"] = [
+        {"field": "z", "bins": 8, "range": [235, 605]},
+        {"field": "x", "bins": 8, "range": [-80, 80]},
+        {"field": "y", "bins": 4, "range": [-80, 80]},
+    ]
+    hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    return out
+
+
+@pytest.fixture
+def strategies(monkeypatch):
+    """Every strategy ``fit`` makes, in order."""
+    from hepdask import train
+
+    made = []
+    plain = train.make_strategy
+
+    def noting(config):
+        made.append(plain(config))
+        return made[-1]
+
+    monkeypatch.setattr(train, "make_strategy", noting)
+    return made
+
+
+def _load(path):
+    import keras
+
+    return keras.saving.load_model(path, compile=False)
+
+
+def test_one_device_strategy_trains_on_one_replica(tf_two_cpus, train_store, tmp_path, strategies):
+    config = _config(train_store, tmp_path / "one", **QUICK, **{"strategy.kind": "one_device"})
+    result = fit(config, verbose=0)
+    assert result.replicas == 1
+    assert result.metrics["replicas"] == 1
+    assert len(result.history["loss"]) == 1
+    (strategy,) = strategies
+    assert isinstance(strategy, tf_two_cpus.distribute.OneDeviceStrategy)
+    # Without strategy.devices it takes the first device (no GPU here): the first CPU.
+    assert [d.upper() for d in strategy.extended.worker_devices] == ["/JOB:LOCALHOST/REPLICA:0/TASK:0/DEVICE:CPU:0"]
+
+
+def test_cli_one_device_strategy_flag(tf_two_cpus, train_store, tmp_path, capsys, strategies):
+    raw = _config(train_store, tmp_path / "cli", **QUICK).model_dump(mode="json")
+    assert raw["strategy"]["kind"] == "mirrored"
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    # /cpu:1, not the default /cpu:0, so that the flag's device is seen to be the one used.
+    code = cli(["train", str(path), "--OneDeviceStrategy", "/cpu:1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "on 1 replica(s)" in out
+    assert "AUC" in out
+    (strategy,) = strategies
+    assert isinstance(strategy, tf_two_cpus.distribute.OneDeviceStrategy)
+    assert [d.upper() for d in strategy.extended.worker_devices] == ["/JOB:LOCALHOST/REPLICA:0/TASK:0/DEVICE:CPU:1"]
+    assert (tmp_path / "cli" / "model.keras").exists()
+
+
+def test_three_dimensional_model_on_three_axis_images(tf_two_cpus, store_3d, tmp_path):
+    import zarr
+
+    assert zarr.open_group(str(store_3d), mode="r")["train"]["image"].shape[1:] == (8, 8, 4)
+    config = _config(store_3d, tmp_path / "3d", **QUICK,
+                     **{"model.dims": 3, "data.batch_size": 16, "data.transforms": ["log1p", "add_channel_axis"]})
+    result = fit(config, verbose=0)
+    assert len(result.history["loss"]) == 1
+    assert np.isfinite(result.history["loss"][0])
+    model = _load(tmp_path / "3d" / "model.keras")
+    kinds = {type(layer).__name__ for layer in model.layers}
+    assert "Conv3D" in kinds
+    assert "MaxPooling3D" in kinds
+    assert "Conv2D" not in kinds
+    assert tuple(model.inputs[0].shape) == (None, 8, 8, 4, 1)
+    # 3-D images need a 3-D model, and a 3-D model needs 3-D images.
+    with pytest.raises(ConfigError, match=r"model\.dims=2 needs images of rank 3"):
+        fit(_config(store_3d, tmp_path / "a", **QUICK, **{"data.batch_size": 16}), verbose=0)
+
+
+def test_three_dimensional_model_refuses_two_axis_images(tf_two_cpus, train_store, tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.dims=3 needs images of rank 4"):
+        fit(_config(train_store, tmp_path / "b", **QUICK, **{"model.dims": 3}), verbose=0)
+
+
+def test_extra_scalar_inputs_reach_the_model(tf_two_cpus, train_store, tmp_path):
+    import zarr
+
+    from hepdask import train
+
+    config = _config(train_store, tmp_path / "extra", **QUICK, **{"data.extra_inputs": ["eventNumber"]})
+    # The batches carry the image and the field's values, in store order for the test split.
+    x, y = next(iter(train._inputs(config, "test", shuffle=False, epochs=1)))
+    assert set(x) == {"image", "scalars"}
+    stored = zarr.open_group(str(train_store), mode="r")["test"]
+    n = int(y.shape[0])
+    assert x["scalars"].shape == (n, 1)
+    np.testing.assert_array_equal(x["scalars"].numpy()[:, 0], stored["eventNumber"][:n].astype(np.float32))
+    np.testing.assert_array_equal(y.numpy(), stored["label"][:n])
+    assert np.ptp(stored["eventNumber"][:n]) > 0  # the values differ, so the check above means something
+
+    result = fit(config, verbose=0)
+    assert len(result.history["loss"]) == 1
+    assert np.isfinite(result.history["loss"][0])
+    model = _load(tmp_path / "extra" / "model.keras")
+    shapes = {t.name: tuple(t.shape) for t in model.inputs}
+    assert shapes == {"image": (None, *stored["image"].shape[1:], 1), "scalars": (None, 1)}
+    assert "Concatenate" in {type(layer).__name__ for layer in model.layers}
+
+
+def test_extra_inputs_must_be_fields_of_the_store(tf_two_cpus, train_store, tmp_path):
+    from hepdask.errors import StoreError
+
+    config = _config(train_store, tmp_path / "missing", **QUICK, **{"data.extra_inputs": ["no_such_field"]})
+    with pytest.raises(StoreError, match="split 'train': no field 'no_such_field'"):
+        fit(config, verbose=0)
+    assert not (tmp_path / "missing").exists()  # refused before anything was written
+
+
+class Killed(Exception):
+    """Stands for the job being killed."""
+
+
+def _history_epochs(path) -> list[int]:
+    with path.open() as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_a_killed_training_resumes_after_its_last_finished_epoch(tf_two_cpus, train_store, tmp_path, monkeypatch):
+    """The job dies at the end of epoch 0, once its backup and its history row are written
+    (fit's callbacks run in order: BackupAndRestore, ModelCheckpoint, CSVLogger). The same
+    config run again restores that backup and trains epochs 1 and 2 only."""
+    import keras
+
+    config = _config(train_store, tmp_path / "run", **{**QUICK, "fit.epochs": 3})
+    output = tmp_path / "run"
+    plain = keras.callbacks.CSVLogger
+    seen: dict = {"first": [], "second": []}
+
+    class KilledAfterFirstEpoch(plain):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen["first"].append(epoch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            seen["weights"] = [np.array(w) for w in self.model.get_weights()]
+            self.csv_file.close()
+            raise Killed
+
+    monkeypatch.setattr(keras.callbacks, "CSVLogger", KilledAfterFirstEpoch)
+    with pytest.raises(Killed):
+        fit(config, verbose=0)
+    assert seen["first"] == [0]
+    assert (output / "backup").is_dir()
+    assert not (output / "model.keras").exists()
+    assert _history_epochs(output / "history.csv") == [0]
+
+    class Recording(plain):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            seen["restored"] = [np.array(w) for w in self.model.get_weights()]
+
+        def on_epoch_begin(self, epoch, logs=None):
+            seen["second"].append(epoch)
+
+    monkeypatch.setattr(keras.callbacks, "CSVLogger", Recording)
+    result = fit(config, verbose=0)  # overwrite is false: the output folder is kept
+    assert seen["second"] == [1, 2]
+    assert len(seen["restored"]) == len(seen["weights"])
+    for restored, backed_up in zip(seen["restored"], seen["weights"]):
+        np.testing.assert_array_equal(restored, backed_up)
+    assert _history_epochs(output / "history.csv") == [0, 1, 2]
+    assert len(result.history["loss"]) == 3
+    assert (output / "model.keras").exists()
+    assert not (output / "backup").exists()
