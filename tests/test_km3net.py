@@ -259,11 +259,14 @@ def test_zt_images_equal_orcasong_style_histograms(zt_store):
 def test_truth_fields_are_stored(zt_store):
     _, _, out = zt_store
     events = {}
+    keys = ("mc_energy", "mc_pdgid", "mc_zenith", "mc_dir_z", "mc_bjorken_y", "det_id")
     for split in ("train", "val", "test"):
         ds = hepdask.open_dataset(out, split)
+        # Each array read once (.values of a lazily opened variable reads it again every time).
+        columns = {k: ds[k].values for k in (*keys, "source_file", "entry")}
         for i in range(ds.sizes["event"]):
-            events[(str(ds.source_file.values[i]), int(ds.entry.values[i]))] = {
-                k: float(ds[k].values[i]) for k in ("mc_energy", "mc_pdgid", "mc_zenith", "mc_dir_z", "mc_bjorken_y", "det_id")}
+            events[(str(columns["source_file"][i]), int(columns["entry"][i]))] = {
+                k: float(columns[k][i]) for k in keys}
     path = str(kd.data_path(NU_FILE))
     tree = uproot.open(path)["E"]
     energy = tree["Evt/mc_trks/mc_trks.E"].array()[:, 0]

@@ -475,14 +475,17 @@ def test_an_unwritable_output_is_one_clear_line(ldmx_data, tmp_path, capsys):
 
 def test_a_build_that_failed_before_finishing_anything_does_not_block_the_fixed_config(ldmx_data, client,
                                                                                    tmp_path, capsys):
-    """A build whose cluster never came staged nothing: the corrected config builds instead
-    of being refused as 'a different config', and nothing claims to resume."""
+    """A build whose cluster never had a worker staged nothing: the corrected config builds
+    instead of being refused as 'a different config', and nothing claims to resume."""
+    from distributed import Client, LocalCluster
+
     data, _ = ldmx_data
     out = tmp_path / "o.zarr"
-    raw = demo_config(data, out, cluster={"kind": "address", "address": "tcp://127.0.0.1:9"})
+    raw = demo_config(data, out, **{"cluster.worker_timeout": 1})
     raw["output"]["chunk_events"] = 7
-    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(hepdask.HepdaskError):
-        hepdask.build_dataset(from_dict(raw), progress=False)
+    with (LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, Client(cluster) as empty,
+          pytest.raises(hepdask.HepdaskError, match="no Dask worker")):
+        hepdask.build_dataset(from_dict(raw), client=empty, progress=False)
     assert store.staging_path(out).exists() and not store.has_finished_work(store.staging_path(out))
     raw["output"]["chunk_events"] = 11
     report = hepdask.build_dataset(from_dict(raw), client=client, progress=True)
