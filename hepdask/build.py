@@ -627,13 +627,13 @@ def _prepare_output(config: Config) -> bool:
             msg = (f"{str(path)!r} exists and is not a hepdask {'store' if path == output else 'staging area'}; "
                    "hepdask replaces only what it made: choose another output.path (--output) or move it away")
             raise StoreError(msg)
-    if config.output.overwrite or (staging.exists() and not store.has_finished_work(staging)
-                                   and not store.is_complete(output)):
+    complete = store.is_complete(output)
+    if config.output.overwrite or (staging.exists() and not store.has_finished_work(staging) and not complete):
         # Replaced on request, or left by a build that failed or was stopped before it
         # finished anything (a bad cut, a cluster that never came): nothing to resume.
         shutil.rmtree(output, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
-    elif store.is_complete(output):
+    elif complete:
         msg = f"output {str(output)!r} exists (a complete store); pass --overwrite (output.overwrite=true) to replace it"
         raise StoreError(msg)
     elif staging.exists():
@@ -845,8 +845,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
             attrs={store.PREFIX + "building": True},
             array_attrs={"label": _label_attrs(config)}, plan=plan_id,
         )
-    metadata = {s.name: {key: config.metadata_value(s, key) for key in config.metadata_fields()}
-                for s in config.samples}
+    metadata = config.metadata_values()
     constants = {
         i: {"label": p.label, "sample": p.sample, "source_file": p.file, **metadata[p.sample]}
         for i, p in enumerate(partitions)

@@ -530,15 +530,19 @@ class Config(_Model):
                 dtypes[key] = "float64"
         return dtypes
 
-    def metadata_value(self, sample: Sample, key: str) -> Any:
-        """*sample*'s value of metadata *key* as its array stores it (NaN or "" if it has none)."""
-        value = sample.metadata.get(key)
-        kind = self.metadata_fields()[key]
-        if kind == "str":
-            return "" if value is None else str(value)
-        if value is None:
-            return float("nan")
-        return int(value) if kind == "int64" else float(value)
+    def metadata_values(self) -> dict[str, dict[str, Any]]:
+        """``{sample: {key: value}}``: every sample's metadata as its per-event arrays store
+        it (:meth:`metadata_fields`; NaN or "" for a key the sample has not)."""
+
+        def stored(value: Any, kind: str) -> Any:
+            if kind == "str":
+                return "" if value is None else str(value)
+            if value is None:
+                return float("nan")
+            return int(value) if kind == "int64" else float(value)
+
+        kinds = self.metadata_fields()
+        return {s.name: {key: stored(s.metadata.get(key), kind) for key, kind in kinds.items()} for s in self.samples}
 
     def event_fields(self) -> list[str]:
         """Event fields stored per event: the read ones and the truth preset's."""

@@ -489,20 +489,22 @@ def steps_per_epoch(n_events: int, global_batch_size: int, *, replicas: int = 1,
 
 
 def distributed_dataset(strategy, store_path: str | Path, split: str = "train", *, global_batch_size: int,
-                        **kwargs):
+                        map_fn: Callable | None = None, **kwargs):
     """``tf_dataset`` under a ``tf.distribute`` strategy: one shard per input pipeline,
     batched at the per-replica batch size and handed to the pipeline's replicas in turn
-    (``InputContext``). With ``epochs=None``, give ``fit`` :func:`steps_per_epoch` steps."""
+    (``InputContext``), each batch mapped by *map_fn* if given. With ``epochs=None``, give
+    ``fit`` :func:`steps_per_epoch` steps."""
     replicas = strategy.num_replicas_in_sync
     if global_batch_size % replicas:
         msg = f"global batch size {global_batch_size} is not divisible by the {replicas} replicas"
         raise ConfigError(msg)
 
     def dataset_fn(context):
-        return tf_dataset(
+        dataset = tf_dataset(
             store_path, split, batch_size=context.get_per_replica_batch_size(global_batch_size),
             num_shards=context.num_input_pipelines, shard=context.input_pipeline_id,
             replicas=replicas // context.num_input_pipelines, **kwargs,
         )
+        return dataset if map_fn is None else dataset.map(map_fn)
 
     return strategy.distribute_datasets_from_function(dataset_fn)

@@ -215,17 +215,11 @@ def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | Non
     if strategy is None:
         return tfdata.tf_dataset(config.store, split, batch_size=data.batch_size, **kwargs).map(arrange)
 
-    def dataset_fn(context):
-        return tfdata.tf_dataset(
-            config.store, split, batch_size=context.get_per_replica_batch_size(data.batch_size),
-            num_shards=context.num_input_pipelines, shard=context.input_pipeline_id,
-            replicas=strategy.num_replicas_in_sync // context.num_input_pipelines, **kwargs,
-        ).map(arrange)
-
     if data.batch_size % strategy.num_replicas_in_sync:
         msg = f"data.batch_size {data.batch_size} is not divisible by the {strategy.num_replicas_in_sync} replicas"
         raise ConfigError(msg)
-    return strategy.distribute_datasets_from_function(dataset_fn)
+    return tfdata.distributed_dataset(strategy, config.store, split, global_batch_size=data.batch_size,
+                                      map_fn=arrange, **kwargs)
 
 
 def _check_store(config: TrainConfig) -> dict[str, int]:
