@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from .jit import fast_start
+
+fast_start()
+
 UNIFORM, LOG, EXPLICIT = 0, 1, 2
 _NAN, _UNDER, _OVER = -3, -1, -2
 #: A first guess this close to a bin boundary is checked against the edges themselves.

@@ -23,6 +23,9 @@ import numba
 import numpy as np
 
 from .errors import GeometryError, did_you_mean
+from .jit import fast_start
+
+fast_start()
 
 #: Columns a ``.detx`` file gives every PMT (``channel_id`` is its index within the DOM).
 DETX_KEYS = ("dom_id", "channel_id")

@@ -252,3 +252,27 @@ def test_nonzero_elements_are_every_nonzero_bit_pattern_in_order(dtype):
 def test_nonzero_elements_of_no_events():
     counts, positions, values = nonzero_elements(np.zeros((0, 3, 3), np.float32))
     assert counts.shape == positions.shape == values.shape == (0,)
+
+
+FRESH_KERNEL_PROCESS = """
+import importlib.util, sys
+import numpy as np
+from hepdask import binning
+import numba.np.arraymath as arraymath, numba.np.linalg as linalg
+axis = binning.BinAxis.uniform("x", 4, 0.0, 4.0)
+images, _ = binning.bin_events(np.array([[0.5, 3.5]]), np.array([0, 2]), binning.histogram_layout([axis]))
+assert images.tolist() == [[1, 0, 0, 1]], images
+# the kernels ran without SciPy, and numba's own BLAS answer and check are intact
+assert "scipy.linalg" not in sys.modules
+assert arraymath._HAVE_BLAS == (importlib.util.find_spec("scipy") is not None)
+assert arraymath.ensure_blas is linalg.ensure_blas
+print("ok")
+"""
+
+
+def test_kernels_start_without_importing_scipy():
+    """hepdask.jit: numba's set-up in a fresh process skips its SciPy import (~0.2 s), the
+    kernels run, and numba's BLAS answer and its check for later compilations are unchanged."""
+    result = subprocess.run([sys.executable, "-c", FRESH_KERNEL_PROCESS], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
