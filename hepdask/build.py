@@ -529,7 +529,7 @@ def plan_report(config: Config, partitions, first_entries: dict[str, int], gener
     report.images = {img.array: {"shape": list(img.layout.shape), "dtype": img.dtype} for img in images[1:]}
     estimate = 0
     per_partition = config.read.entries_per_partition
-    split_later = per_partition is not None and all(p.entry_stop is None for p in partitions)
+    split_later = _counted_on_workers(config, partitions)
     if split_later:
         report.n_partitions = 0
     for sample in config.samples:
@@ -786,6 +786,12 @@ def _wait(client, futures, bar, task, worker_timeout: float) -> None:
             bar.advance(task)
 
 
+def _counted_on_workers(config: Config, partitions: list[sources.Partition]) -> bool:
+    """Whether the files are still to be cut into ``read.entries_per_partition`` ranges, once
+    the workers have counted their entries (a one-file plan is cut with the probe's count)."""
+    return config.read.entries_per_partition is not None and all(p.entry_stop is None for p in partitions)
+
+
 def _split_files(client, partitions: list[sources.Partition], config: Config, bar, build_id: str):
     """Count every file's entries on the workers (a few files a task) and cut the files into
     partitions of at most ``read.entries_per_partition`` entries."""
@@ -814,7 +820,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     if config.cluster.tune_gc:
         client.register_plugin(cluster.FrozenImports())
     client.register_plugin(cluster.QuietUserErrors())
-    if config.read.entries_per_partition and len(partitions) > 1 and all(p.entry_stop is None for p in partitions):
+    if len(partitions) > 1 and _counted_on_workers(config, partitions):
         partitions = _split_files(client, partitions, config, bar, job.build_id)
     report.n_partitions = len(partitions)
 
@@ -826,9 +832,9 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     _check_bad_fraction(config, report.bad_files, len({p.file for p in partitions}))
     staged = [store.Staged(r["key"], 0, {}) if "bad" in r else store.Staged.from_json(r) for r in results]
 
-    counts = [s.n_events for s in staged]
-    _check_selected(config, partitions, staged, job.staging, bar)
-    plans = store.assign(counts, config.output.split, seed=config.output.shuffle.seed,
+    by_sample = _sample_counts(config, partitions, staged)
+    _check_selected(config, by_sample, job.staging, bar)
+    plans = store.assign([s.n_events for s in staged], config.output.split, seed=config.output.shuffle.seed,
                          shuffle=config.output.shuffle.enabled)
     arrays, dims = _array_specs(config, job.images, staged)
     per_chunk = chunk_events(config, job.images)
@@ -881,7 +887,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
 
     maxima = store.written_maxima(job.staging, plan_id)
     report.image_shape, report.image_dtype, report.chunk_events = layout.shape, job.dtype, per_chunk
-    _fill_report(report, config, job.images, partitions, staged, plans)
+    _fill_report(report, config, job.images, partitions, staged, plans, by_sample)
     bad = {b["path"]: b for b in report.bad_files}
     manifest: dict[str, dict] = {}
     for p, s in zip(partitions, staged):  # one row per file, whatever its entry ranges
@@ -920,14 +926,24 @@ def _label_attrs(config: Config) -> dict[str, Any]:
     return {"flag_values": [s.label for s in config.samples], "flag_meanings": " ".join(s.name for s in config.samples)}
 
 
-def _check_selected(config: Config, partitions: list[sources.Partition], staged: list[store.Staged],
-                    staging: str, bar) -> None:
-    """Refuse to write a store without events; say which samples lost every event."""
-    read: dict[str, int] = {s.name: 0 for s in config.samples}
-    kept = dict.fromkeys(read, 0)
+def _sample_counts(config: Config, partitions: list[sources.Partition], staged: list[store.Staged]) -> dict[str, dict]:
+    """Per sample: files, events read and events selected (kept by the cuts)."""
+    counts = {s.name: {"files": 0, "read": 0, "selected": 0} for s in config.samples}
+    files = set()
     for partition, part in zip(partitions, staged):
-        read[partition.sample] += part.info.get("entries", 0)
-        kept[partition.sample] += part.n_events
+        entry = counts[partition.sample]
+        entry["files"] += partition.file not in files
+        files.add(partition.file)
+        entry["read"] += int(part.info.get("entries", 0))
+        entry["selected"] += part.n_events
+    return counts
+
+
+def _check_selected(config: Config, counts: dict[str, dict], staging: str, bar) -> None:
+    """Refuse to write a store without events; say which samples lost every event (*counts*:
+    ``_sample_counts``)."""
+    read = {name: c["read"] for name, c in counts.items()}
+    kept = {name: c["selected"] for name, c in counts.items()}
     cuts = ", ".join(f"{key} {text!r}" for key, text in (("selection.hits", config.selection.hits),
                                                           ("selection.events", config.selection.events)) if text)
     if not sum(kept.values()):
@@ -1002,18 +1018,11 @@ def _coordinates(layout: binning.ImageLayout, prefix: str = "") -> list[store.Co
 
 
 def _fill_report(report: BuildReport, config: Config, images: tuple[ImageJob, ...], partitions, staged,
-                 plans) -> None:
+                 plans, by_sample: dict[str, dict]) -> None:
     stats = binning.BinStats(tuple(a.name for a in images[0].layout.axes))
     extra = {img.array: binning.BinStats(tuple(a.name for a in img.layout.axes)) for img in images[1:]}
-    for sample in config.samples:
-        report.samples[sample.name] = {"files": 0, "read": 0, "selected": 0}
-    files = set()
-    for p, s in zip(partitions, staged):
-        entry = report.samples[p.sample]
-        entry["files"] += p.file not in files
-        files.add(p.file)
-        entry["read"] += int(s.info.get("entries", 0))
-        entry["selected"] += s.n_events
+    report.samples.update(by_sample)
+    for s in staged:
         if "stats" in s.info:
             stats += binning.BinStats.from_dict(s.info["stats"])
         for name, image_stats in s.info.get("image_stats", {}).items():
@@ -1023,8 +1032,8 @@ def _fill_report(report: BuildReport, config: Config, images: tuple[ImageJob, ..
     index = {s.name: i for i, s in enumerate(config.samples)}
     part_sample = np.array([index[p.sample] for p in partitions], np.int64)
     for split, plan in plans.items():
-        by_sample = np.bincount(part_sample[plan.part], minlength=len(config.samples)) if plan.size else np.zeros(len(config.samples), int)
-        report.splits[split] = {"events": plan.size, **{s.name: int(n) for s, n in zip(config.samples, by_sample)}}
+        in_split = np.bincount(part_sample[plan.part], minlength=len(config.samples)) if plan.size else np.zeros(len(config.samples), int)
+        report.splits[split] = {"events": plan.size, **{s.name: int(n) for s, n in zip(config.samples, in_split)}}
     report.hits = stats.to_dict()
     report.images = {img.array: {"shape": list(img.layout.shape), "dtype": img.dtype, "hits": extra[img.array].to_dict()}
                      for img in images[1:]}

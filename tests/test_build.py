@@ -617,7 +617,7 @@ def test_a_sample_the_selection_empties_is_named(ldmx_data, tmp_path):
     staged = [store.Staged("p0", 7, {}, {"entries": 9}), store.Staged("p1", 0, {}, {"entries": 5})]
     said = []
     bar = type("Bar", (), {"print": lambda self, text: said.append(text)})()
-    build._check_selected(config, partitions, staged, str(tmp_path / "staging"), bar)
+    build._check_selected(config, build._sample_counts(config, partitions, staged), str(tmp_path / "staging"), bar)
     assert said == [("warning: sample 'background': the selection (selection.events 'nhits > 3') kept none "
                      "of its 5 events read")]
 
