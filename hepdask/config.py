@@ -351,7 +351,9 @@ class Cluster(_Model):
     ``processes`` (``local`` only): ``true`` starts worker processes, ``false`` runs one
     single-threaded worker inside the hepdask process (no process start-up, no protection
     against a file that crashes its worker). Unset, a plan of one partition runs in the
-    process (there is nothing to run in parallel) and any larger plan on worker processes.
+    process (there is nothing to run in parallel), and so does a plan whose files are small
+    (``hepdask.build.IN_PROCESS_BYTES`` in all, at most ``IN_PROCESS_FILES`` files) unless
+    ``workers`` or ``threads_per_worker`` is set; any other plan runs on worker processes.
     ``dashboard_address``: where the Dask dashboard listens; ``auto`` is 127.0.0.1:8787 for
     worker processes and none for a build in this process (its one worker thread shows
     nothing a progress bar does not, and starting the dashboard costs ~0.6 s);
@@ -409,11 +411,15 @@ class Cluster(_Model):
             return self.dashboard_address
         return None if in_process else DEFAULT_DASHBOARD
 
-    def in_process(self, n_partitions: int) -> bool:
-        """Whether a plan of *n_partitions* runs on a worker inside this process."""
+    def in_process(self, n_partitions: int, small_input: bool = False) -> bool:
+        """Whether a plan of *n_partitions* runs on a worker inside this process: with
+        ``processes`` unset, a plan of one partition does, and so does any plan whose input is
+        small (*small_input*) unless ``workers`` or ``threads_per_worker`` asks for more."""
         if self.kind != "local":
             return False
-        return not self.processes if self.processes is not None else n_partitions <= 1
+        if self.processes is not None:
+            return not self.processes
+        return n_partitions <= 1 or (small_input and self.workers is None and self.threads_per_worker == 1)
 
 
 class Config(_Model):

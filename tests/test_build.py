@@ -164,6 +164,35 @@ def test_a_plan_of_one_partition_runs_inside_this_process(ldmx_data, tmp_path, m
     assert chunk_hashes(tmp_path / "auto.zarr") == chunk_hashes(tmp_path / "processes.zarr")
 
 
+def test_a_plan_of_few_small_files_runs_inside_this_process(ldmx_data, tmp_path, monkeypatch):
+    """With cluster.workers unset, a few small files are built on one worker thread here
+    (starting worker processes would cost more than the build); past IN_PROCESS_BYTES, or
+    past IN_PROCESS_FILES files, on worker processes. The bytes are the same either way."""
+    from hepdask import cluster
+
+    connected = []
+    connect = cluster.connect
+
+    def spy(spec, **kwargs):
+        connected.append(kwargs["in_process"])
+        return connect(spec, **kwargs)
+
+    monkeypatch.setattr(cluster, "connect", spy)
+    data, files = ldmx_data
+    raw = demo_config(data, tmp_path / "small.zarr", cluster={"dashboard_address": None})
+    small = hepdask.build_dataset(from_dict(raw), progress=False)
+    n_files = len(files["signal"]) + len(files["background"])
+    assert n_files > 1 and small.n_partitions == n_files
+    monkeypatch.setattr(build, "IN_PROCESS_BYTES", 0)
+    raw["output"]["path"] = str(tmp_path / "large.zarr")
+    hepdask.build_dataset(from_dict(raw), progress=False)
+    monkeypatch.setattr(build, "IN_PROCESS_BYTES", 2**40)
+    monkeypatch.setattr(build, "IN_PROCESS_FILES", n_files - 1)
+    assert not build._small_input(sources.plan([("s", 0, files["signal"] + files["background"])]))
+    assert connected == [True, False]
+    assert chunk_hashes(tmp_path / "small.zarr") == chunk_hashes(tmp_path / "large.zarr")
+
+
 def _set_store_constant(name, value):
     from hepdask import store
 

@@ -82,6 +82,12 @@ def test_small_plans_run_in_this_process_unless_told_otherwise():
     assert not Cluster(processes=True).in_process(1)
     assert Cluster(processes=False).in_process(50)
     assert not Cluster(kind="address", address="tcp://h:1").in_process(1)
+    # a plan of small files, unless workers or threads are asked for
+    assert Cluster().in_process(20, small_input=True)
+    assert not Cluster(workers=2).in_process(20, small_input=True)
+    assert not Cluster(threads_per_worker=2).in_process(20, small_input=True)
+    assert not Cluster(processes=True).in_process(20, small_input=True)
+    assert not Cluster(kind="address", address="tcp://h:1").in_process(20, small_input=True)
 
 
 def test_a_build_in_this_process_starts_no_dashboard_unless_one_is_named():
