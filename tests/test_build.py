@@ -139,17 +139,23 @@ def test_a_build_inside_this_process_writes_the_same_chunks(built, ldmx_data, tm
     assert chunk_hashes(tmp_path / "here.zarr") == chunk_hashes(out)
 
 
-def test_a_plan_of_one_partition_runs_inside_this_process(ldmx_data, tmp_path, monkeypatch):
+@pytest.fixture
+def connected(monkeypatch) -> list[bool]:
+    """For every cluster a build connects to: whether it runs in this process."""
     from hepdask import cluster
 
-    connected = []
+    seen: list[bool] = []
     connect = cluster.connect
 
     def spy(spec, **kwargs):
-        connected.append(kwargs["in_process"])
+        seen.append(kwargs["in_process"])
         return connect(spec, **kwargs)
 
     monkeypatch.setattr(cluster, "connect", spy)
+    return seen
+
+
+def test_a_plan_of_one_partition_runs_inside_this_process(ldmx_data, tmp_path, connected):
     data, files = ldmx_data
     one_file = demo_config(data, tmp_path / "auto.zarr", **{"read.step_size": 1000})
     one_file["samples"] = [{"name": "signal", "label": 1, "files": [files["signal"][0]]}]
@@ -164,20 +170,10 @@ def test_a_plan_of_one_partition_runs_inside_this_process(ldmx_data, tmp_path, m
     assert chunk_hashes(tmp_path / "auto.zarr") == chunk_hashes(tmp_path / "processes.zarr")
 
 
-def test_a_plan_of_few_small_files_runs_inside_this_process(ldmx_data, tmp_path, monkeypatch):
+def test_a_plan_of_few_small_files_runs_inside_this_process(ldmx_data, tmp_path, connected, monkeypatch):
     """With cluster.workers unset, a few small files are built on one worker thread here
     (starting worker processes would cost more than the build); past IN_PROCESS_BYTES, or
     past IN_PROCESS_FILES files, on worker processes. The bytes are the same either way."""
-    from hepdask import cluster
-
-    connected = []
-    connect = cluster.connect
-
-    def spy(spec, **kwargs):
-        connected.append(kwargs["in_process"])
-        return connect(spec, **kwargs)
-
-    monkeypatch.setattr(cluster, "connect", spy)
     data, files = ldmx_data
     raw = demo_config(data, tmp_path / "small.zarr", cluster={"dashboard_address": None})
     small = hepdask.build_dataset(from_dict(raw), progress=False)
