@@ -32,12 +32,16 @@ def _scipy_installed() -> None:
 
 def fast_start() -> bool:
     """Import ``numba.np.arraymath`` with a BLAS probe that imports nothing; True if this call
-    did, False if it was imported already (by numba, the user or an earlier call)."""
+    did, False if it was imported already (by numba, the user or an earlier call) or if this
+    numba has no such probe to answer."""
     if _PROBED in sys.modules:
         return False
-    from numba.np import linalg
+    try:
+        from numba.np import linalg
 
-    ensure_blas = linalg.ensure_blas
+        ensure_blas = linalg.ensure_blas
+    except (ImportError, AttributeError):  # another numba layout: its own set-up, unchanged
+        return False
     linalg.ensure_blas = _scipy_installed
     try:
         arraymath = importlib.import_module(_PROBED)
