@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import numba
 import numpy as np
 import pytest
 
+from hepdask import binning
 from hepdask.binning import (
     BinAxis,
     bin_events,
@@ -252,6 +254,23 @@ def test_nonzero_elements_are_every_nonzero_bit_pattern_in_order(dtype):
 def test_nonzero_elements_of_no_events():
     counts, positions, values = nonzero_elements(np.zeros((0, 3, 3), np.float32))
     assert counts.shape == positions.shape == values.shape == (0,)
+
+
+
+@pytest.mark.skipif(numba.get_num_threads() < 2, reason="one numba thread: the serial kernel only")
+def test_the_parallel_kernel_gives_the_serial_kernels_images(monkeypatch):
+    """Small calls are binned on one thread, large ones among numba's threads: same images,
+    same statistics, each from its own compilation (the cache keeps them apart)."""
+    rng = np.random.default_rng(5)
+    coords, offsets = _events(rng, 200, 2, spread=1.1)
+    axes = [AXIS_KINDS["uniform"]("a0"), AXIS_KINDS["log"]("a1")]
+    serial, serial_stats = bin_events(coords, offsets, histogram_layout(axes), dtype="uint32")
+    monkeypatch.setattr(binning, "PARALLEL_MIN_HITS", 1)
+    parallel, parallel_stats = bin_events(coords, offsets, histogram_layout(axes), dtype="uint32")
+    np.testing.assert_array_equal(parallel, serial)
+    np.testing.assert_array_equal(serial, _reference(coords, offsets, axes))
+    assert parallel_stats.to_dict() == serial_stats.to_dict()
+    assert binning._FILLS[np.int32, False].signatures and binning._FILLS[np.int32, True].signatures
 
 
 FRESH_KERNEL_PROCESS = """
