@@ -49,8 +49,10 @@ def run(cmd: list[str]) -> float:
 
 
 def staged(output: Path) -> int:
-    staging = output.with_name(output.name + ".hepdask-staging")
-    return sum(1 for p in staging.glob("p*") if (p / "meta.json").exists()) if staging.exists() else 0
+    from hepdask import store
+
+    staging = store.staging_path(output)
+    return sum(1 for p in staging.glob(f"p*{store.PART_SUFFIX}") if store.load_staged(staging, p.stem) is not None)
 
 
 def killed_run(cmd: list[str], after: float, output: Path) -> tuple[float, int]:

@@ -434,9 +434,9 @@ def test_resume_refuses_a_changed_detector_file(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     config = load(path)
     assert _prepare_output(config) is False  # a fresh staging area
-    staged = store.staging_path(tmp_path / "o.zarr") / "p0"  # a killed build staged a partition
-    staged.mkdir()
-    (staged / store.META).write_text("{}")
+    writer = store.PartitionWriter(store.staging_path(tmp_path / "o.zarr"), "p0")  # a killed build staged a partition
+    writer.append({"entry": np.arange(3)})
+    writer.close({})
     assert _prepare_output(config) is True  # same config and detector: resumes
     detector.write_text(detector.read_text().replace("207261.022", "207262.022", 1))
     with pytest.raises(hepdask.errors.StoreError, match=r"other contents of the detector file\(s\) \[.*orca4\.detx"):

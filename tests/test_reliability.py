@@ -42,7 +42,7 @@ def _config(files: dict[str, list[str]], out: Path, **changes) -> dict:
 
 
 def _staged_count(staging: Path) -> int:
-    return sum(1 for p in staging.glob("p*") if (p / store.META).exists()) if staging.exists() else 0
+    return sum(1 for p in staging.glob(f"p*{store.PART_SUFFIX}") if store.load_staged(staging, p.stem) is not None)
 
 
 @pytest.fixture(scope="module")

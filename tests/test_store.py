@@ -37,13 +37,30 @@ def test_read_rows_returns_the_rows_asked_for_in_their_order(staged, monkeypatch
     assert store.read_rows(staging, record, "pair", np.zeros(0, np.int64)).shape == (0, 2)
 
 
-def test_small_per_event_arrays_share_one_table_file(staged):
+def _section_bytes(record, section: str) -> int:
+    return sum(block["at"][section][1] for block in record.blocks)
+
+
+def test_small_per_event_arrays_share_one_table_and_a_partition_one_file(staged):
     staging, record, _, _ = staged
     assert [n for n, spec in record.arrays.items() if spec.table] == ["entry", "energy", "pair"]
     assert not record.arrays["image"].table
-    assert sorted(f.name for f in (staging / "p0").iterdir()) == ["image.bin", store.META, store.TABLE_FILE]
-    assert (staging / "p0" / store.TABLE_FILE).stat().st_size == 500 * (8 + 8 + 8)
+    assert sorted(f.name for f in staging.iterdir()) == ["p0" + store.PART_SUFFIX]
+    assert [sorted(block["at"]) for block in record.blocks] == [["image.bin", store.TABLE_SECTION]] * 5
+    assert _section_bytes(record, store.TABLE_SECTION) == 500 * (8 + 8 + 8)
     assert store.Staged.from_json(record.to_json()).arrays == record.arrays
+    assert store.load_staged(staging, "p0").to_json() == record.to_json()
+
+
+def test_a_partition_file_without_its_record_is_not_staged(staged):
+    """A file cut short (a killed task's, a full disk) is not mistaken for a staged partition."""
+    staging, _, _, _ = staged
+    path = store.staged_file(staging, "p0")
+    path.write_bytes(path.read_bytes()[:-3])
+    assert store.load_staged(staging, "p0") is None
+    path.write_bytes(b"")
+    assert store.load_staged(staging, "p0") is None
+    assert store.load_staged(staging, "p9") is None
 
 
 @pytest.fixture
@@ -65,9 +82,9 @@ def test_mostly_zero_images_are_staged_sparse_and_read_back_bit_for_bit(sparse_s
     staging, record, images, counts = sparse_staged
     assert record.arrays["image"].sparse and record.arrays["counts"].sparse
     assert store.Staged.from_json(record.to_json()).arrays == record.arrays
-    assert not (staging / "p1" / "image.bin").exists()
+    assert all("image.bin" not in block["at"] for block in record.blocks)
     dense_bytes = images.nbytes
-    sparse_bytes = sum((staging / "p1" / f"image{s}").stat().st_size for s in store.SPARSE_FILES)
+    sparse_bytes = sum(_section_bytes(record, f"image{s}") for s in store.SPARSE_SECTIONS)
     assert sparse_bytes < 0.2 * dense_bytes
     rng = np.random.default_rng(3)
     for coalesce in (1, 48, store.COALESCE_BYTES, 10**9):
@@ -86,25 +103,30 @@ def test_dense_images_stay_dense(staged):
     assert not record.arrays["image"].sparse and not record.arrays["entry"].sparse
 
 
+def _cut_at(record, section: str, keep: int) -> int:
+    """Where to cut a staged file so that *section* keeps *keep* bytes of its last block."""
+    return record.blocks[-1]["at"][section][0] + keep
+
+
 def test_read_rows_names_a_truncated_sparse_staged_file(sparse_staged):
     staging, record, _, _ = sparse_staged
-    path = staging / "p1" / "image.val"
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(store.StoreError, match=r"p1/image\.val is truncated"):
-        store.read_rows(staging, record, "image", np.array([5, 400]))
-    nnz = staging / "p1" / "counts.nnz"
-    nnz.write_bytes(nnz.read_bytes()[:40])
-    with pytest.raises(store.StoreError, match=r"p1/counts\.nnz is truncated: 10 of 500 events"):
+    path = store.staged_file(staging, "p1")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: _cut_at(record, "image.val", 10)])
+    with pytest.raises(store.StoreError, match=r"p1\.part is truncated: section 'image\.val'"):
+        store.read_rows(staging, record, "image", np.array([5, 499]))
+    path.write_bytes(whole[: _cut_at(record, "counts.nnz", 40)])
+    with pytest.raises(store.StoreError, match=r"p1\.part is truncated: section 'counts\.nnz', 40 of 80 bytes"):
         store.read_rows(staging, record, "counts", np.array([5]))
 
 
-@pytest.mark.parametrize(("name", "file"), [("image", "image.bin"), ("energy", store.TABLE_FILE)])
-def test_read_rows_names_a_truncated_staged_file(staged, name, file):
+@pytest.mark.parametrize(("name", "section"), [("image", "image.bin"), ("energy", store.TABLE_SECTION)])
+def test_read_rows_names_a_truncated_staged_file(staged, name, section):
     staging, record, _, _ = staged
-    path = staging / "p0" / file
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 5])
-    with pytest.raises(store.StoreError, match=rf"p0/{file.replace('.', '[.]')} is truncated"):
-        store.read_rows(staging, record, name, np.array([5, 400]))
+    path = store.staged_file(staging, "p0")
+    path.write_bytes(path.read_bytes()[: _cut_at(record, section, 100)])
+    with pytest.raises(store.StoreError, match=rf"p0\.part is truncated: section '{section.replace('.', '[.]')}'"):
+        store.read_rows(staging, record, name, np.array([5, 499]))
 
 
 def test_spans_keep_whole_ranges_within_the_budget():
@@ -162,8 +184,9 @@ def test_a_write_task_reads_each_table_file_once_for_all_its_columns(tmp_path, m
     order = np.argsort(part, kind="stable")
     groups = [(int(part[w[0]]), w) for w in np.split(order, np.flatnonzero(np.diff(part[order])) + 1)]
     reads = []
-    read_ranges = store._read_ranges
-    monkeypatch.setattr(store, "_read_ranges", lambda path, *a: reads.append(path) or read_ranges(path, *a))
+    read_ranges = store._Part.read_ranges
+    monkeypatch.setattr(store._Part, "read_ranges",
+                        lambda part, section, *a: reads.append((part.path, section)) or read_ranges(part, section, *a))
 
     class Target:  # what _gather_task looks at of a Zarr array
         def __init__(self, dtype, shape):
@@ -176,7 +199,8 @@ def test_a_write_task_reads_each_table_file_once_for_all_its_columns(tmp_path, m
     np.testing.assert_array_equal(got["entry"].rows(0, 50), expected)
     np.testing.assert_array_equal(got["energy"].rows(0, 50), expected * 0.5)
     np.testing.assert_array_equal(got["pair"].rows(0, 50), np.stack([expected] * 2, 1))
-    assert sorted(reads) == sorted(f"{tmp_path}/p{p}/{store.TABLE_FILE}" for p in set(part.tolist()))
+    assert sorted(reads) == sorted((str(store.staged_file(tmp_path, f"p{p}")), store.TABLE_SECTION)
+                                   for p in set(part.tolist()))
 
 
 def test_a_coordinate_equal_to_the_fill_value_is_written(tmp_path):
