@@ -157,7 +157,7 @@ class PartitionWriter:
         self.specs: dict[str, ArraySpec] = {}
         self.tmp = self.staging / f".tmp-{key}-{uuid.uuid4().hex[:12]}{PART_SUFFIX}"
         self.staging.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed by close or abort)
+        self._file = open(self.tmp, "wb")  # closed by close or abort
         self._table = np.dtype([])
         self._blocks: list[dict] = []
         self.n_events = 0
@@ -206,7 +206,7 @@ class PartitionWriter:
         self._file.write(record + len(record).to_bytes(8, "little") + PART_MAGIC)
         self._file.close()
         # Atomic; a copy an earlier run of this task published holds the same content.
-        os.replace(self.tmp, staged_file(self.staging, self.key))
+        self.tmp.replace(staged_file(self.staging, self.key))
         return staged
 
     def abort(self) -> None:
