@@ -309,10 +309,11 @@ def bench_write(client, config, built: Path, target: Path) -> dict:
     store.prepare(target, sizes, {"image": spec}, {"image": layout.dims}, [], chunk_events=per_chunk,
                   compressor=(config.output.compressor.name, config.output.compressor.level), attrs={})  # fmt: skip
 
-    # One task per run of whole chunks, grouped exactly as the build groups its write tasks.
+    # One task per run of whole chunks, grouped as the build groups its write tasks, but
+    # without rounding to the chunks of the small per-event arrays, which are not written here.
     ranges = {s: store.chunk_ranges(n, per_chunk) for s, n in sizes.items()}
     n_workers = len(client.nthreads())
-    group = build._chunks_per_task(sum(map(len, ranges.values())), per_chunk * spec.itemsize, n_workers)
+    group = build._chunks_per_task(sum(map(len, ranges.values())), per_chunk * spec.itemsize, n_workers, unit=1)
     runs = [(s, r[i][0], r[min(i + group, len(r)) - 1][1]) for s, r in ranges.items() for i in range(0, len(r), group)]
 
     blocks = client.map(_load_images, [str(built)] * len(runs), *zip(*runs), pure=False)

@@ -869,7 +869,8 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         shutil.rmtree(config.output.path, ignore_errors=True)
         store.prepare(
             config.output.path, {k: v.size for k, v in plans.items()}, arrays, dims, coordinates,
-            chunk_events=per_chunk, compressor=(config.output.compressor.name, config.output.compressor.level),
+            chunk_events=store.array_chunk_events(arrays, (img.array for img in job.images), per_chunk),
+            compressor=(config.output.compressor.name, config.output.compressor.level),
             attrs={store.PREFIX + "building": True},
             array_attrs={"label": _label_attrs(config)}, plan=plan_id,
         )
@@ -993,12 +994,14 @@ def _check_bad_fraction(config: Config, bad_files: list[dict], n_files: int) -> 
     raise BuildError(msg)
 
 
-def _chunks_per_task(n_chunks: int, chunk_bytes: int, n_workers: int) -> int:
-    """Consecutive chunks one write task fills: enough tasks to keep every worker busy
-    (TASKS_PER_WORKER each), and at most WRITE_TASK_BYTES of images per task."""
+def _chunks_per_task(n_chunks: int, chunk_bytes: int, n_workers: int, unit: int = store.EVENT_ARRAY_CHUNKS) -> int:
+    """Consecutive image chunks one write task fills: enough tasks to keep every worker
+    busy (TASKS_PER_WORKER each), and at most WRITE_TASK_BYTES of images per task, rounded
+    to a multiple of *unit*: a task must own whole chunks of the small per-event arrays too
+    (``store.EVENT_ARRAY_CHUNKS`` image chunks each)."""
     by_bytes = max(1, WRITE_TASK_BYTES // max(1, chunk_bytes))
     by_balance = max(1, -(-n_chunks // (TASKS_PER_WORKER * n_workers)))
-    return min(by_bytes, by_balance)
+    return max(1, round(min(by_bytes, by_balance) / unit)) * unit
 
 
 def _array_specs(config: Config, images: tuple[ImageJob, ...], staged: list[store.Staged]):

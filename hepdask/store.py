@@ -546,7 +546,7 @@ def prepare(
     dims: Mapping[str, tuple[str, ...]],
     coords: Iterable[Coordinate],
     *,
-    chunk_events: int,
+    chunk_events: int | Mapping[str, int],
     compressor: tuple[str, int],
     attrs: Mapping[str, Any],
     array_attrs: Mapping[str, Mapping[str, Any]] | None = None,
@@ -554,11 +554,23 @@ def prepare(
 ) -> None:
     """Create the empty store: one group per split with every array and coordinate.
 
+    *chunk_events*: events per chunk, of every array or per array (``array_chunk_events``).
+
     *plan*, the digest of what the write tasks will put where (``plan_digest``), is recorded
     last, once every array exists: a resumed build keeps a store prepared for its plan and
     its finished write tasks (``prepared_for``).
     """
     array_attrs = array_attrs or {}
+    per_array = chunk_events if isinstance(chunk_events, Mapping) else dict.fromkeys(arrays, chunk_events)
+    base = min(per_array.values(), default=1)
+
+    def chunk_of(name: str, n: int) -> int:
+        """At most a split's size, rounded up to whole chunks of the finest chunking, so
+        that every array's chunks stay multiples of it in a small split too."""
+        if per_array[name] <= n:
+            return max(1, per_array[name])
+        return max(1, n if n <= base else min(per_array[name], -(-n // base) * base))
+
     codec = compressors(*compressor)
     coords = list(coords)
 
@@ -572,7 +584,7 @@ def prepare(
         for group, n in zip(groups, sizes.values()):
             for name, spec in arrays.items():
                 made.append(group.create_array(
-                    name, shape=(n, *spec.shape), chunks=(max(1, min(chunk_events, n)), *spec.shape),
+                    name, shape=(n, *spec.shape), chunks=(chunk_of(name, n), *spec.shape),
                     dtype=_zarr_dtype(spec.dtype), compressors=codec, dimension_names=["event", *dims[name]],
                     fill_value=_fill(spec.dtype), attributes=dict(array_attrs.get(name, {})),
                 ))
@@ -660,6 +672,22 @@ def _fill(dtype: str):
         return ""
     kind = np.dtype(dtype).kind
     return np.nan if kind == "f" else 0
+
+
+#: Chunks of an image array that one chunk of a small per-event array (label, entry, sample,
+#: event fields: at most SMALL_EVENT_BYTES an event) spans. With the images' chunking such
+#: an array's chunk held a few KB: the demo's store was 742 chunk files, 636 of them of
+#: small arrays, and creating a file costs more than compressing a 4 MiB image chunk here.
+EVENT_ARRAY_CHUNKS = 8
+
+
+def array_chunk_events(arrays: Mapping[str, ArraySpec], images: Iterable[str], chunk_events: int) -> dict[str, int]:
+    """Events per chunk of each array: *chunk_events* for the images and any array of more
+    than SMALL_EVENT_BYTES an event, ``EVENT_ARRAY_CHUNKS`` times that for the others."""
+    images = set(images)
+    return {name: chunk_events if name in images or (spec.dtype != "str" and spec.itemsize > SMALL_EVENT_BYTES)
+            else chunk_events * EVENT_ARRAY_CHUNKS
+            for name, spec in arrays.items()}
 
 
 def chunk_ranges(n: int, chunk_events: int) -> list[tuple[int, int]]:
@@ -785,13 +813,16 @@ def write_chunks(
             # label-0 events): zarr would skip it by default, after comparing every element,
             # and a missing chunk is what ``verify`` reports as damage.
             targets[name] = array.with_config({"write_empty_chunks": True})
-    for start, stop in ranges:
-        for name, array in targets.items():
-            chunk = array.chunks[0]
+    origin, end = ranges[0][0], ranges[-1][1]
+    # The spans' unit is the smallest chunk (the images'); an array of larger chunks
+    # (``array_chunk_events``) is written once for the whole task.
+    unit = min((array.chunks[0] for array in targets.values()), default=1)
+    for name, array in targets.items():
+        chunk = array.chunks[0]
+        for start, stop in ranges if chunk == unit else [(origin, end)]:
             if start % chunk or (stop % chunk and stop != array.shape[0]):
                 msg = f"{path}/{split}/{name}: region [{start}, {stop}) is not aligned to chunks of {chunk}"
                 raise StoreError(msg)
-    origin, end = ranges[0][0], ranges[-1][1]
     order = np.argsort(part, kind="stable")
     # The task's events of each partition: (partition, positions in the task).
     groups = [(int(part[w[0]]), w) for w in np.split(order, np.flatnonzero(np.diff(part[order])) + 1) if w.size]
@@ -802,6 +833,11 @@ def write_chunks(
     whole = {name: _gather_task(name, array, groups, row, staged, constants, staging, end - origin, tables)
              for name, array in targets.items()}
     del tables
+    once = {name for name, array in targets.items() if array.chunks[0] != unit}
+    for name in once:
+        if not isinstance(whole[name], _DenseRows):
+            msg = f"{path}/{split}/{name}: chunks of {targets[name].chunks[0]} events need its rows gathered whole"
+            raise StoreError(msg)
     files = {name: ChunkFiles.of(array) for name, array in targets.items()}
     event_bytes = max(_event_bytes(a) for a in targets.values()) if targets else 1
     written = 0
@@ -813,6 +849,8 @@ def write_chunks(
         span_order = np.argsort(parts, kind="stable")
         bounds = np.flatnonzero(np.diff(parts[span_order])) + 1
         for name, array in targets.items():
+            if name in once:
+                continue
             if whole[name] is not None:
                 values = whole[name].rows(a, b)
             else:
@@ -823,6 +861,8 @@ def write_chunks(
             if name.startswith("image") and values.size and values.dtype.kind in "iuf":
                 maxima[name] = max(maxima.get(name, -np.inf), float(np.nanmax(values)))
         written += last - first
+    for name in once:
+        _write_span(targets[name], files[name], origin, end, whole[name].rows(0, end - origin))
     if done is not None:
         # The marker also records the largest image values written, which the build
         # gathers into the store's statistics (for dividing by a split's maximum).

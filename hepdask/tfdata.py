@@ -222,10 +222,12 @@ class SplitSource:
                 raise StoreError(msg)
             dtypes[name] = np.dtype(array.dtype)
             shapes[name] = tuple(array.shape[1:])
-        chunk = group[fields[0]].chunks[0]
+        # Reads go by the finest chunking; a build chunks small per-event arrays (label, ...)
+        # by a multiple of the images' chunks (``store.array_chunk_events``).
+        chunk = min(group[name].chunks[0] for name in fields)
         for name in fields:
-            if group[name].chunks[0] != chunk:
-                msg = f"field {name!r} is chunked by {group[name].chunks[0]} events, {fields[0]!r} by {chunk}"
+            if group[name].chunks[0] % chunk:
+                msg = f"field {name!r} is chunked by {group[name].chunks[0]} events, not a multiple of {chunk}"
                 raise StoreError(msg)
         return cls(str(path), split, tuple(fields), int(image.shape[0]), int(chunk), dtypes, shapes)
 
@@ -252,7 +254,8 @@ class SplitSource:
 
 
 def _chunk_reader(array) -> Callable[[int, int, int], np.ndarray]:
-    """A function reading events ``[start, stop)`` of chunk *i* of a Zarr array."""
+    """A function reading events ``[start, stop)`` of read chunk *i* of a Zarr array: all
+    within one of the array's chunks, which may hold several read chunks."""
 
     def via_zarr(i: int, start: int, stop: int) -> np.ndarray:
         return np.asarray(array[start:stop])
@@ -260,13 +263,15 @@ def _chunk_reader(array) -> Callable[[int, int, int], np.ndarray]:
     files = store.ChunkFiles.of(array)
     if files is None:
         return via_zarr
+    per_chunk = array.chunks[0]
 
     def read(i: int, start: int, stop: int) -> np.ndarray:
+        index, offset = divmod(start, per_chunk)
         try:
-            values = files.read(i)
+            values = files.read(index)
         except FileNotFoundError:
             return via_zarr(i, start, stop)
-        return values[: stop - start].astype(array.dtype, copy=False)
+        return values[offset : offset + stop - start].astype(array.dtype, copy=False)
 
     return read
 

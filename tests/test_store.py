@@ -203,6 +203,50 @@ def test_a_write_task_reads_each_table_file_once_for_all_its_columns(tmp_path, m
                                    for p in set(part.tolist()))
 
 
+def test_small_per_event_arrays_get_whole_multiples_of_the_image_chunks(tmp_path):
+    """Labels and other small per-event arrays are chunked EVENT_ARRAY_CHUNKS times coarser
+    than the images, and stay a multiple of them in small splits; a write task that owns
+    whole chunks of both writes them, any other region is refused."""
+    arrays = {"image": store.ArraySpec("float32", (4, 4)), "label": store.ArraySpec("int32"),
+              "sample": store.ArraySpec("str"), "wide": store.ArraySpec("float64", (16,))}
+    per_array = store.array_chunk_events(arrays, ["image"], 10)
+    k = store.EVENT_ARRAY_CHUNKS
+    assert per_array == {"image": 10, "label": 10 * k, "sample": 10 * k, "wide": 10}
+    sizes = {"train": 25 * k, "val": 25, "test": 7}
+    dims = {"image": ("y", "x"), "label": (), "sample": (), "wide": ("w",)}
+    path = tmp_path / "s.zarr"
+    store.prepare(path, sizes, arrays, dims, [], chunk_events=per_array, compressor=("zstd", 1), attrs={})
+    root = zarr.open_group(str(path))
+    chunks = {split: {name: root[split][name].chunks[0] for name in arrays} for split in sizes}
+    assert chunks["train"] == {"image": 10, "label": 10 * k, "sample": 10 * k, "wide": 10}
+    assert chunks["val"] == {"image": 10, "label": 30, "sample": 30, "wide": 10}
+    assert chunks["test"] == dict.fromkeys(arrays, 7)
+
+    n = sizes["train"]
+    rng = np.random.default_rng(5)
+    images = rng.random((n, 4, 4)).astype(np.float32)
+    wide = rng.random((n, 16))
+    writer = store.PartitionWriter(tmp_path / "staging", "p0")
+    writer.append({"image": images, "label": np.arange(n, dtype=np.int32), "wide": wide})
+    staged = writer.close({})
+    sources = store.Sources({0: staged.slim()}, {0: {"sample": "s0"}})
+    ranges = store.chunk_ranges(n, 10)
+    task = 2 * k  # image chunks a task owns: two chunks of the labels
+    for first in range(0, len(ranges), task):
+        own = ranges[first : first + task]
+        rows = np.arange(own[0][0], own[-1][1])
+        store.write_chunks(path, "train", own, np.zeros(rows.size, np.int64), rows, sources, tmp_path / "staging")
+    train = root["train"]
+    np.testing.assert_array_equal(train["image"][:], images)
+    np.testing.assert_array_equal(train["label"][:], np.arange(n))
+    np.testing.assert_array_equal(train["wide"][:], wide)
+    assert set(train["sample"][:].tolist()) == {"s0"}
+    assert store._missing_chunks(path, train["label"]) == []
+    with pytest.raises(store.StoreError, match=r"train/(label|sample): region \[10, 20\) is not aligned to chunks of 80"):
+        store.write_chunks(path, "train", ranges[1:2], np.zeros(10, np.int64), np.arange(10, 20), sources,
+                           tmp_path / "staging")
+
+
 def test_a_coordinate_equal_to_the_fill_value_is_written(tmp_path):
     """zarr skips chunks equal to the fill value by default; verify would call them missing."""
     coords = [store.Coordinate("x", np.zeros(1)), store.Coordinate("y", np.array([-0.5, 0.5]))]

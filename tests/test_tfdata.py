@@ -103,6 +103,24 @@ def test_one_epoch_reads_every_event_once_in_whole_chunks(tf_two_cpus, train_sto
     assert sum(reads) == n
 
 
+def test_every_field_of_a_delivered_event_is_of_the_same_event(tf_two_cpus, train_store):
+    """Labels and event fields are chunked coarser than the images (a multiple of them):
+    each delivered image still comes with its own label and event number."""
+    from hepdask import store
+
+    group = zarr.open_group(str(train_store), mode="r")["train"]
+    assert group["label"].chunks[0] == store.EVENT_ARRAY_CHUNKS * group["image"].chunks[0]
+    images = group["image"][:]
+    keys = group["eventNumber"][:].astype(np.int64) * 2 + group["label"][:].astype(np.int64)
+    where = {int(k): i for i, k in enumerate(keys)}
+    seen = 0
+    for batch in tfdata.tf_dataset(train_store, "train", batch_size=500, fields=FIELDS, seed=3):
+        for key, image in zip(_keys(batch), batch["image"].numpy()):
+            np.testing.assert_array_equal(image, images[where[int(key)]])
+            seen += 1
+    assert seen == images.shape[0]
+
+
 def test_shuffling_is_seeded(tf_two_cpus, train_store):
     def order(seed):
         return np.concatenate([_keys(b) for b in tfdata.tf_dataset(train_store, "val", batch_size=64,
