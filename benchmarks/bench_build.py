@@ -429,7 +429,7 @@ def print_tables(results: dict, args) -> list[str]:
         f"{step['input'] / MiB:.2f} MiB of input branches + {step['images'] / MiB:.2f} MiB of images")
     say("")
     say("peak worker memory, MiB: RSS as Dask's nanny measures it (includes file-backed pages, i.e. the "
-        "staged files that write tasks memory-map), and anon = RSS - shared; base = before the build")
+        "the input ROOT files that stage tasks memory-map), and anon = RSS - shared; base = before the build")
     head = ("build", "worker", "files", "base RSS", "peak RSS", "stage RSS", "write RSS",
             "base anon", "stage anon", "write anon", "max fds")  # fmt: skip
     widths = (16, 9, 6, 9, 9, 9, 9, 9, 10, 10, 7)
