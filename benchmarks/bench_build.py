@@ -428,7 +428,7 @@ def print_tables(results: dict, args) -> list[str]:
         f"{step['events_per_partition']:.0f} entries, so a step is {step['step_events']:.0f} entries = "
         f"{step['input'] / MiB:.2f} MiB of input branches + {step['images'] / MiB:.2f} MiB of images")
     say("")
-    say("peak worker memory, MiB: RSS as Dask's nanny measures it (includes file-backed pages, i.e. the "
+    say("peak worker memory, MiB: RSS as Dask's nanny measures it (includes file-backed pages, i.e. "
         "the input ROOT files that stage tasks memory-map), and anon = RSS - shared; base = before the build")
     head = ("build", "worker", "files", "base RSS", "peak RSS", "stage RSS", "write RSS",
             "base anon", "stage anon", "write anon", "max fds")  # fmt: skip
