@@ -203,10 +203,14 @@ class PartitionWriter:
     def close(self, info: Mapping[str, Any]) -> Staged:
         staged = Staged(self.key, self.n_events, self.specs, dict(info), self._blocks)
         record = json.dumps(staged.to_json()).encode()
-        self._file.write(record + len(record).to_bytes(8, "little") + PART_MAGIC)
-        self._file.close()
-        # Atomic; a copy an earlier run of this task published holds the same content.
-        self.tmp.replace(staged_file(self.staging, self.key))
+        try:
+            self._file.write(record + len(record).to_bytes(8, "little") + PART_MAGIC)
+            self._file.close()
+            # Atomic; a copy an earlier run of this task published holds the same content.
+            self.tmp.replace(staged_file(self.staging, self.key))
+        except BaseException:
+            self.abort()
+            raise
         return staged
 
     def abort(self) -> None:
@@ -285,7 +289,8 @@ def has_finished_work(staging: str | Path) -> bool:
     """Whether a staging area holds anything a resumed build would reuse: a published
     partition or a finished write task."""
     staging = Path(staging)
-    return any(staging.glob(f"*{PART_SUFFIX}")) or any(p.is_file() for p in (staging / WRITTEN).rglob("*"))
+    published = (p for p in staging.glob(f"*{PART_SUFFIX}") if not p.name.startswith(".tmp-"))
+    return any(published) or any(p.is_file() for p in (staging / WRITTEN).rglob("*"))
 
 
 def discard_staged(staging: str | Path, key: str) -> None:
@@ -308,7 +313,7 @@ def load_staged(staging: str | Path, key: str) -> Staged | None:
             return Staged.from_json(json.loads(f.read(n)))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):  # a damaged record: stage it again
         return None
 
 
@@ -835,7 +840,7 @@ def write_chunks(
     del tables
     once = {name for name, array in targets.items() if array.chunks[0] != unit}
     for name in once:
-        if not isinstance(whole[name], _DenseRows):
+        if whole[name] is None:
             msg = f"{path}/{split}/{name}: chunks of {targets[name].chunks[0]} events need its rows gathered whole"
             raise StoreError(msg)
     files = {name: ChunkFiles.of(array) for name, array in targets.items()}

@@ -52,6 +52,18 @@ def test_small_per_event_arrays_share_one_table_and_a_partition_one_file(staged)
     assert store.load_staged(staging, "p0").to_json() == record.to_json()
 
 
+def test_a_killed_writers_temporary_file_is_no_finished_work(tmp_path):
+    writer = store.PartitionWriter(tmp_path, "p0")
+    writer.append({"entry": np.arange(3)})  # killed before close: only its .tmp-* file is left
+    assert not store.has_finished_work(tmp_path)
+    store.clean_staging(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    writer = store.PartitionWriter(tmp_path, "p0")
+    writer.append({"entry": np.arange(3)})
+    writer.close({})
+    assert store.has_finished_work(tmp_path)
+
+
 def test_a_partition_file_without_its_record_is_not_staged(staged):
     """A file cut short (a killed task's, a full disk) is not mistaken for a staged partition."""
     staging, _, _, _ = staged
@@ -208,27 +220,30 @@ def test_small_per_event_arrays_get_whole_multiples_of_the_image_chunks(tmp_path
     than the images, and stay a multiple of them in small splits; a write task that owns
     whole chunks of both writes them, any other region is refused."""
     arrays = {"image": store.ArraySpec("float32", (4, 4)), "label": store.ArraySpec("int32"),
-              "sample": store.ArraySpec("str"), "wide": store.ArraySpec("float64", (16,))}
+              "sample": store.ArraySpec("str"), "wide": store.ArraySpec("float64", (16,)),
+              "flags": store.ArraySpec("float32", (4,))}
     per_array = store.array_chunk_events(arrays, ["image"], 10)
     k = store.EVENT_ARRAY_CHUNKS
-    assert per_array == {"image": 10, "label": 10 * k, "sample": 10 * k, "wide": 10}
+    assert per_array == {"image": 10, "label": 10 * k, "sample": 10 * k, "wide": 10, "flags": 10 * k}
     sizes = {"train": 25 * k, "val": 25, "test": 7}
-    dims = {"image": ("y", "x"), "label": (), "sample": (), "wide": ("w",)}
+    dims = {"image": ("y", "x"), "label": (), "sample": (), "wide": ("w",), "flags": ("f",)}
     path = tmp_path / "s.zarr"
     store.prepare(path, sizes, arrays, dims, [], chunk_events=per_array, compressor=("zstd", 1), attrs={})
     root = zarr.open_group(str(path))
     chunks = {split: {name: root[split][name].chunks[0] for name in arrays} for split in sizes}
-    assert chunks["train"] == {"image": 10, "label": 10 * k, "sample": 10 * k, "wide": 10}
-    assert chunks["val"] == {"image": 10, "label": 30, "sample": 30, "wide": 10}
+    assert chunks["train"] == {"image": 10, "label": 10 * k, "sample": 10 * k, "wide": 10, "flags": 10 * k}
+    assert chunks["val"] == {"image": 10, "label": 30, "sample": 30, "wide": 10, "flags": 30}
     assert chunks["test"] == dict.fromkeys(arrays, 7)
 
     n = sizes["train"]
     rng = np.random.default_rng(5)
     images = rng.random((n, 4, 4)).astype(np.float32)
     wide = rng.random((n, 16))
+    flags = np.where(rng.random((n, 4)) < 0.05, 1.0, 0.0).astype(np.float32)  # small, but staged sparse
     writer = store.PartitionWriter(tmp_path / "staging", "p0")
-    writer.append({"image": images, "label": np.arange(n, dtype=np.int32), "wide": wide})
+    writer.append({"image": images, "label": np.arange(n, dtype=np.int32), "wide": wide, "flags": flags})
     staged = writer.close({})
+    assert staged.arrays["flags"].sparse
     sources = store.Sources({0: staged.slim()}, {0: {"sample": "s0"}})
     ranges = store.chunk_ranges(n, 10)
     task = 2 * k  # image chunks a task owns: two chunks of the labels
@@ -240,6 +255,7 @@ def test_small_per_event_arrays_get_whole_multiples_of_the_image_chunks(tmp_path
     np.testing.assert_array_equal(train["image"][:], images)
     np.testing.assert_array_equal(train["label"][:], np.arange(n))
     np.testing.assert_array_equal(train["wide"][:], wide)
+    np.testing.assert_array_equal(train["flags"][:], flags)
     assert set(train["sample"][:].tolist()) == {"s0"}
     assert store._missing_chunks(path, train["label"]) == []
     with pytest.raises(store.StoreError, match=r"train/(label|sample): region \[10, 20\) is not aligned to chunks of 80"):
