@@ -96,6 +96,12 @@ def store_path(work_dir: Path, size_gb: float, dtype: str, compressor: str) -> P
     return work_dir / f"images-{size_gb:g}GB-{dtype}-{compressor}.zarr"
 
 
+def zarr_chunks(path: Path, name: str) -> int:
+    import zarr
+
+    return zarr.open_group(str(path), mode="r", zarr_format=3)["train"][name].chunks[0]
+
+
 def write_store(path: Path, n_events: int, per_chunk: int, dtype: str, compressor: str) -> float:
     """Write a complete hepdask store of *n_events* synthetic events; seconds taken."""
     import zarr
@@ -105,18 +111,19 @@ def write_store(path: Path, n_events: int, per_chunk: int, dtype: str, compresso
     started = time.perf_counter()
     coords = [store.Coordinate("z", np.arange(SHAPE[0], dtype=np.float64) + 0.5, {"units": "bin"}),
               store.Coordinate("t", np.arange(SHAPE[1], dtype=np.float64) + 0.5, {"units": "bin"})]
+    arrays = {"image": store.ArraySpec(dtype, SHAPE), "label": store.ArraySpec("int32")}
     store.prepare(
-        path, {"train": n_events},
-        {"image": store.ArraySpec(dtype, SHAPE), "label": store.ArraySpec("int32")},
-        {"image": ("z", "t"), "label": ()}, coords,
-        chunk_events=per_chunk, compressor=(compressor, 1), attrs={store.PREFIX + "building": True},
+        path, {"train": n_events}, arrays, {"image": ("z", "t"), "label": ()}, coords,
+        chunk_events=store.array_chunk_events(arrays, ["image"], per_chunk),  # as a build chunks them
+        compressor=(compressor, 1), attrs={store.PREFIX + "building": True},
     )
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)["train"]
     rng = np.random.default_rng(12345)
+    labels = np.empty(n_events, np.int32)
     for start, stop in store.chunk_ranges(n_events, per_chunk):
-        images, labels = synthetic_chunk(rng, stop - start, dtype)
+        images, labels[start:stop] = synthetic_chunk(rng, stop - start, dtype)
         group["image"][start:stop] = images
-        group["label"][start:stop] = labels
+    group["label"][:] = labels
     store.finalize(path, {
         store.PREFIX + "splits": ["train"],
         store.PREFIX + "statistics": {"splits": {"train": {"events": n_events}}},
@@ -476,7 +483,9 @@ def main(argv: list[str] | None = None) -> None:
         n = round(size * 1e9 / image_bytes(args.dtype) / per_chunk) * per_chunk
         from hepdask import store as hstore
 
-        if hstore.is_complete(path) and stored_images(path)[0] == n:
+        if (hstore.is_complete(path) and stored_images(path)[0] == n
+                and zarr_chunks(path, "label") == hstore.array_chunk_events(
+                    {"label": hstore.ArraySpec("int32")}, [], per_chunk)["label"]):
             print(f"reusing {path} ({n:,} events, {du(path) / MiB:,.0f} MiB on disk)")
         else:
             seconds = write_store(path, n, per_chunk, args.dtype, args.compressor)
