@@ -403,9 +403,8 @@ class _Part:
     def _truncated(self, section: str, detail: str) -> StoreError:
         return StoreError(f"staged file {self.path} is truncated: section {section!r}, {detail}")
 
-    def section(self, section: str, dtype, n: int) -> np.ndarray:
-        """A whole section of *n* elements, all its blocks."""
-        _, offsets, lengths = self.staged.extents(section)
+    def _read(self, section: str, offsets: np.ndarray, lengths: np.ndarray) -> bytearray:
+        """The byte extents ``[offsets[i], offsets[i] + lengths[i])``, one after another."""
         out = bytearray(int(lengths.sum()))
         view = memoryview(out)
         at = 0
@@ -414,7 +413,12 @@ class _Part:
             if got != length:
                 raise self._truncated(section, f"{got} of {length} bytes at byte {offset}")
             at += length
-        values = np.frombuffer(out, dtype=dtype)
+        return out
+
+    def section(self, section: str, dtype, n: int) -> np.ndarray:
+        """A whole section of *n* elements, all its blocks."""
+        _, offsets, lengths = self.staged.extents(section)
+        values = np.frombuffer(self._read(section, offsets, lengths), dtype=dtype)
         if values.size != n:
             raise self._truncated(section, f"{values.size} of {n} elements")
         return values
@@ -446,14 +450,7 @@ class _Part:
         last = np.concatenate([breaks - 1, [starts.size - 1]]).astype(np.int64)
         run_starts, run_stops = byte_starts[first], byte_stops[last]
         lengths = run_stops - run_starts
-        buffer = bytearray(int(lengths.sum()))
-        view = memoryview(buffer)
-        at = 0
-        for a, n in zip(run_starts.tolist(), lengths.tolist()):
-            got = os.preadv(self.fd, [view[at : at + n]], a) if n else 0
-            if got != n:
-                raise self._truncated(section, f"wanted {n} bytes at byte {a}, got {got}")
-            at += n
+        buffer = self._read(section, run_starts, lengths)
         # Ranges of a run are in one block: their offsets differ by whole elements.
         run = np.repeat(np.arange(first.size), last - first + 1)
         before = np.concatenate([[0], np.cumsum(lengths)[:-1]])
