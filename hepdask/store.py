@@ -115,10 +115,12 @@ class Staged:
 
     def extents(self, section: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per block: its first event, and the byte offset and length of *section* in it."""
-        n = np.array([b["n"] for b in self.blocks], dtype=np.int64)
-        first = np.cumsum(n) - n
-        at = np.array([b["at"][section] for b in self.blocks], dtype=np.int64).reshape(-1, 2)
-        return first, at[:, 0], at[:, 1]
+        cache = self.__dict__.setdefault("_extents", {})  # a write task asks for each many times
+        if section not in cache:
+            n = np.array([b["n"] for b in self.blocks], dtype=np.int64)
+            at = np.array([b["at"][section] for b in self.blocks], dtype=np.int64).reshape(-1, 2)
+            cache[section] = (np.cumsum(n) - n, at[:, 0], at[:, 1])
+        return cache[section]
 
     @property
     def table_dtype(self) -> np.dtype:
@@ -909,6 +911,19 @@ class _SparseRows:
         lo, hi = self.ptr[a], self.ptr[b]
         dense = densify(self.counts[a:b], self.positions[lo:hi], self.values[lo:hi], self.spec, self.buffer)
         return dense.reshape(b - a, *self.spec.shape)
+
+
+def gathered_bytes(staged: Iterable[Staged], n_arrays: int) -> float:
+    """Bytes per event that a write task holds for its whole run (``_gather_task``): the
+    sparse and table sections of the staged partitions, and an element of each of the
+    store's *n_arrays* per-event arrays (8 bytes covers a number or a string's reference).
+    Dense-staged arrays are not counted: they are gathered GATHER_BYTES at a time."""
+    held = events = 0
+    for record in staged:
+        events += record.n_events
+        held += sum(n for block in record.blocks for section, (_, n) in block["at"].items()
+                    if not section.endswith(DENSE_SECTION))
+    return held / max(events, 1) + 8 * n_arrays
 
 
 def _gather_task(name, array, groups, row, staged, constants, staging, n: int,

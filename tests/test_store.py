@@ -110,6 +110,22 @@ def test_mostly_zero_images_are_staged_sparse_and_read_back_bit_for_bit(sparse_s
     assert store.read_rows(staging, record, "image", np.zeros(0, np.int64)).shape == (0, 6, 8)
 
 
+def test_a_write_task_holds_the_sparse_and_table_sections_not_the_dense_ones(staged, sparse_staged):
+    """What sizes write tasks (``build.WRITE_TASK_BYTES``): the rows gathered for a whole task."""
+    _, dense, _, _ = staged
+    _, sparse, images, _ = sparse_staged
+
+    def sections(record, keep) -> int:
+        return sum(n for block in record.blocks for section, (_, n) in block["at"].items() if keep(section))
+
+    assert store.gathered_bytes([dense], 3) == 8 + 8 + 8 + 8 * 3  # the table only: entry, energy, pair
+    per_event = sections(sparse, lambda name: True) / 500
+    assert store.gathered_bytes([sparse], 2) == per_event + 16
+    assert per_event < 0.3 * images[0].nbytes
+    both = (sections(dense, lambda name: not name.endswith(".bin")) + sections(sparse, lambda name: True)) / 1000
+    assert store.gathered_bytes([dense, sparse], 0) == both
+
+
 def test_dense_images_stay_dense(staged):
     _, record, _, _ = staged
     assert not record.arrays["image"].sparse and not record.arrays["entry"].sparse
