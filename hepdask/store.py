@@ -365,8 +365,52 @@ def read_table_rows(staging: str | Path, staged: Staged, rows: np.ndarray) -> np
 def read_sparse_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray):
     """Rows *rows* of a sparse staged array as ``(counts, positions, values)``
     (``binning.nonzero_elements``' form), in the order asked for."""
+    return _sparse_rows(staging, staged, name, rows, with_table=False)[:3]
+
+
+#: A partition staged in one block of at most this many bytes (its sections that a write
+#: task reads) is read with one call: a shuffled build's write task wants a few scattered
+#: rows of every partition, and the per-call cost of the ranged reads, not the bytes,
+#: was most of its time (0.4 ms a partition and task).
+WHOLE_BLOCK_BYTES = 2**20
+
+
+def _whole_block(staging: str | Path, staged: Staged, sections: list[str]) -> dict[str, memoryview] | None:
+    """*sections* of a one-block partition, read with one call, if they span at most
+    WHOLE_BLOCK_BYTES; else None."""
+    if len(staged.blocks) != 1:
+        return None
+    at = staged.blocks[0]["at"]
+    lo = min(at[section][0] for section in sections)
+    hi = max(at[section][0] + at[section][1] for section in sections)
+    if hi - lo > WHOLE_BLOCK_BYTES:
+        return None
+    with _Part(staging, staged) as part:
+        view = memoryview(part._read("+".join(sections), np.array([lo]), np.array([hi - lo])))
+    return {section: view[at[section][0] - lo : at[section][0] - lo + at[section][1]] for section in sections}
+
+
+def _sparse_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray, *, with_table: bool):
+    """``read_sparse_rows``, and, *with_table*, the same rows of the partition's table
+    (``read_table_rows``; None without): ``(counts, positions, values, table)``."""
     spec = staged.arrays[name]
     rows = np.asarray(rows, dtype=np.int64)
+    table = with_table and any(s.table for s in staged.arrays.values())
+    sections = [f"{name}{suffix}" for suffix in SPARSE_SECTIONS] + ([TABLE_SECTION] if table else [])
+    whole = _whole_block(staging, staged, sections)
+    if whole is not None:
+        nnz = np.frombuffer(whole[sections[0]], np.int32)
+        ptr = np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)])
+        positions = np.frombuffer(whole[sections[1]], np.int32)
+        values = np.frombuffer(whole[sections[2]], spec.dtype)
+        if nnz.size != staged.n_events or positions.size != ptr[-1] or values.size != ptr[-1]:
+            msg = f"staged file {staged_file(staging, staged.key)} does not match its record: section {sections[0]!r}"
+            raise StoreError(msg)
+        counts = nnz[rows]
+        take = _segments(ptr[rows], counts)
+        records = np.frombuffer(whole[TABLE_SECTION], staged.table_dtype)[rows] if table else None
+        return counts, positions[take], values[take], records
+    records = read_table_rows(staging, staged, rows) if table else None
     with _Part(staging, staged) as part:
         nnz = part.section(f"{name}.nnz", np.int32, staged.n_events)
         order = np.argsort(rows, kind="stable")
@@ -385,7 +429,7 @@ def read_sparse_rows(staging: str | Path, staged: Staged, name: str, rows: np.nd
     inverse[order] = np.arange(order.size)
     counts = nnz[rows]
     take = _segments(at[inverse], counts)
-    return counts, np.frombuffer(positions, np.int32)[take], np.frombuffer(values, spec.dtype)[take]
+    return counts, np.frombuffer(positions, np.int32)[take], np.frombuffer(values, spec.dtype)[take], records
 
 
 class _Part:
@@ -834,8 +878,10 @@ def write_chunks(
     # once: per-partition constants, per-event scalars and sparse images. Dense images are
     # gathered per span of at most GATHER_BYTES.
     tables: dict[int, np.ndarray] = {}  # each partition's table records, read once for all its columns
-    whole = {name: _gather_task(name, array, groups, row, staged, constants, staging, end - origin, tables)
-             for name, array in targets.items()}
+    # Sparse arrays first: their reads bring each partition's table rows along.
+    sparse = {name for record in staged.values() for name, spec in record.arrays.items() if spec.sparse}
+    whole = {name: _gather_task(name, targets[name], groups, row, staged, constants, staging, end - origin, tables)
+             for name in sorted(targets, key=lambda name: name not in sparse)}
     del tables
     once = {name for name, array in targets.items() if array.chunks[0] != unit}
     for name in once:
@@ -942,7 +988,11 @@ def _gather_task(name, array, groups, row, staged, constants, staging, n: int,
         counts = np.zeros(n, np.int32)
         pieces = []
         for p, where in groups:
-            c, positions, values = read_sparse_rows(staging, staged[p], name, row[where])
+            # The partition's table rows come with the same read, for the table arrays.
+            with_table = tables is not None and p not in tables
+            c, positions, values, records = _sparse_rows(staging, staged[p], name, row[where], with_table=with_table)
+            if records is not None:
+                tables[p] = records
             counts[where] = c
             pieces.append((where, c, positions, values))
         ptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])

@@ -126,6 +126,27 @@ def test_a_write_task_holds_the_sparse_and_table_sections_not_the_dense_ones(sta
     assert store.gathered_bytes([dense, sparse], 0) == both
 
 
+@pytest.mark.parametrize("whole", [0, 2**30])
+def test_a_one_block_partition_read_whole_or_by_ranges_gives_the_same_rows(tmp_path, monkeypatch, whole):
+    """A write task reads a small one-block partition with one call, its table rows along."""
+    monkeypatch.setattr(store, "WHOLE_BLOCK_BYTES", whole)
+    rng = np.random.default_rng(17)
+    images = np.where(rng.random((300, 5, 6)) < 0.05, rng.normal(size=(300, 5, 6)), 0).astype(np.float32)
+    images[7] = 0.0
+    entries = np.arange(300, dtype=np.int64) * 3
+    writer = store.PartitionWriter(tmp_path, "p0")
+    writer.append({"image": images, "entry": entries, "energy": entries * 0.5})
+    record = writer.close({})
+    assert len(record.blocks) == 1 and record.arrays["image"].sparse
+    for rows in (rng.choice(300, 40, replace=False), np.array([7, 299, 0, 7 + 1]), np.arange(300)[::-1]):
+        counts, positions, values, table = store._sparse_rows(tmp_path, record, "image", rows, with_table=True)
+        np.testing.assert_array_equal(table["entry"], entries[rows])
+        np.testing.assert_array_equal(table["energy"], entries[rows] * 0.5)
+        dense = store.densify(counts, positions, values, record.arrays["image"]).reshape(rows.size, 5, 6)
+        assert dense.tobytes() == images[rows].tobytes()
+        assert store._sparse_rows(tmp_path, record, "image", rows, with_table=False)[3] is None
+
+
 def test_dense_images_stay_dense(staged):
     _, record, _, _ = staged
     assert not record.arrays["image"].sparse and not record.arrays["entry"].sparse
