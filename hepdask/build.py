@@ -27,11 +27,15 @@ from .errors import BuildError, GeometryError, HepdaskError, InputFileError, Sto
 log = logging.getLogger(__name__)
 
 #: At most this many bytes of rows that a write task gathers for its whole run
-#: (``store.gathered_bytes``: sparse images, per-event values); dense-staged images are
-#: gathered ``store.GATHER_BYTES`` at a time whatever the task's size. Counting the dense
-#: image bytes instead made a shuffled 3,200-file demo build 26 write tasks, each of which
-#: read rows from every partition: 0.24 ms a partition, 20 of the write phase's 26 s of CPU.
-WRITE_TASK_BYTES = 256 * 2**20
+#: (``store.gathered_bytes``: sparse images, per-event values; assembling them holds up to
+#: twice that); dense-staged images are gathered ``store.GATHER_BYTES`` at a time. Counting
+#: the dense image bytes instead made a shuffled 3,200-file demo build 26 write tasks, each
+#: of which read rows from every partition: 0.24 ms a partition, 20 of the write phase's 26 s
+#: of CPU.
+WRITE_TASK_BYTES = 128 * 2**20
+#: ...and at most this many bytes of images (uncompressed): a task's share of progress and
+#: of what a killed build redoes.
+WRITE_TASK_IMAGE_BYTES = 2 * 2**30
 #: Aim for this many write tasks per worker, so that a slow task does not idle the others.
 TASKS_PER_WORKER = 4
 #: With ``read.partitions_per_task: auto``, aim for this many stage tasks per worker...
@@ -887,7 +891,8 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     chunk_bytes = int(per_chunk * store.gathered_bytes(staged, len(arrays)))
     # Counted now, not before staging: SLURM workers may have joined since.
     n_workers = max(1, len(client.nthreads()))
-    group = _chunks_per_task(sum(map(len, ranges.values())), chunk_bytes, n_workers)
+    group = _chunks_per_task(sum(map(len, ranges.values())), chunk_bytes, n_workers,
+                             image_chunk_bytes=per_chunk * event_bytes(job.images))
     slim = [s.slim() for s in staged]
     writes = []
     n_tasks = 0
@@ -998,12 +1003,16 @@ def _check_bad_fraction(config: Config, bad_files: list[dict], n_files: int) -> 
     raise BuildError(msg)
 
 
-def _chunks_per_task(n_chunks: int, chunk_bytes: int, n_workers: int, unit: int = store.EVENT_ARRAY_CHUNKS) -> int:
+def _chunks_per_task(n_chunks: int, chunk_bytes: int, n_workers: int, unit: int = store.EVENT_ARRAY_CHUNKS,
+                     image_chunk_bytes: int = 0) -> int:
     """Consecutive image chunks one write task fills: enough tasks to keep every worker
-    busy (TASKS_PER_WORKER each), and at most WRITE_TASK_BYTES per task (*chunk_bytes*: what
-    a task holds per chunk), rounded to a multiple of *unit*: a task must own whole chunks
-    of the small per-event arrays too (``store.EVENT_ARRAY_CHUNKS`` image chunks each)."""
+    busy (TASKS_PER_WORKER each), at most WRITE_TASK_BYTES held per task (*chunk_bytes* a
+    chunk) and, given *image_chunk_bytes*, WRITE_TASK_IMAGE_BYTES of images, rounded to a
+    multiple of *unit*: a task must own whole chunks of the small per-event arrays too
+    (``store.EVENT_ARRAY_CHUNKS`` image chunks each)."""
     by_bytes = max(1, WRITE_TASK_BYTES // max(1, chunk_bytes))
+    if image_chunk_bytes:
+        by_bytes = min(by_bytes, max(1, WRITE_TASK_IMAGE_BYTES // image_chunk_bytes))
     by_balance = max(1, -(-n_chunks // (TASKS_PER_WORKER * n_workers)))
     return max(1, round(min(by_bytes, by_balance) / unit)) * unit
 

@@ -368,26 +368,30 @@ def read_sparse_rows(staging: str | Path, staged: Staged, name: str, rows: np.nd
     return _sparse_rows(staging, staged, name, rows, with_table=False)[:3]
 
 
-#: A partition staged in one block of at most this many bytes (its sections that a write
-#: task reads) is read with one call: a shuffled build's write task wants a few scattered
-#: rows of every partition, and the per-call cost of the ranged reads, not the bytes,
-#: was most of its time (0.4 ms a partition and task).
+#: A partition staged in one block, whose sections a write task reads take at most this
+#: many bytes, is read with one open and a call per section when the task wants at least
+#: 1/WHOLE_BLOCK_SHARE of its rows: a shuffled build's write task wants a few scattered rows
+#: of every partition, and the per-call cost of the ranged reads, not the bytes, was most of
+#: its time (0.4 ms a partition and task). With many tasks (many workers) each wants too few
+#: rows for reading the whole sections to pay.
 WHOLE_BLOCK_BYTES = 2**20
+WHOLE_BLOCK_SHARE = 16
 
 
-def _whole_block(staging: str | Path, staged: Staged, sections: list[str]) -> dict[str, memoryview] | None:
-    """*sections* of a one-block partition, read with one call, if they span at most
-    WHOLE_BLOCK_BYTES; else None."""
-    if len(staged.blocks) != 1:
+def _whole_block(staging: str | Path, staged: Staged, sections: list[str], n_rows: int) -> dict[str, memoryview] | None:
+    """*sections* of a one-block partition read whole, if they are small enough and
+    *n_rows* wanted rows are enough of the partition's (see WHOLE_BLOCK_BYTES); else None."""
+    if len(staged.blocks) != 1 or n_rows * WHOLE_BLOCK_SHARE < staged.n_events:
         return None
     at = staged.blocks[0]["at"]
-    lo = min(at[section][0] for section in sections)
-    hi = max(at[section][0] + at[section][1] for section in sections)
-    if hi - lo > WHOLE_BLOCK_BYTES:
+    offsets = np.array([at[section][0] for section in sections], dtype=np.int64)
+    lengths = np.array([at[section][1] for section in sections], dtype=np.int64)
+    if lengths.sum() > WHOLE_BLOCK_BYTES:
         return None
     with _Part(staging, staged) as part:
-        view = memoryview(part._read("+".join(sections), np.array([lo]), np.array([hi - lo])))
-    return {section: view[at[section][0] - lo : at[section][0] - lo + at[section][1]] for section in sections}
+        view = memoryview(part._read("+".join(sections), offsets, lengths))
+    starts = (np.cumsum(lengths) - lengths).tolist()
+    return {section: view[a : a + n] for section, a, n in zip(sections, starts, lengths.tolist())}
 
 
 def _sparse_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarray, *, with_table: bool):
@@ -397,18 +401,27 @@ def _sparse_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarra
     rows = np.asarray(rows, dtype=np.int64)
     table = with_table and any(s.table for s in staged.arrays.values())
     sections = [f"{name}{suffix}" for suffix in SPARSE_SECTIONS] + ([TABLE_SECTION] if table else [])
-    whole = _whole_block(staging, staged, sections)
+    whole = _whole_block(staging, staged, sections, rows.size)
     if whole is not None:
+        record_type = staged.table_dtype
+        sizes = {sections[0]: 4 * staged.n_events,
+                 **({TABLE_SECTION: record_type.itemsize * staged.n_events} if table else {})}
+        for section, size in sizes.items():
+            if len(whole[section]) != size:
+                msg = (f"staged file {staged_file(staging, staged.key)} does not match its record: "
+                       f"section {section!r} of {len(whole[section])} bytes, {size} expected")
+                raise StoreError(msg)
         nnz = np.frombuffer(whole[sections[0]], np.int32)
         ptr = np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)])
+        if len(whole[sections[1]]) != 4 * ptr[-1] or len(whole[sections[2]]) != np.dtype(spec.dtype).itemsize * ptr[-1]:
+            msg = (f"staged file {staged_file(staging, staged.key)} does not match its record: "
+                   f"sections {sections[1]!r}, {sections[2]!r} do not hold {ptr[-1]} elements")
+            raise StoreError(msg)
         positions = np.frombuffer(whole[sections[1]], np.int32)
         values = np.frombuffer(whole[sections[2]], spec.dtype)
-        if nnz.size != staged.n_events or positions.size != ptr[-1] or values.size != ptr[-1]:
-            msg = f"staged file {staged_file(staging, staged.key)} does not match its record: section {sections[0]!r}"
-            raise StoreError(msg)
         counts = nnz[rows]
         take = _segments(ptr[rows], counts)
-        records = np.frombuffer(whole[TABLE_SECTION], staged.table_dtype)[rows] if table else None
+        records = np.frombuffer(whole[TABLE_SECTION], record_type)[rows] if table else None
         return counts, positions[take], values[take], records
     records = read_table_rows(staging, staged, rows) if table else None
     with _Part(staging, staged) as part:
