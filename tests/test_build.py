@@ -728,3 +728,18 @@ def test_a_metadata_key_that_clashes_with_an_array_is_refused(ldmx_data, tmp_pat
     raw["samples"][0]["metadata"] = {"label": 3}
     with pytest.raises(hepdask.HepdaskError, match="metadata key 'label' names a per-event array"):
         from_dict(raw)
+
+
+def test_write_tasks_own_whole_small_array_chunks_and_are_sized_by_what_they_hold():
+    k = store.EVENT_ARRAY_CHUNKS
+    held = 500 * 2**10  # a chunk's sparse rows and per-event values
+    # Balance first: 4 tasks a worker.
+    assert build._chunks_per_task(1000, held, 2, image_chunk_bytes=4 * 2**20) == 128
+    assert build._chunks_per_task(1000, held, 2) % k == 0
+    # What a task holds bounds it...
+    assert build._chunks_per_task(10**6, held, 1) == round(build.WRITE_TASK_BYTES / held / k) * k
+    # ...and so do its images, staged dense or not.
+    assert build._chunks_per_task(10**6, 1, 1, image_chunk_bytes=64 * 2**20) == build.WRITE_TASK_IMAGE_BYTES // 2**26
+    # Never less than one chunk of the small arrays; without them (unit 1), one image chunk.
+    assert build._chunks_per_task(3, held, 64) == k
+    assert build._chunks_per_task(3, held, 64, unit=1) == 1
