@@ -234,6 +234,10 @@ def test_resume_refuses_another_config_and_rebuilds_changed_files(ldmx_data, cli
     assert store.verify(tmp_path / "r.zarr") == []
 
 
+#: Seconds an injected write failure waits before it fails the build.
+WRITE_FAILURE_DELAY = 1.5
+
+
 def _fail_writes_of(split):
     """On a worker: make write tasks of *split* fail, after leaving a half-written chunk
     behind as a killed writer would."""
@@ -249,6 +253,10 @@ def _fail_writes_of(split):
             chunks = Path(path) / this_split / "image" / "c"
             chunks.mkdir(parents=True, exist_ok=True)
             (chunks / f"{ranges[0][0]}.dead.partial").write_bytes(b"half")
+            # The failure cancels the build's other write tasks: let those submitted before
+            # this one (the train split's, a few ms each here) finish first, as a build
+            # stopped late in its write phase would have them.
+            time.sleep(WRITE_FAILURE_DELAY)
             msg = f"injected failure writing {this_split}"
             raise RuntimeError(msg)
         return original(path, this_split, ranges, *args, **kwargs)
