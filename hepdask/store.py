@@ -867,7 +867,7 @@ def write_chunks(
     staged, constants = sources.staged, sources.constants
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)[split]
     targets = {}
-    for name in group.array_keys():
+    for name in sorted(group.array_keys()):  # a deterministic order (and first error)
         array = group[name]
         if array.metadata.dimension_names[0] == "event":
             # Every chunk is written, also one equal to the fill value (an unshuffled run of
