@@ -25,7 +25,7 @@ _LAZY = {
 #: submodules reachable as attributes (``hepdask.store.verify``) without importing them first
 _SUBMODULES = frozenset({
     "binning", "build", "cli", "cluster", "config", "errors", "examples", "geometry", "heap", "jit", "malloc",
-    "plots", "selection", "sources", "store", "tfdata", "train", "truth",
+    "plots", "selection", "sources", "store", "tfdata", "train", "truth", "workers",
 })  # fmt: skip
 
 __all__ = [

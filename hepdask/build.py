@@ -741,9 +741,7 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
     whose worker died on every retry (a "poison" file) is reported as bad instead of failing
     the build. A group that killed its workers is retried one partition a task, so only the
     poison file is lost (the group's partitions staged before it are reused)."""
-    from distributed import KilledWorker, as_completed
-
-    from .cluster import WorkerWatch
+    from .cluster import WorkerWatch, as_completed, killed_worker
 
     task = bar.add("read + bin", len(partitions))
     results: list[dict] = [{} for _ in partitions]
@@ -769,7 +767,7 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
     # client several ms of CPU each on a machine whose cores the workers need. The loop is
     # *client*'s, not the default client's (see ``_wait``).
     with WorkerWatch(client, futures, bar.print, worker_timeout) as watch:
-        waiting = as_completed(futures, loop=client.loop, with_results=True, raise_errors=False)
+        waiting = as_completed(client, futures, with_results=True)
         for future, result in waiting:
             watch.check()
             group = members[future.key]
@@ -779,7 +777,7 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
                 bar.advance(task, len(group))
                 continue
             err = result[1]
-            if job.on_bad_file != "skip" or not isinstance(err, KilledWorker):
+            if job.on_bad_file != "skip" or not killed_worker(err):
                 client.cancel(futures)
                 _raise_task_error(future, err)
             if len(group) > 1:
@@ -796,18 +794,11 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
 
 
 def _wait(client, futures, bar, task, worker_timeout: float) -> None:
-    """Wait for *futures*, advancing *task*; the first failure cancels the rest.
-
-    ``as_completed`` gets *client*'s event loop: left to itself it takes the loop of Dask's
-    default client, which need not be *client* and may be closed; it then never wakes up
-    (a SLURM build after a local one hung so, distributed 2026.8).
-    """
-    from distributed import as_completed
-
-    from .cluster import WorkerWatch
+    """Wait for *futures*, advancing *task*; the first failure cancels the rest."""
+    from .cluster import WorkerWatch, as_completed
 
     with WorkerWatch(client, futures, bar.print, worker_timeout) as watch:
-        for future in as_completed(futures, loop=client.loop):
+        for future in as_completed(client, futures):
             watch.check()
             if future.status == "error":
                 err = future.exception()
@@ -842,14 +833,10 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
 
     job = Job.from_config(config)
     layout = job.layout
-    report = BuildReport(config.name, config.output.path, dashboard=cluster.dashboard_link(client) if dashboard else None)
+    report = BuildReport(config.name, config.output.path, dashboard=cluster.dashboard_link(client, config.cluster) if dashboard else None)
     if report.dashboard:
         bar.print(f"Dask dashboard: {report.dashboard}")
-    if config.cluster.tune_malloc:
-        client.register_plugin(cluster.TunedMalloc())
-    if config.cluster.tune_gc:
-        client.register_plugin(cluster.FrozenImports())
-    client.register_plugin(cluster.QuietUserErrors())
+    cluster.setup_workers(client, config.cluster)
     if len(partitions) > 1 and _counted_on_workers(config, partitions):
         partitions = _split_files(client, partitions, config, bar, job.build_id)
     report.n_partitions = len(partitions)

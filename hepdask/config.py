@@ -359,10 +359,10 @@ class Cluster(_Model):
     nothing a progress bar does not, and starting the dashboard costs ~0.6 s);
     ``null`` starts none. ``tune_malloc`` sets glibc's malloc
     thresholds on every worker so that chunk-sized buffers are reused (``hepdask.malloc``,
-    through the ``hepdask.cluster.TunedMalloc`` worker plugin). ``tune_gc`` has every worker
+    through the ``hepdask.workers.TunedMalloc`` worker plugin). ``tune_gc`` has every worker
     process import the build stack with the garbage collector paused and freeze it, so that
     its collections skip those objects (``hepdask.heap``, through the
-    ``hepdask.cluster.FrozenImports`` worker plugin).
+    ``hepdask.workers.FrozenImports`` worker plugin).
     """
 
     kind: Literal["local", "slurm", "address"] = "local"

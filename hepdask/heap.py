@@ -13,7 +13,7 @@ more in the collections of the interpreter's shutdown.
 the process holds (``gc.freeze``): collections skip those objects from then on, and
 everything made later is collected as usual. Workers freeze once more after their first task
 (:func:`settle`). No Dask here: the console script calls it
-(``hepdask.cli.entry``), builds register ``hepdask.cluster.FrozenImports`` on their workers.
+(``hepdask.cli.entry``), builds register ``hepdask.workers.FrozenImports`` on their workers.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ pipeline's CPU time, and 8-18 % of a build's wall time. With the two thresholds 
 chunk-sized buffers are reused from the heap; either alone did not help.
 
 No Dask here: ``tf_dataset`` tunes the reader's process with it; builds register
-``hepdask.cluster.TunedMalloc`` so that every worker calls :func:`tune`.
+``hepdask.workers.TunedMalloc`` so that every worker calls :func:`tune`.
 """
 
 from __future__ import annotations

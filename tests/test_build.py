@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -168,6 +169,84 @@ def test_a_plan_of_one_partition_runs_inside_this_process(ldmx_data, tmp_path, c
     assert here.dashboard is None and processes.dashboard.startswith("http://127.0.0.1:")
     assert len(chunk_hashes(tmp_path / "auto.zarr")) > 2
     assert chunk_hashes(tmp_path / "auto.zarr") == chunk_hashes(tmp_path / "processes.zarr")
+
+
+def test_a_small_build_runs_inline_without_importing_dask(ldmx_data, tmp_path):
+    """A one-file build without a dashboard runs its tasks in the calling thread
+    (``cluster.InlineClient``): no scheduler, and neither Dask nor distributed is imported."""
+    data, files = ldmx_data
+    one_file = demo_config(data, tmp_path / "inline.zarr", **{"read.step_size": 1000})
+    one_file["samples"] = [{"name": "signal", "label": 1, "files": [files["signal"][0]]}]
+    code = textwrap.dedent("""
+        import json, sys
+        import hepdask
+        from hepdask.config import from_dict
+        report = hepdask.build_dataset(from_dict(json.loads(sys.argv[1])), progress=False)
+        print(report.events_written, "dask" in sys.modules, "distributed" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(one_file)], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    n_events = uproot.open(files["signal"][0])["ecalHits"].num_entries
+    assert done.stdout.split() == [str(n_events), "False", "False"]
+    assert xr.open_zarr(tmp_path / "inline.zarr", group="train").sizes["event"] > 0
+
+
+def test_an_in_process_build_with_a_dashboard_runs_on_a_dask_worker_thread(ldmx_data, tmp_path, connected):
+    """A dashboard needs a scheduler: ``processes: false`` with a dashboard address runs the
+    tasks on one worker thread of an in-process LocalCluster, and writes the same chunks; the
+    reported link is where that dashboard listens."""
+    from hepdask import cluster
+    from hepdask.config import Cluster
+
+    data, files = ldmx_data
+    one_file = demo_config(data, tmp_path / "inline.zarr", **{"read.step_size": 1000})
+    one_file["samples"] = [{"name": "signal", "label": 1, "files": [files["signal"][0]]}]
+    inline = hepdask.build_dataset(from_dict(one_file), progress=False)
+    one_file["output"]["path"] = str(tmp_path / "dashboard.zarr")
+    one_file["cluster"].update(processes=False, workers=None, dashboard_address="127.0.0.1:0")
+    shown = hepdask.build_dataset(from_dict(one_file), progress=False)
+    assert connected == [True, True]
+    assert inline.dashboard is None and shown.dashboard.startswith("http://127.0.0.1:")
+    assert chunk_hashes(tmp_path / "inline.zarr") == chunk_hashes(tmp_path / "dashboard.zarr")
+    with cluster.connect(Cluster(processes=False, dashboard_address="127.0.0.1:0"), in_process=True) as client:
+        link = cluster.dashboard_link(client, Cluster(processes=False, dashboard_address="127.0.0.1:0"))
+        with urllib.request.urlopen(link, timeout=10) as page:  # the link leads to the dashboard
+            assert page.status == 200
+
+
+def test_inline_tasks_run_when_waited_for_in_submission_order():
+    """``cluster.InlineClient``: a task runs when it is waited for, once; a failure is its
+    future's (status, exception, ``(type, exception, traceback)`` with the results), a
+    cancelled task never runs, and ``gather`` raises a failed task's error."""
+    from hepdask.cluster import InlineClient, as_completed
+
+    ran = []
+
+    def task(name):
+        ran.append(name)
+        if name == "bad":
+            raise ValueError(name)
+        return name.upper()
+
+    client = InlineClient()
+    futures = [client.submit(task, name, key=name) for name in ("a", "bad", "b", "never")]
+    assert ran == []
+    client.cancel(futures[3:])
+    results = []
+    waiting = as_completed(client, futures[:3], with_results=True)
+    for future, result in waiting:
+        results.append((future.key, future.status, result if future.status == "finished" else result[1]))
+        if future.key == "a":
+            waiting.add(futures[3])
+    assert ran == ["a", "bad", "b"]
+    assert results[0] == ("a", "finished", "A") and results[2] == ("b", "finished", "B")
+    assert results[1][:2] == ("bad", "error") and isinstance(results[1][2], ValueError)
+    assert isinstance(futures[1].exception(), ValueError) and futures[1].exception().__traceback__ is not None
+    assert [f.key for f in as_completed(client, futures)] == ["a", "bad", "b"] and ran == ["a", "bad", "b"]
+    with pytest.raises(ValueError, match="bad"):
+        client.gather(futures[:2])
+    assert client.gather(futures[:1]) == ["A"] and client.nthreads() == {"inline": 1}
 
 
 def test_a_plan_of_few_small_files_runs_inside_this_process(ldmx_data, tmp_path, connected, monkeypatch):
@@ -534,29 +613,29 @@ def test_local_cluster_leaves_the_client_environment_alone(monkeypatch):
 
 
 def test_workers_get_the_malloc_tuning(built, client):
-    """The build registers hepdask.cluster.TunedMalloc, so restarted workers get it too."""
-    from hepdask import cluster
+    """The build registers hepdask.workers.TunedMalloc, so restarted workers get it too."""
+    from hepdask import workers
 
     plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
-    assert all(cluster.TunedMalloc.name in names for names in plugins.values()), plugins
+    assert all(workers.TunedMalloc.name in names for names in plugins.values()), plugins
 
 
 def test_worker_processes_freeze_their_imports_but_the_client_process_does_not(built, client):
-    """The build registers hepdask.cluster.FrozenImports: every worker process holds the build
+    """The build registers hepdask.workers.FrozenImports: every worker process holds the build
     stack frozen (full collections skip it), and froze again after its first task. Set up in
     the client's own process (a worker thread there), the plugin freezes nothing."""
     import gc
 
-    from hepdask import cluster, heap
+    from hepdask import heap, workers
 
     def frozen(dask_worker):
-        plugin = dask_worker.plugins.get(cluster.FrozenImports.name)
+        plugin = dask_worker.plugins.get(workers.FrozenImports.name)
         return plugin is not None, gc.get_freeze_count(), heap.frozen(heap.BUILD_STACK), heap._settled
 
     for registered, count, stack, settled in client.run(frozen).values():
         assert registered and count > 10**5 and stack and settled
     before = gc.get_freeze_count()
-    here = cluster.FrozenImports()
+    here = workers.FrozenImports()
     here.setup(None)
     here.transition("a-key", "executing", "memory")
     assert gc.get_freeze_count() == before and not heap._settled

@@ -1,0 +1,90 @@
+"""What hepdask sets up on every Dask worker of a build: Dask worker plugins.
+
+A build registers them on its Client (``hepdask.cluster.setup_workers``), so workers that
+join or restart later get them too. They live apart from ``hepdask.cluster`` because they
+subclass Dask's ``WorkerPlugin``: importing them imports distributed, which a build that runs
+inline in this process (``hepdask.cluster.InlineClient``) never needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from . import heap, malloc
+
+
+class TunedMalloc(WorkerPlugin):
+    """Applies ``hepdask.malloc.tune`` on every worker, including workers that join or
+    restart later (config ``cluster.tune_malloc``)."""
+
+    name = "hepdask-tuned-malloc"
+
+    def setup(self, worker) -> None:
+        malloc.tune()
+
+
+class FrozenImports(WorkerPlugin):
+    """Imports the build stack on every worker process with the garbage collector paused and
+    freezes it, and freezes once more when the process's first task has finished
+    (``hepdask.heap``; config ``cluster.tune_gc``). A worker thread inside the client's own
+    process is left alone: its heap is the user's."""
+
+    name = "hepdask-frozen-imports"
+
+    def __init__(self) -> None:
+        self.client_process = (socket.gethostname(), os.getpid())
+        self.active = False
+
+    def setup(self, worker) -> None:
+        self.active = (socket.gethostname(), os.getpid()) != self.client_process
+        if self.active and not heap.frozen(heap.BUILD_STACK):
+            heap.import_frozen(heap.BUILD_STACK)
+
+    def transition(self, key, start: str, finish: str, **kwargs) -> None:
+        if self.active and finish == "memory":
+            heap.settle()
+
+
+class QuietUserErrors(WorkerPlugin):
+    """Keeps a worker from logging "Compute Failed" with a traceback for a task that raised a
+    hepdask error (a bad file, a det_id mismatch): the build reports those in one line on the
+    client, and seven lines of worker log per failed task before it buried that line. Any
+    other exception, a bug, is still logged in full. Also quiet: the warning for each task
+    cancelled when a build stops (Ctrl-C, or another task's error)."""
+
+    name = "hepdask-quiet-user-errors"
+
+    def setup(self, worker) -> None:
+        for name in ("distributed.worker", "distributed.worker.state_machine"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
+                logger.addFilter(_UserErrorFilter())
+
+
+class _UserErrorFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str):
+            return True
+        if record.msg.startswith("Async instruction for") and "ended with CancelledError" in record.getMessage():
+            return False
+        if not record.msg.startswith("Compute Failed"):
+            return True
+        # distributed's worker logs (key, state, task, exception_text, traceback_text).
+        args = record.args if isinstance(record.args, tuple) else ()
+        exception = args[3] if len(args) > 3 and isinstance(args[3], str) else ""
+        return exception.split("(", 1)[0] not in _user_error_names()
+
+
+def _user_error_names() -> set[str]:
+    from . import errors
+
+    found, todo = set(), [errors.HepdaskError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return found
