@@ -9,7 +9,7 @@ OrcaSong runs in a separate virtualenv (it pulls km3pipe), through
 and run
 
     python benchmarks/bench_orcasong.py --orcasong-python VENV/bin/python
-        [--copies 100] [--repeat 3] [--orcasong-repeat 1] [--workers 2] [--work-dir benchmarks/_work/orcasong]
+        [--copies 100] [--repeat 3] [--orcasong-repeat 1] [--workers N] [--work-dir benchmarks/_work/orcasong]
 
 (1) Images. ``configs/km3net-mu-vs-nu.yaml`` makes two images per event: z-t of one string
     (``image``) and x-y-z-t of the detector (``image_xyzt``). For every file of both samples,
@@ -68,7 +68,7 @@ def resolved_samples(config_path: Path) -> list[dict]:
             for s in config.samples]
 
 
-def file_config(sample: dict, files: list[str], out: Path, workers: int, *, centre: bool) -> tuple[dict, dict]:
+def file_config(sample: dict, files: list[str], out: Path, workers: int | None, *, centre: bool) -> tuple[dict, dict]:
     """The config for *files* of *sample* alone, and OrcaSong's bin_edges_list per image array.
 
     Without *centre* (a detx v4/v5 detector) the x and y ranges move to the detector's frame.
@@ -79,7 +79,8 @@ def file_config(sample: dict, files: list[str], out: Path, workers: int, *, cent
     raw["samples"] = [{"name": sample["name"], "label": sample["label"], "files": files,
                        "geometry": sample["geometry"]}]
     raw["output"].update(path=str(out), split={"train": 1.0}, shuffle=False, overwrite=True)
-    raw.setdefault("cluster", {})["workers"] = workers
+    if workers is not None:
+        raw.setdefault("cluster", {})["workers"] = workers
     images = {"image": raw["image"], **{f"image_{k}": v for k, v in (raw.get("images") or {}).items()}}
     if raw["geometry"].get("centre") and not centre:
         middle = geometry.read_detx(sample["geometry"]).centre()
@@ -291,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copies", type=int, default=100, help="copies of the neutrino file for the speed run")
     parser.add_argument("--repeat", type=int, default=3, help="timed hepdask runs (best is kept)")
     parser.add_argument("--orcasong-repeat", type=int, default=1, help="timed OrcaSong runs (best is kept)")
-    parser.add_argument("--workers", type=int, default=2, help="hepdask LocalCluster workers")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="hepdask LocalCluster worker processes (default: the config's; hepdask then builds "
+                             "a few small files in its own process and more on one worker process per core)")
     parser.add_argument("--work-dir", type=Path, default=HERE / "_work" / "orcasong")
     parser.add_argument("--skip-images", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
