@@ -44,8 +44,8 @@ STAGE_TASKS_PER_WORKER = 8
 #: (2 workers on 2 cores, distributed 2026.8), as much as reading a 500-event demo file:
 #: 200 such files read in 1.5-1.9 s one a task and in 0.8-1.0 s ten a task.
 MAX_PARTITIONS_PER_TASK = 16
-#: A plan reading at most this many bytes from at most this many files runs on one worker
-#: thread in this process (``cluster.processes`` unset): starting worker processes costs
+#: A plan reading at most this many bytes from at most this many files runs in this process
+#: (``cluster.processes`` unset; ``hepdask.cluster.connect``): starting worker processes costs
 #: 2-3 s, about what one thread needs for ~50 MB (measured, 2 cores: 40 demo files, 10 MB,
 #: 2.3 s in the process against 4.3 s on 2 worker processes; 200 files, 50 MB, 5.3 against
 #: 5.8 s; 16 KM3NeT files, 57 MB, 2.9 against 4.5 s).
@@ -607,9 +607,10 @@ def build_dataset(
         # The build's client is Dask's current one while it runs: Dask helpers that look up the
         # default client (the performance report) must not find a user's other, or a closed, one.
         with context as active, active.as_current():
+            link = _dashboard_link(active, config.cluster if client is None else None) if dashboard else None
             report_path = Path(config.output.path + ".performance-report.html")
             with _performance_report(report_path if config.cluster.performance_report else None):
-                return _run(config, partitions, active, bar, started, dashboard=dashboard)
+                return _run(config, partitions, active, bar, started, dashboard=link)
 
 
 def _small_input(partitions: list[sources.Partition]) -> bool:
@@ -625,6 +626,12 @@ def _small_input(partitions: list[sources.Partition]) -> bool:
         except OSError:  # a file that went missing: the build reports it, on workers
             return False
     return total <= IN_PROCESS_BYTES
+
+
+def _dashboard_link(client, spec) -> str | None:
+    from . import cluster
+
+    return cluster.dashboard_link(client, spec)
 
 
 def _connect(config: Config, bar: Bar, in_process: bool):
@@ -765,7 +772,7 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
     futures = [submit(g) for g in groups]
     # Results come with the completion events: one round trip per task would cost the
     # client several ms of CPU each on a machine whose cores the workers need. The loop is
-    # *client*'s, not the default client's (see ``_wait``).
+    # *client*'s, not the default client's (see ``cluster.as_completed``).
     with WorkerWatch(client, futures, bar.print, worker_timeout) as watch:
         waiting = as_completed(client, futures, with_results=True)
         for future, result in waiting:
@@ -828,12 +835,12 @@ def _split_files(client, partitions: list[sources.Partition], config: Config, ba
 
 
 def _run(config: Config, partitions: list[sources.Partition], client, bar, started: float, *,
-         dashboard: bool = True) -> BuildReport:
+         dashboard: str | None = None) -> BuildReport:
     from . import cluster
 
     job = Job.from_config(config)
     layout = job.layout
-    report = BuildReport(config.name, config.output.path, dashboard=cluster.dashboard_link(client, config.cluster) if dashboard else None)
+    report = BuildReport(config.name, config.output.path, dashboard=dashboard)
     if report.dashboard:
         bar.print(f"Dask dashboard: {report.dashboard}")
     cluster.setup_workers(client, config.cluster)

@@ -44,6 +44,19 @@ SCHEDULER_SETTINGS = {"distributed.scheduler.worker-saturation": 1.0}
 DASK_STACK = ("distributed",)
 
 
+#: The worker plugins' names here before they moved to ``hepdask.workers``.
+_MOVED_TO_WORKERS = frozenset({"TunedMalloc", "FrozenImports", "QuietUserErrors"})
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_WORKERS:
+        from . import workers
+
+        return getattr(workers, name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
 def default_workers() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -66,7 +79,7 @@ def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
     if in_process and spec.kind == "local" and inline_enough(spec):
         yield InlineClient()
         return
-    if heap.frozen(heap.BUILD_STACK) and not all(m in sys.modules for m in DASK_STACK):
+    if spec.tune_gc and heap.imports_frozen() and not all(m in sys.modules for m in DASK_STACK):
         # A process that froze the build stack's imports (the console script) freezes
         # Dask's client side with them; a user's own heap is left alone.
         heap.import_frozen(DASK_STACK)
@@ -132,15 +145,22 @@ class InlineFuture:
         self._value = None
 
     def run(self) -> InlineFuture:
-        if self.status == "pending":
-            function, args, kwargs = self._call
+        """Run the task unless it ran (or was cancelled); Ctrl-C or an exit while it runs
+        propagates and leaves it cancelled."""
+        if self.status != "pending":
+            return self
+        function, args, kwargs = self._call
+        try:
+            value = function(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a task's error is its future's, as on a Dask worker
+            self._value, self.status = err, "error"
+        except BaseException:
+            self.status = "cancelled"
+            raise
+        else:
+            self._value, self.status = value, "finished"
+        finally:
             self._call = None
-            try:
-                self._value = function(*args, **kwargs)
-                self.status = "finished"
-            except Exception as err:  # noqa: BLE001 - a task's error is its future's, as on a Dask worker
-                self._value = err
-                self.status = "error"
         return self
 
     def result(self):
@@ -185,6 +205,11 @@ class InlineCompleted:
         raise StopIteration
 
 
+#: ``distributed.Client.submit``'s own keyword arguments (not the task's).
+_SUBMIT_OPTIONS = frozenset({"workers", "resources", "retries", "priority", "fifo_timeout", "allow_other_workers",
+                             "actor", "actors", "pure"})
+
+
 class InlineClient:
     """The part of ``distributed.Client`` a build uses, for a small build in this process:
     tasks run one after another in the calling thread when they are waited for
@@ -196,7 +221,10 @@ class InlineClient:
     dashboard_link = None
 
     def submit(self, function: Callable, *args, key: str, **kwargs) -> InlineFuture:
-        return InlineFuture(key, function, args, kwargs)
+        """``function(*args, **kwargs)`` as task *key*; Dask's scheduling options (retries,
+        priority, ...) mean nothing here and are not passed on."""
+        task_kwargs = {k: v for k, v in kwargs.items() if k not in _SUBMIT_OPTIONS}
+        return InlineFuture(key, function, args, task_kwargs)
 
     def nthreads(self) -> dict[str, int]:
         return {"inline": 1}
@@ -383,7 +411,8 @@ def _security(spec: Cluster):
 def dashboard_link(client, spec: Cluster | None = None) -> str | None:
     """The dashboard's address. A scheduler in this process (``inproc://``) names the
     machine's network address in Dask's link, while its dashboard listens where *spec*'s
-    ``dashboard_address`` says (127.0.0.1 by default): that host is put in the link."""
+    ``dashboard_address`` says (127.0.0.1 by default): that host is put in the link. Give
+    *spec* only for a cluster that ``connect`` started from it."""
     try:
         link = client.dashboard_link
     except (AttributeError, KeyError):
@@ -393,9 +422,13 @@ def dashboard_link(client, spec: Cluster | None = None) -> str | None:
     listen = spec.dashboard(in_process=True) if spec is not None else None
     if link and listen and server is not None and str(scheduler.address).startswith("inproc://"):
         host = listen.rpartition(":")[0]
-        if host:
+        if host not in _ANY_HOST:  # listening everywhere: the machine's address is right
             return f"http://{host}:{server.port}/status"
     return link
+
+
+#: Listen addresses that mean every interface.
+_ANY_HOST = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
 # --------------------------------------------------------------------------------------------

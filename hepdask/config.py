@@ -348,15 +348,17 @@ class Cluster(_Model):
     build starts once ``minimum_jobs`` jobs' workers have joined (``worker_timeout`` seconds
     at most).
 
-    ``processes`` (``local`` only): ``true`` starts worker processes, ``false`` runs one
-    single-threaded worker inside the hepdask process (no process start-up, no protection
-    against a file that crashes its worker). Unset, a plan of one partition runs in the
+    ``processes`` (``local`` only): ``true`` starts worker processes, ``false`` runs the
+    tasks inside the hepdask process, one at a time (no process start-up, no protection
+    against a file that crashes its worker): in the calling thread, or, where a dashboard,
+    ``performance_report`` or ``tls`` needs a Dask scheduler, on one worker thread of an
+    in-process LocalCluster. Unset, a plan of one partition runs in the
     process (there is nothing to run in parallel), and so does a plan whose files are small
     (``hepdask.build.IN_PROCESS_BYTES`` in all, at most ``IN_PROCESS_FILES`` files) unless
     ``workers`` or ``threads_per_worker`` is set; any other plan runs on worker processes.
     ``dashboard_address``: where the Dask dashboard listens; ``auto`` is 127.0.0.1:8787 for
-    worker processes and none for a build in this process (its one worker thread shows
-    nothing a progress bar does not, and starting the dashboard costs ~0.6 s);
+    worker processes and none for a build in this process (its one worker shows nothing a
+    progress bar does not, and starting the dashboard costs ~0.6 s);
     ``null`` starts none. ``tune_malloc`` sets glibc's malloc
     thresholds on every worker so that chunk-sized buffers are reused (``hepdask.malloc``,
     through the ``hepdask.workers.TunedMalloc`` worker plugin). ``tune_gc`` has every worker

@@ -24,11 +24,15 @@ import sys
 from collections.abc import Iterable
 
 #: What a build imports: the modules that stage and write (and with them numba, uproot,
-#: awkward, zarr, Dask and pydantic).
+#: awkward, zarr and pydantic; Dask's client side comes with the first real Client,
+#: ``hepdask.cluster.connect``).
 BUILD_STACK = ("hepdask.build", "hepdask.cluster")
 
 
 _settled = False
+#: Whether this process froze imports through :func:`import_frozen` (the console script, a
+#: worker): only then does a build freeze the modules it imports later with them.
+_imports_frozen = False
 
 
 def settle() -> None:
@@ -47,9 +51,17 @@ def frozen(modules: Iterable[str]) -> bool:
     return gc.get_freeze_count() > 0 and all(module in sys.modules for module in modules)
 
 
+def imports_frozen() -> bool:
+    """Whether this process froze imports through :func:`import_frozen` (a user's own
+    ``gc.freeze`` does not count: that heap is theirs)."""
+    return _imports_frozen
+
+
 def import_frozen(modules: Iterable[str]) -> None:
     """Import *modules* with the collector paused, then freeze the heap; the collector is left
     as it was (enabled or not)."""
+    global _imports_frozen
+    _imports_frozen = True
     enabled = gc.isenabled()
     gc.disable()
     try:

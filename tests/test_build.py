@@ -215,6 +215,54 @@ def test_an_in_process_build_with_a_dashboard_runs_on_a_dask_worker_thread(ldmx_
             assert page.status == 200
 
 
+def test_an_in_process_build_with_a_performance_report_runs_on_a_dask_worker_thread(ldmx_data, tmp_path, capsys):
+    """Dask's performance report needs a scheduler: a one-file build asking for one runs on an
+    in-process LocalCluster, not inline, and saves the report."""
+    data, files = ldmx_data
+    raw = demo_config(data, tmp_path / "p.zarr", cluster={})
+    raw["samples"] = [{"name": "signal", "label": 1, "files": [files["signal"][0]]}]
+    path = write_config(tmp_path / "c.yaml", raw)
+    assert cli(["build-dataset", str(path), "--no-progress", "--performance-report"]) == 0
+    assert "Dask Performance Report" in (tmp_path / "p.zarr.performance-report.html").read_text()
+
+
+def test_a_dashboard_listening_everywhere_keeps_dasks_link():
+    """``dashboard_link`` names the listening host of an in-process dashboard, unless it
+    listens on every interface: then Dask's link (the machine's address) is the right one."""
+    from hepdask import cluster
+    from hepdask.config import Cluster
+
+    everywhere = Cluster(processes=False, dashboard_address="0.0.0.0:0")
+    with cluster.connect(everywhere, in_process=True) as client:
+        assert not isinstance(client, cluster.InlineClient)
+        assert cluster.dashboard_link(client, everywhere) == client.dashboard_link
+        assert "0.0.0.0" not in client.dashboard_link
+
+
+def test_a_build_freezes_dask_only_in_a_process_that_froze_its_imports():
+    """The console script froze the build stack's imports (``heap.import_frozen``); a build
+    there freezes Dask's client side with them. A user's own ``gc.freeze`` does not count:
+    their heap is theirs, and garbage made before the build stays collectable."""
+    code = textwrap.dedent("""
+        import gc, sys
+        from hepdask import cluster, heap
+        from hepdask.config import Cluster
+        if sys.argv[1] == "console":
+            heap.import_frozen(heap.BUILD_STACK)
+        else:
+            import hepdask.build
+            gc.freeze()
+        before = gc.get_freeze_count()
+        with cluster.connect(Cluster(processes=False, dashboard_address="127.0.0.1:0"), in_process=True):
+            pass
+        print(gc.get_freeze_count() > before + 10_000)
+    """)
+    for kind, grows in (("console", "True"), ("user", "False")):
+        done = subprocess.run([sys.executable, "-c", code, kind], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [grows], kind
+
+
 def test_inline_tasks_run_when_waited_for_in_submission_order():
     """``cluster.InlineClient``: a task runs when it is waited for, once; a failure is its
     future's (status, exception, ``(type, exception, traceback)`` with the results), a
@@ -247,6 +295,16 @@ def test_inline_tasks_run_when_waited_for_in_submission_order():
     with pytest.raises(ValueError, match="bad"):
         client.gather(futures[:2])
     assert client.gather(futures[:1]) == ["A"] and client.nthreads() == {"inline": 1}
+    # Dask's own options are not the task's; Ctrl-C in a task propagates and cancels it.
+    assert client.submit(task, "c", key="c", pure=False, retries=2).result() == "C"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    stopped = client.submit(interrupted, key="stopped")
+    with pytest.raises(KeyboardInterrupt):
+        stopped.result()
+    assert stopped.status == "cancelled" and stopped.run() is stopped
 
 
 def test_a_plan_of_few_small_files_runs_inside_this_process(ldmx_data, tmp_path, connected, monkeypatch):

@@ -518,16 +518,21 @@ cli.entry()
 """
 
 
-def test_ctrl_c_stops_a_build_in_this_process_at_once_with_one_line(ldmx_data, tmp_path):
-    """A one-partition build runs on a worker thread of the hepdask process; closing that
-    worker used to wait 30 s for the running task after Ctrl-C."""
+@pytest.mark.parametrize("dashboard", [None, "127.0.0.1:0"], ids=["inline", "worker-thread"])
+def test_ctrl_c_stops_a_build_in_this_process_at_once_with_one_line(ldmx_data, tmp_path, dashboard):
+    """A one-partition build runs in the hepdask process: inline (Ctrl-C interrupts the task
+    itself), or, with a dashboard, on a worker thread of an in-process LocalCluster, whose
+    closing used to wait 30 s for the running task after Ctrl-C."""
     data, files = ldmx_data
-    raw = demo_config(data, tmp_path / "o.zarr")
+    raw = demo_config(data, tmp_path / "o.zarr", cluster={"dashboard_address": dashboard})
     raw["samples"] = [{**raw["samples"][0], "files": [files["signal"][0]]}]
     path = write_config(tmp_path / "c.yaml", raw)
     process = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, "build-dataset", str(path), "--no-progress"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "staging"
+    lines = [process.stdout.readline().strip()]
+    if dashboard is not None:  # the link comes first
+        lines.append(process.stdout.readline().strip())
+    assert lines[-1] == "staging" and lines[0].startswith(("staging", "Dask dashboard: http://127.0.0.1:"))
     started = time.monotonic()
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
