@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, binning, examples, geometry, selection, sources, store, truth
+from . import __version__, binning, cluster, examples, geometry, selection, sources, store, truth
 from .config import AUTO_CHUNK_BYTES, Config, Geometry, Image, Labels, Time, image_dim_prefix
 from .errors import BuildError, GeometryError, HepdaskError, InputFileError, StoreError
 
@@ -607,7 +607,7 @@ def build_dataset(
         # The build's client is Dask's current one while it runs: Dask helpers that look up the
         # default client (the performance report) must not find a user's other, or a closed, one.
         with context as active, active.as_current():
-            link = _dashboard_link(active, config.cluster if client is None else None) if dashboard else None
+            link = cluster.dashboard_link(active, config.cluster if client is None else None) if dashboard else None
             report_path = Path(config.output.path + ".performance-report.html")
             with _performance_report(report_path if config.cluster.performance_report else None):
                 return _run(config, partitions, active, bar, started, dashboard=link)
@@ -628,15 +628,7 @@ def _small_input(partitions: list[sources.Partition]) -> bool:
     return total <= IN_PROCESS_BYTES
 
 
-def _dashboard_link(client, spec) -> str | None:
-    from . import cluster
-
-    return cluster.dashboard_link(client, spec)
-
-
 def _connect(config: Config, bar: Bar, in_process: bool):
-    from . import cluster
-
     return cluster.connect(config.cluster, say=bar.print, log_directory=config.output.path + ".slurm-logs",
                            in_process=in_process)
 
@@ -748,8 +740,6 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
     whose worker died on every retry (a "poison" file) is reported as bad instead of failing
     the build. A group that killed its workers is retried one partition a task, so only the
     poison file is lost (the group's partitions staged before it are reused)."""
-    from .cluster import WorkerWatch, as_completed, killed_worker
-
     task = bar.add("read + bin", len(partitions))
     results: list[dict] = [{} for _ in partitions]
     todo = []
@@ -773,8 +763,8 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
     # Results come with the completion events: one round trip per task would cost the
     # client several ms of CPU each on a machine whose cores the workers need. The loop is
     # *client*'s, not the default client's (see ``cluster.as_completed``).
-    with WorkerWatch(client, futures, bar.print, worker_timeout) as watch:
-        waiting = as_completed(client, futures, with_results=True)
+    with cluster.WorkerWatch(client, futures, bar.print, worker_timeout) as watch:
+        waiting = cluster.as_completed(client, futures, with_results=True)
         for future, result in waiting:
             watch.check()
             group = members[future.key]
@@ -784,7 +774,7 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
                 bar.advance(task, len(group))
                 continue
             err = result[1]
-            if job.on_bad_file != "skip" or not killed_worker(err):
+            if job.on_bad_file != "skip" or not cluster.killed_worker(err):
                 client.cancel(futures)
                 _raise_task_error(future, err)
             if len(group) > 1:
@@ -802,10 +792,8 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
 
 def _wait(client, futures, bar, task, worker_timeout: float) -> None:
     """Wait for *futures*, advancing *task*; the first failure cancels the rest."""
-    from .cluster import WorkerWatch, as_completed
-
-    with WorkerWatch(client, futures, bar.print, worker_timeout) as watch:
-        for future in as_completed(client, futures):
+    with cluster.WorkerWatch(client, futures, bar.print, worker_timeout) as watch:
+        for future in cluster.as_completed(client, futures):
             watch.check()
             if future.status == "error":
                 err = future.exception()
@@ -836,8 +824,6 @@ def _split_files(client, partitions: list[sources.Partition], config: Config, ba
 
 def _run(config: Config, partitions: list[sources.Partition], client, bar, started: float, *,
          dashboard: str | None = None) -> BuildReport:
-    from . import cluster
-
     job = Job.from_config(config)
     layout = job.layout
     report = BuildReport(config.name, config.output.path, dashboard=dashboard)

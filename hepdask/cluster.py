@@ -200,8 +200,8 @@ class InlineCompleted:
                 continue
             if not self.with_results:
                 return future
-            value = future._value
-            return future, ((type(value), value, value.__traceback__) if future.status == "error" else value)
+            err = future.exception()
+            return future, ((type(err), err, err.__traceback__) if err is not None else future.result())
         raise StopIteration
 
 

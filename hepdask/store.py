@@ -401,42 +401,43 @@ def _sparse_rows(staging: str | Path, staged: Staged, name: str, rows: np.ndarra
     rows = np.asarray(rows, dtype=np.int64)
     table = with_table and any(s.table for s in staged.arrays.values())
     sections = [f"{name}{suffix}" for suffix in SPARSE_SECTIONS] + ([TABLE_SECTION] if table else [])
+    nnz_section, idx_section, val_section = sections[:3]
     whole = _whole_block(staging, staged, sections, rows.size)
     if whole is not None:
         record_type = staged.table_dtype
-        sizes = {sections[0]: 4 * staged.n_events,
+        sizes = {nnz_section: 4 * staged.n_events,
                  **({TABLE_SECTION: record_type.itemsize * staged.n_events} if table else {})}
         for section, size in sizes.items():
             if len(whole[section]) != size:
                 msg = (f"staged file {staged_file(staging, staged.key)} does not match its record: "
                        f"section {section!r} of {len(whole[section])} bytes, {size} expected")
                 raise StoreError(msg)
-        nnz = np.frombuffer(whole[sections[0]], np.int32)
+        nnz = np.frombuffer(whole[nnz_section], np.int32)
         ptr = np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)])
-        if len(whole[sections[1]]) != 4 * ptr[-1] or len(whole[sections[2]]) != np.dtype(spec.dtype).itemsize * ptr[-1]:
+        if len(whole[idx_section]) != 4 * ptr[-1] or len(whole[val_section]) != np.dtype(spec.dtype).itemsize * ptr[-1]:
             msg = (f"staged file {staged_file(staging, staged.key)} does not match its record: "
-                   f"sections {sections[1]!r}, {sections[2]!r} do not hold {ptr[-1]} elements")
+                   f"sections {idx_section!r}, {val_section!r} do not hold {ptr[-1]} elements")
             raise StoreError(msg)
-        positions = np.frombuffer(whole[sections[1]], np.int32)
-        values = np.frombuffer(whole[sections[2]], spec.dtype)
+        positions = np.frombuffer(whole[idx_section], np.int32)
+        values = np.frombuffer(whole[val_section], spec.dtype)
         counts = nnz[rows]
         take = _segments(ptr[rows], counts)
         records = np.frombuffer(whole[TABLE_SECTION], record_type)[rows] if table else None
         return counts, positions[take], values[take], records
     records = read_table_rows(staging, staged, rows) if table else None
     with _Part(staging, staged) as part:
-        nnz = part.section(f"{name}.nnz", np.int32, staged.n_events)
+        nnz = part.section(nnz_section, np.int32, staged.n_events)
         order = np.argsort(rows, kind="stable")
         ordered = rows[order]
         # Element ranges of the wanted rows, numbered per block as the blocks' sections are.
-        first, _, _ = staged.extents(f"{name}.nnz")
+        first, _, _ = staged.extents(nnz_section)
         ptr = np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)])
         block_ptr = ptr[first]
         starts = ptr[ordered]
         stops = starts + nnz[ordered]
         element_first = (block_ptr, ordered, first)
-        positions, at = part.read_ranges(f"{name}.idx", starts, stops, 4, element_first)
-        values, _ = part.read_ranges(f"{name}.val", starts, stops, np.dtype(spec.dtype).itemsize, element_first)
+        positions, at = part.read_ranges(idx_section, starts, stops, 4, element_first)
+        values, _ = part.read_ranges(val_section, starts, stops, np.dtype(spec.dtype).itemsize, element_first)
     # Row rows[j] begins at at[inverse[j]] in both buffers.
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
