@@ -21,8 +21,24 @@ from typing import Any
 import numpy as np
 
 from . import __version__, binning, cluster, examples, geometry, selection, sources, store, truth
-from .config import AUTO_CHUNK_BYTES, Config, Geometry, Image, Labels, Time, image_dim_prefix
-from .errors import BuildError, GeometryError, HepdaskError, InputFileError, StoreError
+from .config import (
+    AUTO_CHUNK_BYTES,
+    Config,
+    Geometry,
+    Image,
+    Labels,
+    Time,
+    image_dim_prefix,
+    image_key,
+)
+from .errors import (
+    BuildError,
+    GeometryError,
+    HepdaskError,
+    InputFileError,
+    StoreError,
+    did_you_mean,
+)
 
 log = logging.getLogger(__name__)
 
@@ -510,13 +526,20 @@ def _check_detectors(config: Config, job: Job) -> None:
             )
             raise GeometryError(msg)
         fields = set(job.hit_names(detector))
-        for name in sorted({f for img in job.images for f in img.fields}):
+        time_fields = (config.time.field, config.time.triggered) if config.time is not None else ()
+        for name in sorted({f for img in job.images for f in img.fields} | {f for f in time_fields if f}):
             if name not in fields:
                 msg = (
-                    f"image field {name!r} is neither a read hit field nor a column of the detector file "
-                    f"{detector.path} (columns: {sorted(detector.fields)})"
+                    f"hit field {name!r} (named by the image or time section) is neither a read hit field nor a "
+                    f"column of the detector file {detector.path}{did_you_mean(name, fields)} "
+                    f"(columns: {sorted(detector.fields)})"
                 )
                 raise GeometryError(msg)
+        cuts = [("selection.hits", config.selection.hits)]
+        cuts += [(image_key(img.array) + ".hits", img.hit_cut) for img in job.images]
+        for where, text in cuts:
+            if text:
+                selection.Cut(text, fields, f"{where} (sample {sample.name!r}, detector file {detector.path})")
 
 
 def chunk_events(config: Config, images: tuple[ImageJob, ...] | None = None) -> int:

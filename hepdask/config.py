@@ -451,17 +451,19 @@ class Config(_Model):
             msg = f"sample names must be unique, got {names}"
             raise ValueError(msg)
         hit_fields = self.hit_fields()
+        # A name missing from a CSV table's unknown columns is reported by the build's check.
+        checked = hit_fields if self.table_columns_known() else None
         for key in self.images:
             if not _ARRAY_NAME.match(key):
                 msg = f"images: name {key!r} must be a plain identifier (it names the array image_{key})"
                 raise ValueError(msg)
         for where, image in self.all_images().items():
-            where = "image" if where == "image" else f"images.{where[len('image_'):]}"
+            where = image_key(where)
             for axis in image.axes:
-                if axis.field not in hit_fields:
+                if checked is not None and axis.field not in checked:
                     msg = f"{where} axis field {axis.field!r} is not a hit field{did_you_mean(axis.field, hit_fields)} (hit fields: {sorted(hit_fields)})"
                     raise ValueError(msg)
-            if image.weight is not None and image.weight not in hit_fields:
+            if checked is not None and image.weight is not None and image.weight not in checked:
                 msg = f"{where}.weight {image.weight!r} is not a hit field{did_you_mean(image.weight, hit_fields)}"
                 raise ValueError(msg)
         self._check_geometry(hit_fields)
@@ -491,13 +493,11 @@ class Config(_Model):
         all known unless a CSV detector table adds columns that only the file names."""
         from .selection import Cut
 
-        csv_table = self.geometry is not None and not (self.geometry.file or "").lower().endswith(".detx") \
-            and self.geometry.keys is not None
-        hit_names = None if csv_table else hit_fields
+        hit_names = hit_fields if self.table_columns_known() else None
         cuts = [("selection.hits", self.selection.hits, hit_names),
                 ("selection.events", self.selection.events, [*event_fields, "nhits"])]
         for array, image in self.all_images().items():
-            where = "image" if array == "image" else f"images.{array[len('image_'):]}"
+            where = image_key(array)
             cuts.append((f"{where}.hits", image.hits, hit_names))
         for where, text, names in cuts:
             if text:
@@ -510,14 +510,31 @@ class Config(_Model):
         """Every image of the build by its array name: ``image``, then ``image_<name>``."""
         return {"image": self.image, **{f"image_{k}": v for k, v in self.images.items()}}
 
+    def detector_files(self) -> dict[str, str | None]:
+        """The detector file each sample joins (``geometry.file`` unless the sample names its
+        own); empty without a geometry section."""
+        if self.geometry is None:
+            return {}
+        return {s.name: s.geometry or self.geometry.file for s in self.samples}
+
+    def table_columns_known(self) -> bool:
+        """Whether the config alone tells every hit field: true unless a sample joins a CSV
+        table (or a file of another kind), whose columns only its header names."""
+        return all((f or "").lower().endswith(".detx") for f in self.detector_files().values())
+
     def hit_fields(self) -> list[str]:
-        """Hit fields after the geometry join: the read ones and what the detector adds."""
+        """Hit fields after the geometry join: the read ones and what the detector adds.
+
+        A ``.detx`` adds its fixed columns; a CSV table's columns are not listed here
+        (:meth:`table_columns_known` is then false): the build checks them against the
+        table's header before any task runs (``build.probe``).
+        """
         fields = list(self.hits)
         if self.geometry is not None:
-            from .geometry import DETX_FIELDS
+            from .geometry import DETX_COLUMNS
 
-            if self.geometry.keys is None or (self.geometry.file or "").lower().endswith(".detx"):
-                fields += [f for f in (*DETX_FIELDS, "dom_id", "channel_id") if f not in fields]
+            if self.table_columns_known():
+                fields += [f for f in DETX_COLUMNS if f not in fields]
             if self.geometry.time is not None:
                 fields.append(self.geometry.calibrated)
         return list(dict.fromkeys(fields))
@@ -587,7 +604,7 @@ class Config(_Model):
         if geometry.det_id is not None and geometry.det_id not in self.event:
             msg = f"geometry.det_id {geometry.det_id!r} is not an event field{did_you_mean(geometry.det_id, self.event)}"
             raise ValueError(msg)
-        if self.time is not None:
+        if self.time is not None and self.table_columns_known():
             for name in (self.time.field, self.time.triggered):
                 if name is not None and name not in hit_fields:
                     msg = f"time: {name!r} is not a hit field{did_you_mean(name, hit_fields)}"
@@ -616,6 +633,10 @@ def image_dim_prefix(array: str) -> str:
     """The prefix of an image array's dims: ``""`` for ``image``, ``"<name>_"`` for ``image_<name>``."""
     return "" if array == "image" else array[len("image_"):] + "_"
 
+
+def image_key(array: str) -> str:
+    """The config key of an image array: ``image``, or ``images.<name>`` for ``image_<name>``."""
+    return "image" if array == "image" else f"images.{array[len('image_'):]}"
 
 
 # --------------------------------------------------------------------------------------------

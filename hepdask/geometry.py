@@ -30,6 +30,8 @@ fast_start()
 #: Columns a ``.detx`` file gives every PMT (``channel_id`` is its index within the DOM).
 DETX_KEYS = ("dom_id", "channel_id")
 DETX_FIELDS = ("pmt_id", "pos_x", "pos_y", "pos_z", "dir_x", "dir_y", "dir_z", "t0", "du", "floor", "status")
+#: Every column of a detx table, keys first.
+DETX_COLUMNS = (*DETX_KEYS, *DETX_FIELDS)
 #: The newest ``.detx`` format version this reader knows.
 DETX_MAX_VERSION = 5
 
@@ -385,8 +387,7 @@ def read_detx(path: str | os.PathLike) -> Detector:
         msg = f"{path}: line {number}: unexpected content after the {n_doms} DOMs the header announces: {text[:60]!r}"
         raise GeometryError(msg)
     table = np.array(rows, dtype=np.float64) if rows else np.zeros((0, 13))
-    names = ("dom_id", "channel_id", "pmt_id", "pos_x", "pos_y", "pos_z", "dir_x", "dir_y", "dir_z", "t0", "du", "floor", "status")
-    columns = {name: table[:, i] for i, name in enumerate(names)}
+    columns = {name: table[:, i] for i, name in enumerate(DETX_COLUMNS)}
     for name in ("dom_id", "channel_id"):
         columns[name] = columns[name].astype(np.int64)
     return Detector(path, DETX_KEYS, columns, det_id, version, modules)

@@ -509,3 +509,68 @@ def test_csv_without_t0_is_refused_when_times_are_calibrated(tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     assert cli(["build-dataset", str(path), "--dry-run"]) == 2
     assert "cells.csv has no 't0' column" in capsys.readouterr().err
+
+
+def _readme_km3net_block() -> dict:
+    """The KM3NeT config of the README's geometry section, as a user would copy it."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("```yaml\nsamples:                       # each sample may name its own detector file")
+    block = text[start + len("```yaml\n") : text.index("```", start + 3)]
+    return yaml.safe_load(block)
+
+
+def test_the_readme_km3net_config_plans(tmp_path, capsys):
+    raw = _readme_km3net_block()
+    assert raw["geometry"]["keys"] == {"dom_id": "dom_id", "channel_id": "channel_id"}
+    # detector.detx stands for the user's file; the sample names its own, a real one.
+    raw["geometry"].pop("file")
+    raw.update(name="readme", tree="E", output={"path": str(tmp_path / "o.zarr")})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli(["build-dataset", str(path), "--dry-run"]) == 0
+    assert "image_xyzt: shape (12, 6, 18, 50)" in capsys.readouterr().out
+
+
+def _csv_table_config(tmp_path, **image) -> Path:
+    """A config joining a CSV table keyed by (dom_id, channel_id) with a column ``height``."""
+    table = tmp_path / "cells.csv"
+    det = geometry.read_detx(detx("km3net_offline.detx"))
+    rows = zip(det.columns["dom_id"], det.columns["channel_id"], det.columns["pos_z"], strict=True)
+    table.write_text("dom_id,channel_id,height\n" + "\n".join(f"{a},{b},{c}" for a, b, c in rows))
+    raw = yaml.safe_load(ZT_CONFIG.read_text())
+    raw["samples"] = raw["samples"][:1]
+    raw["samples"][0].pop("geometry", None)
+    raw.pop("images")
+    raw["geometry"] = {"file": str(table), "keys": {"dom_id": "dom_id", "channel_id": "channel_id"}}
+    raw.pop("time")
+    raw["image"] = {"axes": [{"field": "height", "bins": 18, "range": [24, 198]}], **image}
+    raw["output"]["path"] = str(tmp_path / "o.zarr")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_csv_table_columns_are_hit_fields(tmp_path, capsys):
+    path = _csv_table_config(tmp_path, hits="height > 50")
+    assert cli(["build-dataset", str(path), "--no-progress"]) == 0
+    # The same images from the detx's own column: the CSV column is joined like it.
+    detx_path = tmp_path / "detx.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["geometry"]["file"] = detx("km3net_offline.detx")
+    raw["image"] = {"axes": [{"field": "pos_z", "bins": 18, "range": [24, 198]}], "hits": "pos_z > 50"}
+    raw["output"]["path"] = str(tmp_path / "detx.zarr")
+    detx_path.write_text(yaml.safe_dump(raw))
+    assert cli(["build-dataset", str(detx_path), "--no-progress"]) == 0
+    from_csv = hepdask.open_dataset(tmp_path / "o.zarr", "train")
+    from_detx = hepdask.open_dataset(tmp_path / "detx.zarr", "train")
+    assert from_csv.image.dims[1:] == ("height",)
+    assert int(from_csv.image.values.sum()) > 0
+    np.testing.assert_array_equal(from_csv.image.values, from_detx.image.values)
+    # A misspelt column fails when the table's header is read, naming the table.
+    for override, message in [
+        ("image.axes.0.field=heigth", "hit field 'heigth' (named by the image or time section) is neither"),
+        ("image.hits=heigth > 50", "image.hits (sample 'atm_muon', detector file"),
+    ]:
+        assert cli(["build-dataset", str(path), "--dry-run", "--set", override]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "cells.csv" in err and "did you mean 'height'" in err
