@@ -118,7 +118,10 @@ def _build(args: argparse.Namespace) -> int:
     from .build import build_dataset
     from .config import load
 
-    console = Console(stderr=False)
+    # Progress and messages go to stderr, so that stdout holds only the result (the summary,
+    # the plan, or with --json a JSON document that a pipe can parse).
+    messages = Console(stderr=True)
+    console = Console()
     config = load(args.config, _flag_overrides(args))
     if args.print_job_script:
         from .cluster import job_script
@@ -129,7 +132,7 @@ def _build(args: argparse.Namespace) -> int:
         print(job_script(config.cluster))
         return 0
     report = build_dataset(config, dry_run=args.dry_run, progress=not args.no_progress and not args.json,
-                           console=console)
+                           console=messages)
     if args.json:
         print(json.dumps(report.plan | report.to_dict() if args.dry_run else report.to_dict(), indent=2))
     elif args.dry_run:

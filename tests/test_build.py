@@ -630,9 +630,12 @@ def test_performance_report_is_saved_next_to_the_store(ldmx_data, tmp_path, caps
     data, _ = ldmx_data
     path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "p.zarr",
                                                          cluster={"workers": 1, "dashboard_address": "127.0.0.1:0"}))
-    assert cli(["build-dataset", str(path), "--no-progress", "--performance-report"]) == 0
-    out = capsys.readouterr().out
-    assert "Dask dashboard: http://127.0.0.1:" in out
+    assert cli(["build-dataset", str(path), "--json", "--performance-report"]) == 0
+    captured = capsys.readouterr()
+    # Messages go to stderr: stdout is the report alone, JSON that parses.
+    assert "Dask dashboard: http://127.0.0.1:" in captured.err
+    written = json.loads(captured.out)["splits"]
+    assert sum(n for counts in written.values() for n in counts.values()) > 0
     report = tmp_path / "p.zarr.performance-report.html"
     assert report.stat().st_size > 10_000
     assert "Dask Performance Report" in report.read_text()
