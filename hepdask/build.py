@@ -865,7 +865,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     _check_bad_fraction(config, report.bad_files, len({p.file for p in partitions}))
     staged = [store.Staged(r["key"], 0, {}) if "bad" in r else store.Staged.from_json(r) for r in results]
 
-    by_sample = _sample_counts(config, partitions, staged)
+    by_sample = _sample_counts(config, partitions, staged, report.bad_files)
     _check_selected(config, by_sample, job.staging, bar)
     plans = store.assign([s.n_events for s in staged], config.output.split, seed=config.output.shuffle.seed,
                          shuffle=config.output.shuffle.enabled)
@@ -961,13 +961,17 @@ def _label_attrs(config: Config) -> dict[str, Any]:
     return {"flag_values": [s.label for s in config.samples], "flag_meanings": " ".join(s.name for s in config.samples)}
 
 
-def _sample_counts(config: Config, partitions: list[sources.Partition], staged: list[store.Staged]) -> dict[str, dict]:
-    """Per sample: files, events read and events selected (kept by the cuts)."""
-    counts = {s.name: {"files": 0, "read": 0, "selected": 0} for s in config.samples}
+def _sample_counts(config: Config, partitions: list[sources.Partition], staged: list[store.Staged],
+                   bad_files: list[dict]) -> dict[str, dict]:
+    """Per sample: files read, bad files skipped, events read and events selected (kept by
+    the cuts)."""
+    counts = {s.name: {"files": 0, "bad_files": 0, "read": 0, "selected": 0} for s in config.samples}
+    bad = {b["path"] for b in bad_files}
     files = set()
     for partition, part in zip(partitions, staged):
         entry = counts[partition.sample]
-        entry["files"] += partition.file not in files
+        if partition.file not in files:
+            entry["bad_files" if partition.file in bad else "files"] += 1
         files.add(partition.file)
         entry["read"] += int(part.info.get("entries", 0))
         entry["selected"] += part.n_events

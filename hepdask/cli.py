@@ -21,6 +21,8 @@ from .heap import BUILD_STACK, import_frozen
 
 EXIT_USER_ERROR = 2
 EXIT_VERIFY_FAILED = 1
+#: The build summary lists at most this many bad files (all are in the store manifest).
+BAD_FILES_SHOWN = 10
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -276,8 +278,16 @@ def print_plan(config, report, console) -> None:
 
 
 def print_build(report, console) -> None:
-    rows = [(name, s["files"], s["read"], s["selected"]) for name, s in report.samples.items()]
-    console.print(_table("samples", ["sample", "files", "events read", "selected"], rows))
+    bad = bool(report.bad_files)
+    rows = [(name, s["files"], *([s["bad_files"]] if bad else []), s["read"], s["selected"])
+            for name, s in report.samples.items()]
+    columns = ["sample", "files", *(["bad files (skipped)"] if bad else []), "events read", "selected"]
+    console.print(_table("samples", columns, rows))
+    if bad:
+        rows = [(b["sample"], b["path"], f"{b['exception']}: {b['message']}") for b in report.bad_files[:BAD_FILES_SHOWN]]
+        more = len(report.bad_files) - len(rows)
+        title = f"bad files skipped (read.on_bad_file: skip){f'; {more} more in the store manifest' if more > 0 else ''}"
+        console.print(_table(title, ["sample", "file", "error"], rows))
     names = list(report.samples)
     rows = [(split, s["events"], *(s[n] for n in names)) for split, s in report.splits.items()]
     console.print(_table("splits", ["split", "events", *names], rows))
@@ -317,10 +327,12 @@ def print_info(info: dict, console) -> None:
     more = {name: image for s in info["splits"].values() for name, image in s.get("more_images", {}).items()}
     for name, image in more.items():
         console.print(f"{name}: {'x'.join(map(str, image['shape']))} {image['dtype']} ({', '.join(image['dims'])})")
-    rows = [(name, s["label"], s["files"], s["entries"], s["selected"],
+    bad = any(s.get("bad_files") for s in info["samples"].values())
+    rows = [(name, s["label"], s["files"], *([s.get("bad_files", 0)] if bad else []), s["entries"], s["selected"],
              " ".join(f"{k}={v}" for k, v in s.get("metadata", {}).items()))
             for name, s in info["samples"].items()]
-    console.print(_table("provenance", ["sample", "label", "files", "entries", "selected", "metadata"], rows))
+    columns = ["sample", "label", "files", *(["bad files (skipped)"] if bad else []), "entries", "selected", "metadata"]
+    console.print(_table("provenance", columns, rows))
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:

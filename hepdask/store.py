@@ -1165,8 +1165,11 @@ def store_info(path: str | Path) -> dict[str, Any]:
     manifest = attrs.get(PREFIX + "manifest", [])
     by_sample: dict[str, dict[str, int]] = {}
     for item in manifest:
-        entry = by_sample.setdefault(item["sample"], {"label": item["label"], "files": 0, "entries": 0, "selected": 0})
-        entry["files"] += 1
+        entry = by_sample.setdefault(item["sample"], {"label": item["label"], "files": 0, "bad_files": 0,
+                                                      "entries": 0, "selected": 0})
+        bad = item.get("status") == "bad"
+        entry["files"] += not bad
+        entry["bad_files"] += bad
         entry["entries"] += int(item.get("entries") or 0)
         entry["selected"] += int(item.get("selected") or 0)
     for name, sample in attrs.get(PREFIX + "samples", {}).items():

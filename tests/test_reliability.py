@@ -14,10 +14,12 @@ from pathlib import Path
 import dask
 import pytest
 import zarr
+from rich.console import Console
 
 import hepdask
 from hepdask import store
 from hepdask.cli import main as cli
+from hepdask.cli import print_build
 from hepdask.config import from_dict
 from hepdask.errors import BuildError, StoreError
 
@@ -93,6 +95,17 @@ def test_bad_files_are_skipped_and_reported(bad_inputs, client, tmp_path):
     assert all(b["message"].startswith(b["path"]) for b in reported.values())
     manifest = zarr.open_group(str(tmp_path / "skip.zarr"), mode="r").attrs["hepdask:manifest"]
     assert sorted(m["path"] for m in manifest if m["status"] == "bad") == bad_paths
+    # The summary and `hepdask info` count the bad files apart from the files read.
+    assert {name: (s["files"], s["bad_files"]) for name, s in report.samples.items()} == {
+        "signal": (97, 3), "background": (97, 3)}
+    info = store.store_info(tmp_path / "skip.zarr")["samples"]
+    assert {name: (s["files"], s["bad_files"]) for name, s in info.items()} == {
+        "signal": (97, 3), "background": (97, 3)}
+    console = Console(width=200, record=True)
+    print_build(report, console)
+    shown = console.export_text()
+    assert "bad files (skipped)" in shown and "bad files skipped (read.on_bad_file: skip)" in shown
+    assert all(Path(p).name in shown for p in bad_paths) and "BranchError" in shown
 
 
 @pytest.mark.slow
