@@ -682,8 +682,11 @@ def _prepare_output(config: Config) -> bool:
     complete = store.is_complete(output)
     if config.output.overwrite or (staging.exists() and not store.has_finished_work(staging) and not complete):
         # Replaced on request, or left by a build that failed or was stopped before it
-        # finished anything (a bad cut, a cluster that never came): nothing to resume.
-        shutil.rmtree(output, ignore_errors=True)
+        # finished anything (a bad cut, a cluster that never came): nothing to resume. A
+        # complete store stays until the new one's write phase starts (``_run``), so a build
+        # that fails while reading its inputs leaves it as it was.
+        if not complete:
+            shutil.rmtree(output, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
     elif complete:
         msg = f"output {str(output)!r} exists (a complete store); pass --overwrite (output.overwrite=true) to replace it"

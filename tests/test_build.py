@@ -612,6 +612,33 @@ def test_existing_output_needs_overwrite(built, ldmx_data, tmp_path, capsys):
     assert chunk_hashes(out) == before
 
 
+def test_overwrite_keeps_the_old_store_until_the_new_one_is_written(ldmx_data, tmp_path, capsys):
+    """--overwrite replaces a complete store only once the new build has read its inputs: a
+    bad input file found while staging leaves the old store complete and unchanged."""
+    data, files = ldmx_data
+    out = tmp_path / "o.zarr"
+    config = demo_config(data, out)
+    config["samples"][0]["files"] = files["signal"][:2]
+    config["samples"][1]["files"] = files["background"][:2]
+    path = write_config(tmp_path / "c.yaml", config)
+    assert cli(["build-dataset", str(path), "--no-progress"]) == 0
+    before = chunk_hashes(out)
+    assert len(before) > 2
+    bogus = tmp_path / "late.root"
+    bogus.write_bytes(b"\0" * 4096)
+    config["samples"][0]["files"] = [*files["signal"][:2], str(bogus)]
+    write_config(path, config)
+    assert cli(["build-dataset", str(path), "--no-progress", "--overwrite"]) == 2
+    assert "late.root" in capsys.readouterr().err
+    assert store.is_complete(out) and chunk_hashes(out) == before
+    # The failed build's staged partitions stay for a rerun, and verify says so.
+    assert [p for p in store.verify(out) if "staging area" not in p] == []
+    config["samples"][0]["files"] = files["signal"][:3]
+    write_config(path, config)
+    assert cli(["build-dataset", str(path), "--no-progress", "--overwrite"]) == 0
+    assert store.is_complete(out) and chunk_hashes(out) != before
+
+
 def test_local_cluster_over_tls_binds_to_loopback(ldmx_data, tmp_path):
     """cluster.tls.temporary encrypts scheduler and worker traffic; everything stays on 127.0.0.1."""
     from hepdask.cluster import connect
