@@ -90,27 +90,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    overrides = list(args.overrides)
+    """The ``--set`` overrides, then one per build flag (``Override``: errors name the flag)."""
+    from .config import Override
+
+    overrides: list[str] = list(args.overrides)
+
+    def flag(label: str, *texts: str) -> None:
+        overrides.extend(Override(text, label) for text in texts)
+
     if args.overwrite:
-        overrides.append("output.overwrite=true")
+        flag("--overwrite", "output.overwrite=true")
     if args.workers is not None:
-        overrides.append(f"cluster.workers={args.workers}")
+        flag(f"--workers {args.workers}", f"cluster.workers={args.workers}")
     if args.cluster in ("local", "slurm"):
-        overrides.append(f"cluster.kind={args.cluster}")
+        flag(f"--cluster {args.cluster}", f"cluster.kind={args.cluster}")
     elif args.cluster:
-        overrides += ["cluster.kind=address", f"cluster.address={json.dumps(args.cluster)}"]
+        flag(f"--cluster {args.cluster}", "cluster.kind=address", f"cluster.address={json.dumps(args.cluster)}")
     if args.address:
-        overrides += ["cluster.kind=address", f"cluster.address={json.dumps(args.address)}"]
+        flag(f"--address {args.address}", "cluster.kind=address", f"cluster.address={json.dumps(args.address)}")
     if args.jobs is not None:
-        overrides.append(f"cluster.jobs={args.jobs}")
+        flag(f"--jobs {args.jobs}", f"cluster.jobs={args.jobs}")
     if args.minimum_jobs is not None:
-        overrides.append(f"cluster.minimum_jobs={args.minimum_jobs}")
+        flag(f"--minimum-jobs {args.minimum_jobs}", f"cluster.minimum_jobs={args.minimum_jobs}")
     if args.profile:
-        overrides.append(f"cluster.profile={json.dumps(str(Path(args.profile).resolve()))}")
+        flag(f"--profile {args.profile}", f"cluster.profile={json.dumps(str(Path(args.profile).resolve()))}")
     if args.performance_report:
-        overrides.append("cluster.performance_report=true")
+        flag("--performance-report", "cluster.performance_report=true")
     if args.output:  # a path typed on the command line is relative to where it was typed
-        overrides.append(f"output.path={json.dumps(str(Path(args.output).expanduser().resolve()))}")
+        flag(f"--output {args.output}", f"output.path={json.dumps(str(Path(args.output).expanduser().resolve()))}")
     return overrides
 
 
@@ -158,19 +165,22 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_train
+    from .config import Override, load_train
     from .train import fit
 
-    overrides = list(args.overrides)
+    overrides: list[str] = list(args.overrides)
     if args.overwrite:
-        overrides.append("overwrite=true")
+        overrides.append(Override("overwrite=true", "--overwrite"))
     if args.epochs is not None:
-        overrides.append(f"fit.epochs={args.epochs}")
+        overrides.append(Override(f"fit.epochs={args.epochs}", f"--epochs {args.epochs}"))
     if args.mirrored is not None:
-        overrides.append("strategy.kind=mirrored")
-        overrides.append(f"strategy.devices={json.dumps(args.mirrored or None)}")
+        label = " ".join(["--MirroredStrategy", *args.mirrored])
+        overrides += [Override("strategy.kind=mirrored", label),
+                      Override(f"strategy.devices={json.dumps(args.mirrored or None)}", label)]
     if args.one_device:
-        overrides += ["strategy.kind=one_device", f"strategy.devices={json.dumps([args.one_device])}"]
+        label = f"--OneDeviceStrategy {args.one_device}"
+        overrides += [Override("strategy.kind=one_device", label),
+                      Override(f"strategy.devices={json.dumps([args.one_device])}", label)]
     config = load_train(args.config, overrides)
     result = fit(config)
     m = result.metrics

@@ -643,18 +643,36 @@ def image_key(array: str) -> str:
 # loading
 
 
+class Override(str):
+    """A ``key.sub=value`` override that a command-line flag made: errors name the flag as
+    the user typed it (``--workers 0``), not the ``--set`` it stands for."""
+
+    label: str
+
+    def __new__(cls, text: str, label: str) -> Override:
+        override = super().__new__(cls, text)
+        override.label = label
+        return override
+
+
+def override_origin(text: str) -> str:
+    """How the user gave an override: its flag, or ``--set 'key=value'``."""
+    return getattr(text, "label", None) or f"--set {str(text)!r}"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``key.sub=value`` into its key path and a YAML-parsed value."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        msg = f"--set {text!r}: expected KEY.SUB=VALUE"
+    parts = [part.strip() for part in key.split(".")]
+    if not sep or not all(parts):
+        msg = f"{override_origin(text)}: expected KEY.SUB=VALUE (keys separated by single dots)"
         raise ConfigError(msg)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        msg = f"--set {text!r}: value is not valid YAML: {_yaml_problem(err)}"
+        msg = f"{override_origin(text)}: value is not valid YAML: {_yaml_problem(err)}"
         raise ConfigError(msg) from err
-    return [part.strip() for part in key.split(".")], value
+    return parts, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -667,7 +685,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             where = ".".join(path[: depth + 1])
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    msg = f"--set {text!r}: {where!r} is not an index of a list of {len(node)}"
+                    msg = f"{override_origin(text)}: {where!r} is not an index of a list of {len(node)}"
                     raise ConfigError(msg)
                 index = int(part)
                 if last:
@@ -680,7 +698,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 else:
                     node = node.setdefault(part, {})
             else:
-                msg = f"--set {text!r}: {'.'.join(path[:depth])!r} is a value, not a section"
+                msg = f"{override_origin(text)}: {'.'.join(path[:depth])!r} is a value, not a section"
                 raise ConfigError(msg)
     return data
 
@@ -732,14 +750,17 @@ def _describe(err: ValidationError, source: str, root: type[BaseModel] | None = 
     """One line per config key at fault, naming the key, the value given, and where it was
     given: the config file, or the ``--set`` override (or flag) that set it."""
     root = root or Config
-    set_by = {tuple(parse_override(text)[0]): text for text in overrides}
+    set_by = [(tuple(parse_override(text)[0]), text) for text in overrides]
 
     def origin(key: tuple[Any, ...]) -> str:
+        """The last override that set the key (or a section holding it); for an error of a
+        whole section, the file and every override inside the section."""
         parts = tuple(map(str, key))
-        for path, text in set_by.items():
-            if parts[: len(path)] == path or (parts and path[: len(parts)] == parts):
-                return f"--set {text!r}"
-        return source
+        setting = [text for path, text in set_by if parts[: len(path)] == path]
+        if setting:
+            return override_origin(setting[-1])
+        inside = [override_origin(text) for path, text in set_by if path[: len(parts)] == parts]
+        return f"{source} with {', '.join(dict.fromkeys(inside))}" if inside else source
 
     grouped: dict[tuple[Any, ...], list[dict]] = {}
     for item in err.errors():

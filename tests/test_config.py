@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hepdask.cli import main as cli
 from hepdask.config import apply_overrides, from_dict, load, load_train
 from hepdask.errors import ConfigError
 
@@ -174,6 +175,23 @@ def test_errors_are_one_line_per_key_and_name_the_override(tmp_path):
     with pytest.raises(ConfigError) as err:
         from_dict(raw, source="c.yaml")
     assert str(err.value) == "c.yaml: unknown key 'tre'; did you mean 'tree'?"
+
+
+def test_errors_name_the_flag_the_user_typed(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", _config(tmp_path))
+    cases = [
+        (["--workers", "0"], "--workers 0: cluster.workers: Input should be greater than 0 (got 0)"),
+        (["--cluster", "slurm", "--jobs", "5", "--minimum-jobs", "6"],
+         f"{path} with --cluster slurm, --jobs 5, --minimum-jobs 6: cluster: cluster.minimum_jobs (6) exceeds"),
+        (["--cluster", "lcoal"], f"{path} with --cluster lcoal: cluster: cluster.address 'lcoal'"),
+        # A whole-config check names the file and the overrides that may have caused it.
+        (["--set", "image.axes.0.field=q"], f"{path} with --set 'image.axes.0.field=q': image axis field 'q'"),
+        (["--set", "output..path=x"], "--set 'output..path=x': expected KEY.SUB=VALUE"),
+    ]
+    for flags, message in cases:
+        assert cli(["build-dataset", str(path), "--dry-run", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"hepdask: error: {message}"), err
 
 
 def test_a_cluster_address_that_is_no_address_is_refused_with_a_hint(tmp_path):
