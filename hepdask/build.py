@@ -465,6 +465,7 @@ def _missing_examples(config: Config) -> dict[str, int]:
         gen = sample.generate
         if gen is None:
             continue
+        examples.check_settings(gen.directory, signal=gen.signal, events_per_file=gen.events_per_file, seed=gen.seed)
         prefix = "signal" if gen.signal else "background"
         missing[sample.name] = sum(
             not (Path(gen.directory) / f"{prefix}_{i:05d}.root").exists() for i in range(gen.n_files)

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="plot event images of a store (projected onto two dims) as a PNG")
     show.add_argument("store")
-    show.add_argument("--split", default="train")
+    show.add_argument("--split", default="train", help="the split to plot (default: train)")
     show.add_argument("--image", default="image", help="image array: image or image_<name>")
     show.add_argument("--events", type=int, default=6, help="how many events (spread over the labels)")
     show.add_argument("--dims", help="two image dims to show, e.g. pos_z,time (default: the first two)")
@@ -81,11 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     example = sub.add_parser("make-example-data", help="write LDMX-like calorimeter example files")
     example.add_argument("directory")
     kind = example.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--signal", dest="signal", action="store_true")
-    kind.add_argument("--background", dest="signal", action="store_false")
-    example.add_argument("--files", type=int, default=10)
+    kind.add_argument("--signal", dest="signal", action="store_true", help="narrow, deep showers (signal_*.root)")
+    kind.add_argument("--background", dest="signal", action="store_false",
+                      help="wider showers (background_*.root)")
+    example.add_argument("--files", type=int, default=10, help="number of files (existing ones are kept)")
     example.add_argument("--events", type=int, default=500, help="events per file")
-    example.add_argument("--seed", type=int, default=0)
+    example.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
     return parser
 
 

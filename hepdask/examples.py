@@ -9,6 +9,7 @@ perfectly.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import awkward as ak
 import numpy as np
 import uproot
+
+from .errors import ConfigError
 
 TREE = "ecalHits"
 LAYERS_Z = np.linspace(240.0, 600.0, 34)
@@ -79,6 +82,37 @@ def write_file(path: str | os.PathLike, model: ShowerModel, n_events: int, seed:
     tmp.replace(path)
 
 
+def _record_path(directory: Path, prefix: str) -> Path:
+    return directory / f".{prefix}.hepdask-generate.json"
+
+
+def check_settings(directory: str | os.PathLike, *, signal: bool, events_per_file: int, seed: int) -> None:
+    """Refuse to reuse example files that were generated with other settings.
+
+    ``generate`` skips files that exist, so files of an earlier run with another
+    ``events_per_file`` or ``seed`` would silently mix into the new dataset. Each run records
+    its settings beside the files; a directory without a record (files from before the
+    record existed, or made by hand) is not checked.
+    """
+    prefix = "signal" if signal else "background"
+    record = _record_path(Path(directory), prefix)
+    try:
+        recorded = json.loads(record.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as err:
+        msg = f"{record}: unreadable record of how the example files were generated ({err}); delete it"
+        raise ConfigError(msg) from None
+    wanted = {"events_per_file": events_per_file, "seed": seed}
+    differ = {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
+    if differ:
+        was = ", ".join(f"{k}={old}" for k, (old, _) in differ.items())
+        now = ", ".join(f"{k}={new}" for k, (_, new) in differ.items())
+        msg = (f"{directory}: the {prefix} example files there were generated with {was}, not {now}; "
+               f"delete them (and the record {record.name}) or generate into another directory")
+        raise ConfigError(msg)
+
+
 def generate(
     directory: str | os.PathLike,
     *,
@@ -88,10 +122,19 @@ def generate(
     seed: int,
     progress=None,
 ) -> list[str]:
-    """Write ``n_files`` files into *directory* (skipping ones that exist); return their paths."""
+    """Write ``n_files`` files into *directory* (skipping ones that exist); return their paths.
+
+    Files that exist must come from the same settings (:func:`check_settings`).
+    """
+    if n_files < 1 or events_per_file < 1:
+        msg = f"example data needs at least one file of at least one event, got {n_files} file(s) of {events_per_file}"
+        raise ConfigError(msg)
+    check_settings(directory, signal=signal, events_per_file=events_per_file, seed=seed)
     model = SIGNAL if signal else BACKGROUND
     prefix = "signal" if signal else "background"
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _record_path(directory, prefix).write_text(json.dumps({"events_per_file": events_per_file, "seed": seed}))
     paths = []
     for i in range(n_files):
         path = directory / f"{prefix}_{i:05d}.root"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import re
 from pathlib import Path
 
 import awkward as ak
@@ -18,6 +19,7 @@ import hepdask
 from hepdask import examples, sources, store
 from hepdask.cli import main as cli
 from hepdask.config import from_dict, load
+from hepdask.errors import ConfigError
 
 from .data_generation import demo_config, write_config
 
@@ -204,7 +206,7 @@ def test_generate_block_writes_the_files_then_builds(tmp_path):
     data = tmp_path / "data"
     assert not data.exists()
     report = hepdask.build_dataset(from_dict(raw), progress=False)
-    written = sorted(p.name for p in data.iterdir())
+    written = sorted(p.name for p in data.glob("*.root"))
     assert written == ["background_00000.root", "background_00001.root", "signal_00000.root", "signal_00001.root"]
     assert report.events_written == 80
     assert store.is_complete(tmp_path / "gen.zarr")
@@ -221,10 +223,10 @@ def test_generate_block_writes_the_files_then_builds(tmp_path):
         assert sorted(ds.eventNumber.values[mine].tolist()) == list(range(first, first + 20))
         assert set(ds.label.values[mine].tolist()) == {1 if name.startswith("signal") else 0}
     # a second build finds the files and generates nothing more
-    before = {p.name: p.stat().st_mtime_ns for p in data.iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in data.glob("*.root")}
     raw["output"]["overwrite"] = True
     assert hepdask.build_dataset(from_dict(raw), progress=False).events_written == 80
-    assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in data.glob("*.root")} == before
 
 
 def test_generate_block_tops_up_missing_files(tmp_path):
@@ -244,7 +246,7 @@ def test_make_example_data_cli(tmp_path, capsys):
     assert cli(["make-example-data", str(out), "--signal", "--files", "3", "--events", "7", "--seed", "5"]) == 0
     printed = capsys.readouterr().out
     assert f"3 files in {out}" in printed
-    files = sorted(out.iterdir())
+    files = sorted(out.glob("*.root"))
     assert [f.name for f in files] == ["signal_00000.root", "signal_00001.root", "signal_00002.root"]
     for i, path in enumerate(files):
         tree = uproot.open(path)[examples.TREE]
@@ -254,7 +256,31 @@ def test_make_example_data_cli(tmp_path, capsys):
         np.testing.assert_array_equal(tree["nHits"].array(library="np"),
                                       ak.to_numpy(ak.num(tree["x"].array(library="ak"), axis=1)))
     assert cli(["make-example-data", str(tmp_path / "bg"), "--background", "--files", "1", "--events", "4"]) == 0
-    assert [f.name for f in (tmp_path / "bg").iterdir()] == ["background_00000.root"]
+    assert [f.name for f in (tmp_path / "bg").glob("*.root")] == ["background_00000.root"]
+
+
+def test_example_files_of_other_settings_are_not_reused(tmp_path, capsys):
+    """Existing files are skipped when generating, so files of another events_per_file or seed
+    would mix into the new dataset: that is refused, by the build and by the CLI."""
+    raw = _generate_config(tmp_path)
+    raw["samples"] = raw["samples"][:1]
+    assert hepdask.build_dataset(from_dict(raw), progress=False).events_written == 40
+    data = tmp_path / "data"
+    raw["samples"][0]["generate"].update(n_files=3, events_per_file=50)
+    raw["output"]["overwrite"] = True
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError, match=re.escape(
+                f"{data}: the signal example files there were generated with events_per_file=20, not events_per_file=50")):
+            hepdask.build_dataset(from_dict(raw), dry_run=dry_run, progress=False)
+    assert sorted(p.name for p in data.glob("*.root")) == ["signal_00000.root", "signal_00001.root"]
+    assert cli(["make-example-data", str(data), "--signal", "--files", "3", "--events", "20", "--seed", "9"]) == 2
+    assert "generated with seed=5, not seed=9" in capsys.readouterr().err
+    # The same settings top the directory up; the other sample's files are checked apart.
+    assert cli(["make-example-data", str(data), "--signal", "--files", "3", "--events", "20", "--seed", "5"]) == 0
+    assert cli(["make-example-data", str(data), "--background", "--files", "1", "--events", "3"]) == 0
+    for bad in (["--files", "0"], ["--events", "-5"]):
+        assert cli(["make-example-data", str(tmp_path / "new"), "--signal", *bad]) == 2
+        assert "at least one file of at least one event" in capsys.readouterr().err
 
 
 def test_make_example_data_equals_the_generate_block(tmp_path, capsys):
