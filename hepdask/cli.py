@@ -218,15 +218,13 @@ def _show(args: argparse.Namespace) -> int:
         msg = f"--dims takes two different dims of {args.image} ({dims}), got {wanted}"
         raise ConfigError(msg)
     picks = _spread_over_labels(ds.label.values, max(1, args.events))
-    shown = array.isel(event=picks).sum(dim=[d for d in dims if d not in chosen]).transpose("event", *chosen).values
+    rows = plots.store_rows(ds, args.image, chosen, picks)
     titles = [f"{ds.sample.values[i]} entry {int(ds.entry.values[i])}\nlabel {int(ds.label.values[i])}" for i in picks]
-    edges = [ds[d].attrs.get("edges") if d in ds.coords else None for d in chosen]
-    extent = [edges[1][0], edges[1][-1], edges[0][0], edges[0][-1]] if all(edges) else None
-    units = [ds[d].attrs.get("units", "") if d in ds.coords else "" for d in chosen]
-    labels = [f"{d} [{u}]" if u else d for d, u in zip(chosen, units)]
     output = Path(args.output) if args.output else Path(f"{str(args.store).rstrip('/')}.{args.split}.{args.image}.png")
-    plots.event_images(shown, titles, output, dims=labels, extent=extent)
-    print(f"{len(picks)} events of {args.store} ({args.split}, {args.image}: {chosen[0]} vs {chosen[1]}) -> {output}")
+    plots.event_images(rows, titles, output)
+    views = sorted({name for row in rows for name in row.view})
+    shown = f"{chosen[0]} vs {chosen[1]}" + (f", a row per {' and '.join(views)}" if views else "")
+    print(f"{len(picks)} events of {args.store} ({args.split}, {args.image}: {shown}) -> {output}")
     return 0
 
 

@@ -5,7 +5,9 @@ matplotlib is imported here only (the ``plots`` extra), with the non-interactive
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +49,63 @@ def roc(metrics: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def event_images(images: np.ndarray, titles: Sequence[str], path: str | Path, *,
-                 dims: Sequence[str] = ("", ""), extent: Sequence[float] | None = None) -> Path:
-    """A row of 2-D event images (the first channel of higher-rank ones)."""
-    n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
-    for ax, image, title in zip(axes[0], images, titles):
-        shown = image if image.ndim == 2 else image.reshape(image.shape[0], image.shape[1], -1)[..., 0]
-        im = ax.imshow(shown, origin="lower", aspect="auto", extent=extent, cmap="viridis")
-        ax.set_title(title)
-        ax.set_xlabel(dims[1])
-        ax.set_ylabel(dims[0])
-        fig.colorbar(im, ax=ax)
+@dataclass
+class ImageRow:
+    """One row of :func:`event_images`: an image per event (2-D), its axis labels (rows,
+    columns), its extent (column lo, hi, row lo, hi) and the view it shows (``{dim: value}``
+    of the dims that are not summed over, such as the xyz format's ``projection``)."""
+
+    images: np.ndarray
+    dims: Sequence[str] = ("", "")
+    extent: Sequence[float] | None = None
+    view: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return ", ".join(f"{d} {v}" for d, v in self.view.items())
+
+
+def store_rows(ds, image: str, chosen: Sequence[str], picks: Sequence[int]) -> list[ImageRow]:
+    """The rows that show events *picks* of a store split's *image* (an xarray Dataset) over
+    its two dims *chosen*.
+
+    Binned dims left out are summed over (a projection of the image). A dim of named views
+    (no ``edges``: the xyz format's ``projection``) is not a sum: each view is a row of its
+    own, with the projected axes' edges and units (``xy``: x and y) on its panels.
+    """
+    array = ds[image].isel(event=list(picks))
+    others = [d for d in array.dims[1:] if d not in chosen]
+    views = [d for d in others if d in ds.coords and "edges" not in ds[d].attrs]
+    summed = array.sum(dim=[d for d in others if d not in views])
+    rows = []
+    for index in itertools.product(*(range(array.sizes[d]) for d in views)):
+        view = {d: ds[d].values[i : i + 1].tolist()[0] for d, i in zip(views, index)}
+        images = summed.isel(dict(zip(views, index))).transpose("event", *chosen).values
+        axes = [dict(ds[d].attrs) if d in ds.coords else {} for d in chosen]
+        names = list(chosen)
+        for dim, value in view.items():
+            projected = ds[dim].attrs.get("axes", {})
+            if isinstance(value, str) and len(value) == len(chosen) and all(a in projected for a in value):
+                axes, names = [projected[a] for a in value], list(value)
+        edges = [a.get("edges") for a in axes]
+        extent = [edges[1][0], edges[1][-1], edges[0][0], edges[0][-1]] if all(edges) else None
+        labels = [f"{n} [{a['units']}]" if a.get("units") else n for n, a in zip(names, axes)]
+        rows.append(ImageRow(images, labels, extent, view))
+    return rows
+
+
+def event_images(rows: Sequence[ImageRow], titles: Sequence[str], path: str | Path) -> Path:
+    """Event images in a grid: a column per event (*titles*), a row per :class:`ImageRow`
+    (several views of the same events, such as the projections of an ``xyz`` image)."""
+    n = len(titles)
+    fig, axes = plt.subplots(len(rows), n, figsize=(3.2 * n, 3 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, (ax, image) in enumerate(zip(axes[r], row.images)):
+            im = ax.imshow(image, origin="lower", aspect="auto", extent=row.extent, cmap="viridis")
+            ax.set_title(f"{titles[c]}\n{row.name}" if row.name else titles[c])
+            ax.set_xlabel(row.dims[1])
+            ax.set_ylabel(row.dims[0])
+            fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -21,6 +21,7 @@ import yaml
 import zarr
 
 import hepdask
+from hepdask import plots
 from hepdask.config import from_dict
 
 from .data_generation import demo_config
@@ -235,6 +236,22 @@ def test_xyz_count_images_are_the_three_projections(ldmx_data, client, tmp_path,
     # Every channel holds the same hits (those inside all three ranges).
     totals = np.array([img.sum(axis=(0, 1)) for img in images])
     assert (totals[:, 0] == totals[:, 1]).all() and (totals[:, 1] == totals[:, 2]).all()
+    if variant == "plain":
+        _check_show_rows(ds, axes)
+
+
+def _check_show_rows(ds, axes):
+    """`hepdask show` draws each projection as a row of its own, with its axes' edges, never
+    their sum."""
+    picks = [0, 3, 5]
+    rows = plots.store_rows(ds, "image", ["u", "v"], picks)
+    assert [row.view for row in rows] == [{"projection": p} for p in ("xy", "xz", "yz")]
+    by_field = {a["field"]: a for a in axes}
+    for channel, row in enumerate(rows):
+        np.testing.assert_array_equal(row.images, ds.image.values[picks][..., channel])
+        first, second = (by_field[a] for a in row.view["projection"])
+        assert row.extent == [*second["range"], *first["range"]]
+        assert row.dims == [first["field"], second["field"]]
 
 
 def test_xyz_weighted_float32_as_the_shipped_config(ldmx_data, client, tmp_path):
