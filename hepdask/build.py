@@ -961,7 +961,8 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
 
 def _label_attrs(config: Config) -> dict[str, Any]:
     if config.labels is not None:
-        return {"flag_values": sorted(set(config.labels.map.values())), "source_field": config.labels.field}
+        values = set(config.labels.map.values()) | ({config.labels.default} if config.labels.default is not None else set())
+        return {"flag_values": sorted(values), "source_field": config.labels.field}
     return {"flag_values": [s.label for s in config.samples], "flag_meanings": " ".join(s.name for s in config.samples)}
 
 

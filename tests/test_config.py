@@ -143,6 +143,25 @@ def test_content_hash_ignores_the_cluster(tmp_path):
     assert yaml.safe_load(a.to_yaml())["name"] == "test"
 
 
+@pytest.mark.parametrize("changes", [
+    {"output.shuffle": {"enabled": True, "seed": 7}},
+    {"output.shuffle": {"enabled": False}},
+    {"output.split": {"train": 0.5, "val": 0.5}},
+    {"selection.events": "nhits >= 3"},
+    {"selection.hits": "E > 0.2"},
+], ids=lambda c: next(iter(c)))
+def test_content_hash_follows_what_decides_the_store(tmp_path, changes):
+    """A resumed build reuses staged partitions and written chunks of the same hash: anything
+    that changes which events are stored, or where, must change it (a write phase resumed
+    under another shuffle seed would otherwise mix two orders in one store)."""
+    base = from_dict(_config(tmp_path, **{"output.shuffle": {"enabled": True, "seed": 42}}))
+    assert from_dict(_config(tmp_path, **changes)).content_hash() != base.content_hash()
+    same = {"read.on_bad_file": "skip", "read.partitions_per_task": 3, "read.memory_map": False,
+            "output.overwrite": True}
+    assert from_dict(_config(tmp_path, **{"output.shuffle": {"enabled": True, "seed": 42}}, **same)).content_hash() \
+        == base.content_hash()
+
+
 @pytest.mark.parametrize(
     ("selection", "message"),
     [

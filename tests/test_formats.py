@@ -344,3 +344,23 @@ def test_histogram_downsample_sums_blocks_of_the_full_resolution_histogram(ldmx_
     np.testing.assert_allclose(ds.x.attrs["edges"], np.linspace(-80, 80, 9), rtol=1e-12)
     np.testing.assert_allclose(ds.z.values, np.linspace(235, 605, 18)[:-1] + 370 / 34, rtol=1e-12)
     assert nonempty(images) == len(images)
+
+
+def test_an_event_cut_on_nhits_counts_the_hits_the_hit_cut_kept(ldmx_data, client, tmp_path):
+    """``nhits`` in the event cut counts the hits that passed the hit cut: with a threshold
+    at the median of that count, about half the events go, among them events that had
+    enough hits before the hit cut; exactly the selected events are stored."""
+    data, files = ldmx_data
+    energy = np.concatenate([source_hits(p)["E"] for sample in files.values() for p in sample])
+    kept = np.array([int((e > 0.3).sum()) for e in energy])
+    before = np.array([e.size for e in energy])
+    threshold = int(np.median(kept))
+    assert np.any((before >= threshold) & (kept < threshold)), "the hit cut must matter to the event cut"
+    selection = {"hits": "E > 0.3", "events": f"nhits >= {threshold}"}
+    raw = demo_config(data, tmp_path / "cut.zarr", selection=selection, image={
+        "axes": [{"field": "z", "bins": 10, "range": [235, 605]}, {"field": "x", "bins": 8, "range": [-80, 80]}],
+        "weight": None, "dtype": "uint16"})
+    _, images = build_and_check(raw, client, exact=True)
+    assert 0.2 * kept.size < len(images) < 0.8 * kept.size
+    assert len(images) == int((kept >= threshold).sum())
+

@@ -313,6 +313,8 @@ def test_labels_from_a_truth_field(client, tmp_path):
     expected = np.where(pdg == 14, 1, np.where(pdg == 12, 2, 0))
     np.testing.assert_array_equal(ds.label.values, expected)
     assert set(expected) >= {1, 2}
+    # The label array lists every class it can hold, the default one too.
+    assert ds.label.attrs["flag_values"] == [0, 1, 2] and ds.label.attrs["source_field"] == "mc_pdgid"
 
 
 def test_unknown_channel_policy(client, tmp_path):

@@ -17,7 +17,7 @@ import zarr
 from rich.console import Console
 
 import hepdask
-from hepdask import store
+from hepdask import build, store
 from hepdask.cli import main as cli
 from hepdask.cli import print_build
 from hepdask.config import from_dict
@@ -332,6 +332,44 @@ def test_a_failed_build_is_not_complete(ldmx_data, client, tmp_path):
     assert not store.is_complete(tmp_path / "f.zarr")
     with pytest.raises(StoreError, match="does not exist"):
         hepdask.open_dataset(tmp_path / "f.zarr", "train")
+
+
+def test_a_bug_is_never_taken_for_a_bad_file(ldmx_data, tmp_path, monkeypatch):
+    """Under on_bad_file: skip only unreadable input is skipped: an error of hepdask itself
+    (a TypeError here) fails the build instead of quietly dropping the file."""
+    data, files = ldmx_data
+    raw = demo_config(data, tmp_path / "f.zarr", cluster={"processes": False},  # the patch reaches the tasks
+                      **{"read.on_bad_file": "skip", "read.max_bad_fraction": 1.0})
+    raw["samples"] = [{**raw["samples"][0], "files": files["signal"][:2]}]
+    stage = build._stage
+
+    def buggy(partition, job):
+        if partition.file == files["signal"][1]:
+            raise TypeError("unsupported operand")
+        return stage(partition, job)
+
+    monkeypatch.setattr(build, "_stage", buggy)
+    with pytest.raises(BuildError, match="TypeError: unsupported operand"):
+        hepdask.build_dataset(from_dict(raw), progress=False)
+    assert not store.is_complete(tmp_path / "f.zarr")
+
+
+def test_a_build_that_fails_while_finalising_is_not_complete(ldmx_data, tmp_path, monkeypatch):
+    """The completion marker is written last: a failure in the finalising steps before it
+    (here consolidating the metadata) leaves a store that nothing reads as complete."""
+    data, files = ldmx_data
+    raw = demo_config(data, tmp_path / "f.zarr")
+    raw["samples"] = [{**raw["samples"][0], "files": files["signal"][:1]}]
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.zarr, "consolidate_metadata", fail)
+    with pytest.raises(OSError, match="disk full"):
+        hepdask.build_dataset(from_dict(raw), progress=False)
+    out = tmp_path / "f.zarr"
+    assert store.is_hepdask_store(out) and not store.is_complete(out)
+    assert any("complete" in problem for problem in store.verify(out))
 
 
 # ------------------------------------------------------------------------------------------
