@@ -877,7 +877,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         msg = f"{path}: the config must be a YAML mapping, got {type(data).__name__}"
         raise ConfigError(msg)
+    _refuse_duplicate_keys(path, yaml.compose(text, Loader=yaml.SafeLoader))
     return data
+
+
+def _refuse_duplicate_keys(path: Path, node: yaml.Node | None, where: str = "") -> None:
+    """YAML lets a later key silently replace an earlier one of the same mapping (two
+    ``weight:`` lines); a config that says a thing twice is refused, naming both lines."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, yaml.Node] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            full = f"{where}.{name}" if where else str(name)
+            if name is not None and name in seen:
+                msg = (f"{path}: key {full!r} is given twice (lines {seen[name].start_mark.line + 1} and "
+                       f"{key.start_mark.line + 1}); keep one")
+                raise ConfigError(msg)
+            seen[name] = key
+            _refuse_duplicate_keys(path, value, full)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(path, item, f"{where}.{i}")
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -236,3 +236,17 @@ def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
         load(path)
     assert len(str(err.value).splitlines()) == 1
     assert "not valid YAML" in str(err.value) and "line 3" in str(err.value)
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """YAML would keep the second silently; the config names the key and both lines."""
+    text = yaml.safe_dump(_config(tmp_path), sort_keys=False)
+    path = tmp_path / "c.yaml"
+    path.write_text(text.replace("  weight: E\n", "  weight: E\n  weight: x\n", 1))
+    assert path.read_text().count("weight:") == 2
+    with pytest.raises(ConfigError, match=r"key 'image\.weight' is given twice \(lines \d+ and \d+\)"):
+        load(path)
+    # The same name in two different mappings is no duplicate.
+    raw = _config(tmp_path)
+    raw["samples"][0]["metadata"] = {"name": "a"}
+    assert load(write_config(tmp_path / "ok.yaml", raw)).samples[0].metadata == {"name": "a"}
