@@ -569,25 +569,28 @@ def plan_report(config: Config, partitions, first_entries: dict[str, int], gener
     estimate = 0
     per_partition = config.read.entries_per_partition
     split_later = _counted_on_workers(config, partitions)
-    if split_later:
-        report.n_partitions = 0
+    counted = {p.sample for p in partitions}
     for sample in config.samples:
         n_files = len({p.file for p in partitions if p.sample == sample.name})
-        events = first_entries.get(sample.name, 0) * n_files
-        if split_later:
-            report.n_partitions += n_files * max(1, -(-first_entries.get(sample.name, 0) // per_partition))
+        per_file = first_entries.get(sample.name, 0)
         if generated.get(sample.name) and sample.generate is not None:
-            n_files = sample.generate.n_files
-            events = n_files * sample.generate.events_per_file
+            n_files, per_file = sample.generate.n_files, sample.generate.events_per_file
+        events = per_file * n_files
+        if sample.name not in counted or split_later:
+            # Not planned yet (files still to generate, or to be cut into entry ranges by the
+            # workers): estimated like the events.
+            pieces = -(-per_file // per_partition) if per_partition else 1
+            report.n_partitions += n_files * max(1, pieces) - sum(p.sample == sample.name for p in partitions)
         estimate += events
         report.samples[sample.name] = {"files": n_files, "label": sample.label, "estimated_events": events,
                                        "files_to_generate": generated.get(sample.name, 0)}
+    output = Path(config.output.path)
     report.plan = {
         "estimated_events": estimate,
         "estimated_uncompressed_bytes": estimate * image_bytes,
         "note": "events estimated from the first file of each sample (or its generator) times its number of files"
-                + ("; so are the partitions (the build counts every file's entries on the workers)"
-                   if split_later else ""),
+                + ("; so are the partitions" if split_later or len(counted) < len(config.samples) else ""),
+        "output_exists": output.exists() and not _empty_directory(output),
     }
     return report
 

@@ -277,13 +277,18 @@ def print_plan(config, report, console) -> None:
             for name, s in report.samples.items()]
     console.print(_table("samples", ["sample", "label", "files", "to generate", "events (est.)"], rows))
     plan = report.plan
-    console.print(f"partitions: {report.n_partitions:,} (one per file, read {config.read.step_size:,} entries at a time)")
+    cut = (f"files cut into ranges of at most {config.read.entries_per_partition:,} entries"
+           if config.read.entries_per_partition else "one per file")
+    console.print(f"partitions: {report.n_partitions:,} ({cut}, read {config.read.step_size:,} entries at a time)")
     console.print(f"image: shape {tuple(report.image_shape)} {report.image_dtype}, {report.chunk_events:,} events per chunk")
     for name, image in report.images.items():
         console.print(f"{name}: shape {tuple(image['shape'])} {image['dtype']}")
     console.print(f"estimated output: {plan['estimated_events']:,} events, "
                   f"{plan['estimated_uncompressed_bytes'] / 2**20:,.1f} MiB uncompressed ({plan['note']})")
     console.print(f"output: {config.output.path}")
+    if plan["output_exists"] and not config.output.overwrite:
+        console.print("note: the output exists; the build will refuse to replace it without --overwrite "
+                      "(or resume an interrupted build of the same config)")
 
 
 def print_build(report, console) -> None:

@@ -199,6 +199,9 @@ def test_generate_block_dry_run_writes_nothing(tmp_path):
         assert report.samples[name]["files_to_generate"] == 2
         assert report.samples[name]["estimated_events"] == 40
     assert report.plan["estimated_events"] == 80
+    assert report.n_partitions == 4 and not report.plan["output_exists"]
+    raw["read"] = {**raw.get("read", {}), "entries_per_partition": 8}
+    assert hepdask.build_dataset(from_dict(raw), dry_run=True, progress=False).n_partitions == 12  # 3 a file
 
 
 def test_generate_block_writes_the_files_then_builds(tmp_path):
