@@ -656,8 +656,13 @@ def _small_input(partitions: list[sources.Partition]) -> bool:
 
 
 def _connect(config: Config, bar: Bar, in_process: bool):
-    return cluster.connect(config.cluster, say=bar.print, log_directory=config.output.path + ".slurm-logs",
+    return cluster.connect(config.cluster, say=bar.print, log_directory=slurm_log_directory(config),
                            in_process=in_process)
+
+
+def slurm_log_directory(config: Config) -> str:
+    """Where a SLURM build's worker jobs write their logs: beside the store."""
+    return config.output.path + ".slurm-logs"
 
 
 def _performance_report(path: Path | None):

@@ -134,12 +134,13 @@ def _build(args: argparse.Namespace) -> int:
     console = Console()
     config = load(args.config, _flag_overrides(args))
     if args.print_job_script:
+        from .build import slurm_log_directory
         from .cluster import job_script
 
         if config.cluster.kind != "slurm":
             msg = f"--print-job-script is for SLURM builds; cluster.kind is {config.cluster.kind!r} (add --cluster slurm)"
             raise ConfigError(msg)
-        print(job_script(config.cluster))
+        print(job_script(config.cluster, slurm_log_directory(config)))
         return 0
     report = build_dataset(config, dry_run=args.dry_run, progress=not args.no_progress and not args.json,
                            console=messages)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -485,17 +486,26 @@ def slurm_cluster(spec: Cluster, log_directory: str | Path | None = None):
         with dask.config.set(SCHEDULER_SETTINGS):
             return SLURMCluster(**kwargs)
     except (TypeError, ValueError) as err:
-        msg = f"cluster.profile {spec.profile!r}: {err}"
+        said = " ".join(str(err).split())  # dask-jobqueue's message spans lines, with a code example
+        if spec.profile is None:
+            msg = (f"cluster.profile is not set (--profile), and Dask's jobqueue.slurm config does not complete "
+                   f"the job: {said} (jobqueue/slurm.yaml is an example profile)")
+        else:
+            msg = f"cluster.profile {spec.profile!r}: {said}"
         raise ClusterError(msg) from None
 
 
-def job_script(spec: Cluster) -> str:
-    """The job script a SLURM build would submit (nothing is submitted)."""
-    cluster = slurm_cluster(spec)
+def job_script(spec: Cluster, log_directory: str | Path | None = None) -> str:
+    """The job script a SLURM build would submit, its workers' logs in *log_directory* as
+    the build puts them (nothing is submitted, and no log directory is left behind)."""
+    made = log_directory is not None and not Path(log_directory).exists()
+    cluster = slurm_cluster(spec, log_directory)
     try:
         return cluster.job_script()
     finally:
         cluster.close()
+        if made:
+            shutil.rmtree(log_directory, ignore_errors=True)
 
 
 def check_submission(script: str) -> None:

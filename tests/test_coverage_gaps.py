@@ -329,3 +329,20 @@ def test_missing_event_branch_suggests_the_close_spelling(ldmx_data, tmp_path, c
     assert cli(["build-dataset", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "event.eventNumber: branch 'eventNumbr' not in tree 'ecalHits'; did you mean 'eventNumber'?" in err
+
+
+def test_print_job_script_shows_the_log_lines_and_writes_nothing(tmp_path, capsys):
+    """The printed script is the one a build submits, log lines included; printing it leaves
+    no log directory, and a SLURM build without a profile fails in one line."""
+    pytest.importorskip("dask_jobqueue")
+    out = tmp_path / "o.zarr"
+    path = write_config(tmp_path / "c.yaml", demo_config(tmp_path / "data", out))
+    profile = Path(__file__).resolve().parents[1] / "jobqueue" / "slurm.yaml"
+    assert cli(["build-dataset", str(path), "--cluster", "slurm", "--profile", str(profile), "--print-job-script"]) == 0
+    script = capsys.readouterr().out
+    assert f"#SBATCH -o {out}.slurm-logs/hepdask-worker-%J.out" in script
+    assert f"#SBATCH -e {out}.slurm-logs/hepdask-worker-%J.err" in script
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+    assert cli(["build-dataset", str(path), "--cluster", "slurm", "--print-job-script"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hepdask: error: cluster.profile is not set (--profile)") and err.count("\n") == 1
