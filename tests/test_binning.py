@@ -157,6 +157,28 @@ def test_integer_images_saturate_and_count_clipped_hits():
     assert stats.clipped == 300 - 255
 
 
+def test_adding_stats_adds_each_field_to_the_same_field():
+    stats = binning.BinStats(("x", "y"), 1, np.array([2, 3]), np.array([5, 7]), 11, 13, 17)
+    stats += binning.BinStats(("x", "y"), 100, np.array([200, 300]), np.array([500, 700]), 1100, 1300, 1700)
+    assert stats.to_dict() == {"hits": 101, "in_image": 1717, "nan": 1111, "clipped": 1313,
+                               "underflow": {"x": 202, "y": 303}, "overflow": {"x": 505, "y": 707}}
+
+
+def test_stats_of_two_calls_add_up_to_the_stats_of_one_call_on_both():
+    """What a build reports: the sum of its steps' statistics."""
+    layout = histogram_layout([BinAxis.uniform("x", 2, 0.0, 1.0), BinAxis.uniform("y", 2, 0.0, 1.0)])
+    a = np.array([[0.25] * 300 + [-1.0, -2.0, 5.0, np.nan], [0.25] * 300 + [0.5] * 4])  # x out, clipped, NaN
+    b = np.array([[0.75, 0.75, 0.5, 0.5], [2.0, -1.0, 3.0, 0.5]])  # y out
+    _, first = bin_events(a, np.array([0, 304]), layout, dtype="uint8")
+    _, second = bin_events(b, np.array([0, 4]), layout, dtype="uint8")
+    _, both = bin_events(np.concatenate([a, b], axis=1), np.array([0, 304, 308]), layout, dtype="uint8")
+    first += second
+    assert first.to_dict() == both.to_dict() == {
+        "hits": 308, "in_image": 301, "nan": 1, "clipped": 45,
+        "underflow": {"x": 2, "y": 1}, "overflow": {"x": 1, "y": 2},
+    }
+
+
 def test_xyz_projections_equal_histogramdd_sums():
     rng = np.random.default_rng(5)
     coords, offsets = _events(rng, 30, 3)

@@ -29,6 +29,21 @@ def test_cuts_evaluate_on_arrays(text, expected):
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("log(E) > 0.5", [False, False, True, False]),      # ln(2) = 0.69; log10(2) = 0.30
+        ("log(E) < -2", [True, False, False, False]),       # ln(0.1) = -2.30; log10(0.1) = -1
+        ("log10(E) > -0.5", [False, True, True, False]),    # log10(0.6) = -0.22; ln(0.6) = -0.51
+        ("-1.01 < log10(E) < -0.99", [True, False, False, False]),
+        ("exp(x) > 2", [False, False, True, True]),         # e = 2.72; 2 ** 1 = 2
+        ("exp(x) < 0.1", [True, False, False, False]),      # exp(-3) = 0.05
+    ],
+)
+def test_log_is_natural_log10_decimal_and_exp_natural(text, expected):
+    assert Cut(text, VALUES, "t")(VALUES).tolist() == expected
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("E >", "cannot parse"),

@@ -40,6 +40,18 @@ def test_flatten_hits_names_fields_of_different_lengths():
     np.testing.assert_array_equal(flat["x"], [1.5, 2.5, 3.5, 4.5, 5.5, 6.5])
 
 
+def test_a_file_matched_twice_in_a_sample_is_listed_once_where_first_found(tmp_path):
+    for name in ("a.root", "b.root", "c.root"):
+        (tmp_path / name).touch()
+    a, b, c = (str(tmp_path / name) for name in ("a.root", "b.root", "c.root"))
+    every = str(tmp_path / "*.root")
+    assert sources.expand("s", [every, b, str(tmp_path / "[ab].root"), a]) == [a, b, c]
+    assert sources.expand("s", [c, every, c]) == [c, a, b]
+    assert sources.expand("s", [b, b]) == [b]
+    partitions = sources.plan([("s", 0, [every, c])])
+    assert [(p.index, p.sample, p.file) for p in partitions] == [(0, "s", a), (1, "s", b), (2, "s", c)]
+
+
 def _write_tree(path, hits_dtype, offset):
     """A small tree: jagged ``x`` of *hits_dtype* and one int32 ``n`` per event."""
     import uproot

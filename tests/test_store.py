@@ -357,3 +357,39 @@ def test_other_layouts_are_left_to_zarr(tmp_path):
                              serializer=BytesCodec(endian="big"))
     assert store.ChunkFiles.of(blosc) is None
     assert store.ChunkFiles.of(big) is None
+
+
+def _assigned(plans) -> dict[str, list[tuple[int, int]]]:
+    return {name: list(zip(plan.part.tolist(), plan.row.tolist())) for name, plan in plans.items()}
+
+
+def test_assign_draws_its_split_and_order_from_the_seed():
+    counts, split = [30, 50, 20], {"train": 0.7, "val": 0.3}
+    one = _assigned(store.assign(counts, split, seed=1, shuffle=True))
+    assert _assigned(store.assign(counts, split, seed=1, shuffle=True)) == one
+    assert _assigned(store.assign(counts, split, seed=2, shuffle=True)) != one
+    every = sorted(one["train"] + one["val"])
+    assert every == [(p, r) for p, n in enumerate(counts) for r in range(n)]  # each event once
+    assert [len(one["train"]), len(one["val"])] == [70, 30]
+    # Unshuffled, the seed still decides which events go to which split; each stays in source order.
+    kept = {seed: _assigned(store.assign(counts, split, seed=seed, shuffle=False)) for seed in (1, 2)}
+    assert kept[1]["val"] != kept[2]["val"]
+    assert all(pairs == sorted(pairs) for plans in kept.values() for pairs in plans.values())
+
+
+def test_chunk_ranges_end_with_the_partial_last_chunk():
+    assert store.chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert store.chunk_ranges(8, 4) == [(0, 4), (4, 8)]
+    assert store.chunk_ranges(3, 4) == [(0, 3)]
+    assert store.chunk_ranges(0, 4) == []
+
+
+def test_verify_reports_a_missing_partial_last_chunk(tmp_path):
+    path = tmp_path / "s.zarr"
+    store.prepare(path, {"train": 5}, {"label": store.ArraySpec("int32")}, {"label": ()}, [],
+                  chunk_events=2, compressor=("zstd", 1), attrs={store.PREFIX + "splits": ["train"]})
+    zarr.open_group(str(path))["train"]["label"][:] = np.arange(1, 6, dtype=np.int32)
+    store.finalize(path, {})
+    assert store.verify(path) == []
+    (path / "train" / "label" / "c" / "2").unlink()  # events [4, 5): the partial last chunk
+    assert store.verify(path) == ["train/label: 1 chunk(s) missing, e.g. train/label/c/2"]

@@ -65,6 +65,43 @@ def test_epoch_plan_covers_a_ragged_last_chunk():
     assert sorted(spans[:, 3].tolist()) == [104] + [128] * 7
 
 
+def test_events_of_a_chunk_come_in_a_new_seeded_order_every_epoch():
+    plan = EpochPlan(n_events=100, chunk_events=128, seed=5, shuffle=True)  # one chunk: no chunk order
+    orders = [plan.row_order(epoch, 0, 100) for epoch in range(3)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(100))
+    assert not np.array_equal(orders[0], orders[1])
+    assert not np.array_equal(orders[1], orders[2])
+    assert np.array_equal(plan.events(1), orders[1])
+    assert np.array_equal(EpochPlan(100, 128, seed=5).events(1), plan.events(1))  # reproducible
+    assert not np.array_equal(EpochPlan(100, 128, seed=6).events(1), plan.events(1))
+    assert not np.array_equal(EpochPlan(100, 128, seed=6).row_order(0, 0, 100), orders[0])
+    assert EpochPlan(100, 128, shuffle=False).row_order(0, 0, 100) is None
+    assert EpochPlan(100, 128, shuffle=False).events(1).tolist() == list(range(100))
+
+
+def _steps(plan: EpochPlan, epoch: int) -> list[np.ndarray]:
+    """The events of each step of *epoch*: ``replicas * batch_size`` at a time, the last fewer."""
+    events = plan.events(epoch)
+    size = plan.replicas * plan.batch_size
+    return [events[s : s + size] for s in range(0, events.size, size)]
+
+
+@pytest.mark.parametrize(("n_events", "steps", "delivered"), [(128, 1, 128), (129, 1, 128), (130, 2, 130),
+                                                             (131, 2, 131), (257, 2, 256)])
+def test_no_step_gives_a_replica_an_empty_batch(n_events, steps, delivered):
+    """Two replicas, 64 events each a step: a last step of fewer events than replicas (one
+    event) is left out, a last step of two or more is split between them."""
+    plan = EpochPlan(n_events, 128, seed=3, batch_size=64, replicas=2)
+    assert (plan.steps, plan.delivered) == (steps, delivered)
+    assert tfdata.steps_per_epoch(n_events, 128, replicas=2) == steps
+    for epoch in range(2):
+        parts = _steps(plan, epoch)
+        assert len(parts) == steps
+        assert all(part.size >= plan.replicas for part in parts)
+        assert np.unique(np.concatenate(parts)).size == delivered
+
+
 def test_import_hepdask_does_not_import_tensorflow():
     code = "import sys, hepdask, hepdask.tfdata; print('tensorflow' in sys.modules, 'matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
