@@ -611,6 +611,7 @@ def build_dataset(
             todo = [s.generate.n_files for s in config.samples if generated.get(s.name)]
             task = bar.add("generate example files", sum(todo))
             _generate_examples(config, generated, lambda: bar.advance(task))
+            started = time.perf_counter()  # the build's wall time and events/s leave the generation out
         pending = {name for name, n in generated.items() if n and dry_run}
         skip = config.read.on_bad_file == "skip"
         partitions = sources.plan(

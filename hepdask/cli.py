@@ -26,7 +26,9 @@ BAD_FILES_SHOWN = 10
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hepdask", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hepdask", epilog="Errors print one line and exit with status 2. See README.md for the config keys.",
+        description="Turn many ROOT files into a chunked Zarr store of event images, and train on it.")
     parser.add_argument("--version", action="version", version=f"hepdask {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,17 +311,16 @@ def print_build(report, console) -> None:
     hits = report.hits
     axes = list(hits.get("underflow", {}))
     rows = [(a, hits["underflow"][a], hits["overflow"][a]) for a in axes]
-    console.print(_table(
-        f"hits: {hits.get('hits', 0):,} after cuts, {hits.get('in_image', 0):,} in the image, "
-        f"{hits.get('nan', 0):,} NaN, {hits.get('clipped', 0):,} clipped", ["axis", "underflow", "overflow"], rows,
-    ))
+    # The totals go on a line of their own: as a table title they wrapped at the table's width.
+    console.print(f"image hits: {hits.get('hits', 0):,} after cuts, {hits.get('in_image', 0):,} in the image, "
+                  f"{hits.get('nan', 0):,} NaN, {hits.get('clipped', 0):,} clipped")
+    console.print(_table("image: hits outside, per axis", ["axis", "underflow", "overflow"], rows))
     for name, image in report.images.items():
         h = image["hits"]
         rows = [(a, h["underflow"][a], h["overflow"][a]) for a in h["underflow"]]
-        console.print(_table(
-            f"{name} {tuple(image['shape'])}: {h['hits']:,} hits, {h['in_image']:,} in the image, "
-            f"{h['nan']:,} NaN, {h['clipped']:,} clipped", ["axis", "underflow", "overflow"], rows,
-        ))
+        console.print(f"{name} {tuple(image['shape'])} hits: {h['hits']:,} after cuts, {h['in_image']:,} in the "
+                      f"image, {h['nan']:,} NaN, {h['clipped']:,} clipped")
+        console.print(_table(f"{name}: hits outside, per axis", ["axis", "underflow", "overflow"], rows))
     if report.hit_counts:
         described = {
             "unknown_channel": "hits on channels not in the detector file (dropped)",
