@@ -34,11 +34,14 @@ from .data_generation import (
 
 
 def chunk_hashes(path: Path) -> dict[str, str]:
-    """sha256 of every chunk file of every split (root metadata holds times, so it is left out)."""
-    return {
+    """sha256 of every chunk file of every split (root metadata holds times, so it is left out);
+    never empty, so that two stores without chunks cannot compare equal."""
+    hashes = {
         str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
         for f in sorted(path.rglob("*")) if f.is_file() and "/c/" in f.as_posix()
     }
+    assert hashes, f"no chunk files under {path}"
+    return hashes
 
 
 @pytest.fixture(scope="module")
@@ -523,9 +526,10 @@ def _run_bad(tmp_path, capsys, config: dict, *extra: str) -> str:
     code = cli(["build-dataset", str(path), "--no-progress", *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
-    assert err.startswith("hepdask: error:")
+    # Messages such as the dashboard link may come first; the error is one line, the last.
+    assert err.splitlines()[-1].startswith("hepdask: error:") and err.count("hepdask: error:") == 1, err
     assert not store.is_complete(Path(config["output"]["path"]))
-    return err
+    return err.splitlines()[-1]
 
 
 def test_glob_matching_nothing(ldmx_data, tmp_path, capsys):
@@ -637,6 +641,32 @@ def test_overwrite_keeps_the_old_store_until_the_new_one_is_written(ldmx_data, t
     write_config(path, config)
     assert cli(["build-dataset", str(path), "--no-progress", "--overwrite"]) == 0
     assert store.is_complete(out) and chunk_hashes(out) != before
+
+
+def test_write_tasks_own_disjoint_whole_chunks_that_cover_each_split(ldmx_data, tmp_path, monkeypatch):
+    """No two tasks ever write into the same Zarr chunk: the build's write tasks take
+    consecutive runs of whole chunks that do not overlap and leave no event out."""
+    data, _ = ldmx_data
+    raw = demo_config(data, tmp_path / "w.zarr", cluster={"processes": False})  # the patch reaches the tasks
+    raw["output"]["chunk_events"] = 4
+    calls: dict[str, list[tuple[int, int]]] = {}
+    write = store.write_chunks
+
+    def recording(path, split, ranges, *args, **kwargs):
+        calls.setdefault(split, []).append((ranges[0][0], ranges[-1][1]))
+        assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:])), "a task's chunks are consecutive"
+        return write(path, split, ranges, *args, **kwargs)
+
+    monkeypatch.setattr(store, "write_chunks", recording)
+    report = hepdask.build_dataset(from_dict(raw), progress=False)
+    per_chunk = 4 * store.EVENT_ARRAY_CHUNKS  # a task owns whole chunks of the coarser per-event arrays
+    for split, spans in calls.items():
+        size = report.splits[split]["events"]
+        spans.sort()
+        assert spans[0][0] == 0 and spans[-1][1] == size
+        assert all(stop == start for (_, stop), (start, _) in zip(spans, spans[1:]))  # no gap, no overlap
+        assert all(start % per_chunk == 0 for start, _ in spans)
+    assert set(calls) == set(report.splits) and len(calls["train"]) > 1
 
 
 def test_local_cluster_over_tls_binds_to_loopback(ldmx_data, tmp_path):
@@ -780,8 +810,8 @@ def test_a_bad_file_found_by_a_worker_is_one_line_on_stderr(ldmx_data, tmp_path)
     done = subprocess.run([sys.executable, "-m", "hepdask.cli", "build-dataset", str(path), "--no-progress"],
                           capture_output=True, text=True, check=False, timeout=300)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
-    assert done.stderr.startswith("hepdask: error:") and "late.root" in done.stderr
+    lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("Dask dashboard: ")]
+    assert len(lines) == 1 and lines[0].startswith("hepdask: error:") and "late.root" in lines[0], done.stderr
 
 
 def test_a_file_in_two_samples_is_refused(ldmx_data, tmp_path, capsys):
@@ -809,7 +839,7 @@ def test_a_sample_the_selection_empties_is_named(ldmx_data, tmp_path):
     staged = [store.Staged("p0", 7, {}, {"entries": 9}), store.Staged("p1", 0, {}, {"entries": 5})]
     said = []
     bar = type("Bar", (), {"print": lambda self, text: said.append(text)})()
-    build._check_selected(config, build._sample_counts(config, partitions, staged), str(tmp_path / "staging"), bar)
+    build._check_selected(config, build._sample_counts(config, partitions, staged, []), str(tmp_path / "staging"), bar)
     assert said == [("warning: sample 'background': the selection (selection.events 'nhits > 3') kept none "
                      "of its 5 events read")]
 

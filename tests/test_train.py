@@ -71,6 +71,7 @@ def test_other_zoo_models_train_one_step(tf_two_cpus, train_store, tmp_path, mod
     result = fit(_config(train_store, tmp_path / model, **{"model.name": model, "fit.epochs": 1,
                                                            "data.steps_per_epoch": 2}), verbose=0)
     assert len(result.history["loss"]) == 1
+    assert np.isfinite(result.history["loss"][0])
 
 
 def test_refusals_before_training(tf_two_cpus, train_store, tmp_path):
