@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import subprocess
 import sys
@@ -654,7 +655,7 @@ def test_write_tasks_own_disjoint_whole_chunks_that_cover_each_split(ldmx_data, 
 
     def recording(path, split, ranges, *args, **kwargs):
         calls.setdefault(split, []).append((ranges[0][0], ranges[-1][1]))
-        assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:])), "a task's chunks are consecutive"
+        assert all(b == c for (_, b), (c, _) in itertools.pairwise(ranges)), "a task's chunks are consecutive"
         return write(path, split, ranges, *args, **kwargs)
 
     monkeypatch.setattr(store, "write_chunks", recording)
@@ -664,7 +665,7 @@ def test_write_tasks_own_disjoint_whole_chunks_that_cover_each_split(ldmx_data, 
         size = report.splits[split]["events"]
         spans.sort()
         assert spans[0][0] == 0 and spans[-1][1] == size
-        assert all(stop == start for (_, stop), (start, _) in zip(spans, spans[1:]))  # no gap, no overlap
+        assert all(stop == start for (_, stop), (start, _) in itertools.pairwise(spans))  # no gap, no overlap
         assert all(start % per_chunk == 0 for start, _ in spans)
     assert set(calls) == set(report.splits) and len(calls["train"]) > 1
 
