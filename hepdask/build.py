@@ -871,7 +871,11 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     report.n_partitions = len(partitions)
 
     per_task = partitions_per_task(config.read.partitions_per_task, len(partitions), len(client.nthreads()))
+    n_workers = max(1, len(client.nthreads()))
+    log.info("staging %d partition(s) of %d file(s), %d a task, on %d worker(s)", len(partitions),
+             len({p.file for p in partitions}), per_task, n_workers)
     results = _stage_all(client, partitions, job, bar, config.cluster.worker_timeout, per_task)
+    log.info("staged, %.2f s since the start", time.perf_counter() - started)
     bad_by_file = {p.file: {"path": p.file, "sample": p.sample, **r["bad"]} for p, r in zip(partitions, results)
                    if "bad" in r}
     report.bad_files = list(bad_by_file.values())
@@ -905,7 +909,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     }
     ranges = {split: store.chunk_ranges(plan.size, per_chunk) for split, plan in plans.items()}
     chunk_bytes = int(per_chunk * store.gathered_bytes(staged, len(arrays)))
-    # Counted now, not before staging: SLURM workers may have joined since.
+    # Counted again, not only before staging: SLURM workers may have joined since.
     n_workers = max(1, len(client.nthreads()))
     group = _chunks_per_task(sum(map(len, ranges.values())), chunk_bytes, n_workers,
                              image_chunk_bytes=per_chunk * event_bytes(job.images))
@@ -931,7 +935,10 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         bar.print(f"resuming: {n_tasks - len(writes)} of {n_tasks} write tasks had finished")
     write_task = bar.add("write chunks", n_tasks)
     bar.advance(write_task, n_tasks - len(writes))
+    log.info("writing %s event(s) in %d task(s) of up to %d chunk(s) of %d events", 
+             {split: plan.size for split, plan in plans.items()}, len(writes), group, per_chunk)
     _wait(client, writes, bar, write_task, config.cluster.worker_timeout)
+    log.info("written, %.2f s since the start; finalising", time.perf_counter() - started)
 
     maxima = store.written_maxima(job.staging, plan_id)
     report.image_shape, report.image_dtype, report.chunk_events = layout.shape, job.dtype, per_chunk
