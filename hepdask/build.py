@@ -678,9 +678,13 @@ def _performance_report(path: Path | None):
 def _prepare_output(config: Config) -> bool:
     """Make room for the build; return True when an interrupted build of the same config resumes.
 
-    A complete store is only replaced with ``overwrite``. A staging area left by a killed
-    build of the same config (same content hash) is kept and its finished partitions are
-    reused; one of another config is refused, never mixed.
+    A staging area left by a killed build of the same config (same content hash, same
+    detector files) is kept and its finished partitions are reused, whether or not the
+    command says ``--overwrite``: running the same command again resumes. A complete store
+    is replaced only by a build given ``overwrite`` (or resuming one that was), and only once
+    the new build starts writing (``_run``): a build that fails while reading its inputs
+    leaves it as it was. A staging area of another config is refused, never mixed; with
+    ``overwrite`` it is discarded.
     """
     output = Path(config.output.path)
     staging = store.staging_path(output)
@@ -690,51 +694,51 @@ def _prepare_output(config: Config) -> bool:
                    "hepdask replaces only what it made: choose another output.path (--output) or move it away")
             raise StoreError(msg)
     complete = store.is_complete(output)
-    if config.output.overwrite or (staging.exists() and not store.has_finished_work(staging) and not complete):
-        # Replaced on request, or left by a build that failed or was stopped before it
-        # finished anything (a bad cut, a cluster that never came): nothing to resume. A
-        # complete store stays until the new one's write phase starts (``_run``), so a build
-        # that fails while reading its inputs leaves it as it was.
-        if not complete:
-            shutil.rmtree(output, ignore_errors=True)
+    overwrite = config.output.overwrite
+    if staging.exists() and not store.has_finished_work(staging):
+        # Left by a build that failed or was stopped before it finished anything (a bad cut,
+        # a cluster that never came): nothing to resume.
         shutil.rmtree(staging, ignore_errors=True)
-    elif complete:
+    record = store.read_build_record(staging) if staging.exists() else None
+    if record is not None:
+        problem = _staged_elsewise(config, record)
+        if problem is None and (overwrite or not complete or record.get("replaces")):
+            # The store is kept: if it was prepared for the same write plan, the chunks its
+            # finished write tasks wrote are kept too (``_run`` decides once it has the plan).
+            store.clean_staging(staging)
+            return True
+        if problem is not None and not overwrite:
+            msg = f"{str(staging)!r} holds an interrupted build {problem}; pass --overwrite (output.overwrite=true) to discard it and start over"
+            raise StoreError(msg)
+        shutil.rmtree(staging, ignore_errors=True)
+    if complete and not overwrite:
         msg = f"output {str(output)!r} exists (a complete store); pass --overwrite (output.overwrite=true) to replace it"
         raise StoreError(msg)
-    elif staging.exists():
-        record = store.read_build_record(staging)
-        if record is None or record.get("config_hash") != config.content_hash():
-            msg = (
-                f"{str(staging)!r} holds an interrupted build of a different config; "
-                "pass --overwrite (output.overwrite=true) to discard it and start over"
-            )
+    if not complete and output.exists() and not _empty_directory(output):
+        if not overwrite:
+            msg = (f"output {str(output)!r} exists (an incomplete store with nothing to resume); "
+                   "pass --overwrite (output.overwrite=true) to replace it")
             raise StoreError(msg)
-        changed = [p for p, digest in detector_digests(config).items() if record.get("detectors", {}).get(p) != digest]
-        if changed:
-            msg = (
-                f"{str(staging)!r} holds an interrupted build made with other contents of the detector "
-                f"file(s) {changed}; pass --overwrite (output.overwrite=true) to start over"
-            )
-            raise StoreError(msg)
-        # The store is kept: if it was prepared for the same write plan, the chunks its
-        # finished write tasks wrote are kept too (``_run`` decides once it has the plan).
-        store.clean_staging(staging)
-        return True
-    elif output.exists() and not _empty_directory(output):
-        msg = (
-            f"output {str(output)!r} exists (an incomplete store with nothing to resume); "
-            "pass --overwrite (output.overwrite=true) to replace it"
-        )
-        raise StoreError(msg)
+        shutil.rmtree(output, ignore_errors=True)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir(parents=True)
         store.write_build_record(staging, {"config_hash": config.content_hash(), "version": __version__,
-                                           "detectors": detector_digests(config)})
+                                           "detectors": detector_digests(config), "replaces": complete})
     except OSError as err:
         msg = f"cannot create the output {str(output)!r}: {err.strerror or err} ({err.filename or output})"
         raise StoreError(msg) from err
     return False
+
+
+def _staged_elsewise(config: Config, record: dict) -> str | None:
+    """Why a staging area (its build *record*) cannot be resumed by *config*, or None."""
+    if record.get("config_hash") != config.content_hash():
+        return "of a different config"
+    changed = [p for p, digest in detector_digests(config).items() if record.get("detectors", {}).get(p) != digest]
+    if changed:
+        return f"made with other contents of the detector file(s) {changed}"
+    return None
 
 
 def _empty_directory(path: Path) -> bool:

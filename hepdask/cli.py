@@ -398,7 +398,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"hepdask: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("hepdask: interrupted; the output is left without its completion marker", file=sys.stderr)
+        more = "; the new store is not finalised: run the same command to resume" if args.command == "build-dataset" else ""
+        print(f"hepdask: interrupted{more}", file=sys.stderr)
         return 130
 
 

@@ -24,6 +24,7 @@ from hepdask import build, sources, store
 from hepdask.cli import PRELOAD
 from hepdask.cli import main as cli
 from hepdask.config import from_dict
+from hepdask.errors import StoreError
 
 from .data_generation import (
     demo_config,
@@ -642,6 +643,50 @@ def test_overwrite_keeps_the_old_store_until_the_new_one_is_written(ldmx_data, t
     write_config(path, config)
     assert cli(["build-dataset", str(path), "--no-progress", "--overwrite"]) == 0
     assert store.is_complete(out) and chunk_hashes(out) != before
+
+
+def test_an_interrupted_overwrite_resumes_and_then_replaces_the_old_store(ldmx_data, tmp_path, monkeypatch):
+    """A build allowed to replace a complete store, stopped after staging, resumes when the
+    same command runs again (with or without --overwrite given again, as any interrupted
+    build): the staged partitions are reused and the old store is replaced once written."""
+    data, files = ldmx_data
+    out = tmp_path / "o.zarr"
+    raw = demo_config(data, out, cluster={"processes": False})  # the patches reach the tasks
+    raw["samples"][0]["files"] = files["signal"][:2]
+    raw["samples"][1]["files"] = files["background"][:2]
+    hepdask.build_dataset(from_dict(raw), progress=False)
+    before = chunk_hashes(out)
+    raw["samples"][0]["files"] = files["signal"][:3]
+    assign = store.assign
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "assign", stop)
+    with pytest.raises(KeyboardInterrupt):
+        hepdask.build_dataset(from_dict({**raw, "output": {**raw["output"], "overwrite": True}}), progress=False)
+    assert store.is_complete(out) and chunk_hashes(out) == before  # the old store, untouched
+    monkeypatch.setattr(store, "assign", assign)
+    staged = []
+    stage = build._stage
+    monkeypatch.setattr(build, "_stage", lambda partition, job: staged.append(partition) or stage(partition, job))
+    report = hepdask.build_dataset(from_dict(raw), progress=False)
+    assert staged == [] and report.samples["signal"]["files"] == 3
+    assert store.is_complete(out) and chunk_hashes(out) != before and store.verify(out) == []
+    # A complete store with no interrupted build beside it still needs --overwrite.
+    with pytest.raises(StoreError, match="a complete store"):
+        hepdask.build_dataset(from_dict(raw), progress=False)
+    # The same again, the rerun given --overwrite too: it resumes as well.
+    before = chunk_hashes(out)
+    raw["samples"][1]["files"] = files["background"][:3]
+    raw["output"]["overwrite"] = True
+    monkeypatch.setattr(store, "assign", stop)
+    with pytest.raises(KeyboardInterrupt):
+        hepdask.build_dataset(from_dict(raw), progress=False)
+    monkeypatch.setattr(store, "assign", assign)
+    staged.clear()
+    hepdask.build_dataset(from_dict(raw), progress=False)
+    assert staged == [] and store.is_complete(out) and chunk_hashes(out) != before
 
 
 def test_write_tasks_own_disjoint_whole_chunks_that_cover_each_split(ldmx_data, tmp_path, monkeypatch):

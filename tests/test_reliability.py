@@ -588,7 +588,7 @@ def test_ctrl_c_stops_a_build_in_this_process_at_once_with_one_line(ldmx_data, t
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert time.monotonic() - started < 10
-    assert err.strip() == "hepdask: interrupted; the output is left without its completion marker"
+    assert err.strip() == "hepdask: interrupted; the new store is not finalised: run the same command to resume"
 
 
 def test_worker_processes_leave_ctrl_c_to_the_client(tmp_path):
