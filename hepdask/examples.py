@@ -86,20 +86,30 @@ def _record_path(directory: Path, prefix: str) -> Path:
     return directory / f".{prefix}.hepdask-generate.json"
 
 
+def _existing(directory: Path, prefix: str) -> list[Path]:
+    return sorted(directory.glob(f"{prefix}_[0-9][0-9][0-9][0-9][0-9].root"))
+
+
 def check_settings(directory: str | os.PathLike, *, signal: bool, events_per_file: int, seed: int) -> None:
     """Refuse to reuse example files that were generated with other settings.
 
     ``generate`` skips files that exist, so files of an earlier run with another
-    ``events_per_file`` or ``seed`` would silently mix into the new dataset. Each run records
-    its settings beside the files; a directory without a record (files from before the
-    record existed, or made by hand) is not checked.
+    ``events_per_file`` or ``seed`` would silently mix into the new dataset. Each run that
+    writes files records its settings beside them. Files without a record (made before the
+    record existed, or by hand) are checked for their number of events only; a record
+    without files is stale and ignored.
     """
     prefix = "signal" if signal else "background"
-    record = _record_path(Path(directory), prefix)
+    directory = Path(directory)
+    existing = _existing(directory, prefix)
+    if not existing:
+        return
+    record = _record_path(directory, prefix)
     try:
         recorded = json.loads(record.read_text())
     except FileNotFoundError:
-        return
+        with uproot.open(existing[0]) as file:
+            recorded = {"events_per_file": int(file[TREE].num_entries), "seed": seed}
     except (OSError, ValueError) as err:
         msg = f"{record}: unreadable record of how the example files were generated ({err}); delete it"
         raise ConfigError(msg) from None
@@ -133,15 +143,15 @@ def generate(
     model = SIGNAL if signal else BACKGROUND
     prefix = "signal" if signal else "background"
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _record_path(directory, prefix).write_text(json.dumps({"events_per_file": events_per_file, "seed": seed}))
-    paths = []
-    for i in range(n_files):
-        path = directory / f"{prefix}_{i:05d}.root"
+    paths = [directory / f"{prefix}_{i:05d}.root" for i in range(n_files)]
+    if not all(path.exists() for path in paths):
+        # Recorded only by a run that writes: a read-only directory of complete files is fine.
+        directory.mkdir(parents=True, exist_ok=True)
+        _record_path(directory, prefix).write_text(json.dumps({"events_per_file": events_per_file, "seed": seed}))
+    for i, path in enumerate(paths):
         if not path.exists():
             file_seed = np.random.SeedSequence([seed, int(signal), i]).generate_state(1)[0]
             write_file(path, model, events_per_file, int(file_seed), first_event=i * events_per_file)
-        paths.append(str(path))
         if progress is not None:
             progress()
-    return paths
+    return [str(path) for path in paths]

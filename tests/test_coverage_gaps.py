@@ -284,6 +284,15 @@ def test_example_files_of_other_settings_are_not_reused(tmp_path, capsys):
     for bad in (["--files", "0"], ["--events", "-5"]):
         assert cli(["make-example-data", str(tmp_path / "new"), "--signal", *bad]) == 2
         assert "at least one file of at least one event" in capsys.readouterr().err
+    # Files without a record (older ones, or copied): their number of events is checked.
+    for record in data.glob(".*.json"):
+        record.unlink()
+    assert cli(["make-example-data", str(data), "--signal", "--files", "3", "--events", "21"]) == 2
+    assert "generated with events_per_file=20, not events_per_file=21" in capsys.readouterr().err
+    # A record whose files are gone is stale: the directory can be filled anew.
+    assert cli(["make-example-data", str(data), "--background", "--files", "1", "--events", "3"]) == 0
+    (data / "background_00000.root").unlink()
+    assert cli(["make-example-data", str(data), "--background", "--files", "1", "--events", "4", "--seed", "8"]) == 0
 
 
 def test_make_example_data_equals_the_generate_block(tmp_path, capsys):
