@@ -498,14 +498,20 @@ def slurm_cluster(spec: Cluster, log_directory: str | Path | None = None):
 def job_script(spec: Cluster, log_directory: str | Path | None = None) -> str:
     """The job script a SLURM build would submit, its workers' logs in *log_directory* as
     the build puts them (nothing is submitted, and no log directory is left behind)."""
-    made = log_directory is not None and not Path(log_directory).exists()
-    cluster = slurm_cluster(spec, log_directory)
+    # dask-jobqueue creates the log directory (and its parents) as it makes the cluster.
+    made = None
+    if log_directory is not None:
+        missing = [p for p in (Path(log_directory), *Path(log_directory).parents) if not p.exists()]
+        made = missing[-1] if missing else None
+    cluster = None
     try:
+        cluster = slurm_cluster(spec, log_directory)
         return cluster.job_script()
     finally:
-        cluster.close()
-        if made:
-            shutil.rmtree(log_directory, ignore_errors=True)
+        if cluster is not None:
+            cluster.close()
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def check_submission(script: str) -> None:

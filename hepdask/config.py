@@ -654,6 +654,9 @@ class Override(str):
         override.label = label
         return override
 
+    def __getnewargs__(self) -> tuple[str, str]:  # copy and pickle keep the label
+        return str(self), self.label
+
 
 def override_origin(text: str) -> str:
     """How the user gave an override: its flag, or ``--set 'key=value'``."""
@@ -881,23 +884,26 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _refuse_duplicate_keys(path: Path, node: yaml.Node | None, where: str = "") -> None:
+def _refuse_duplicate_keys(path: Path, node: yaml.Node | None, where: str = "",
+                           keys: yaml.SafeLoader | None = None) -> None:
     """YAML lets a later key silently replace an earlier one of the same mapping (two
     ``weight:`` lines); a config that says a thing twice is refused, naming both lines."""
+    keys = keys or yaml.SafeLoader("")  # builds the mappings' keys from their nodes
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, yaml.Node] = {}
         for key, value in node.value:
-            name = key.value if isinstance(key, yaml.ScalarNode) else None
-            full = f"{where}.{name}" if where else str(name)
+            # Compared as YAML reads them: 13 and 13.0 are one key, 1 and '1' two.
+            name = keys.construct_object(key) if isinstance(key, yaml.ScalarNode) else None
+            full = f"{where}.{key.value}" if where else str(key.value)
             if name is not None and name in seen:
                 msg = (f"{path}: key {full!r} is given twice (lines {seen[name].start_mark.line + 1} and "
                        f"{key.start_mark.line + 1}); keep one")
                 raise ConfigError(msg)
             seen[name] = key
-            _refuse_duplicate_keys(path, value, full)
+            _refuse_duplicate_keys(path, value, full, keys)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _refuse_duplicate_keys(path, item, f"{where}.{i}")
+            _refuse_duplicate_keys(path, item, f"{where}.{i}", keys)
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -69,13 +69,13 @@ def store_rows(ds, image: str, chosen: Sequence[str], picks: Sequence[int]) -> l
     """The rows that show events *picks* of a store split's *image* (an xarray Dataset) over
     its two dims *chosen*.
 
-    Binned dims left out are summed over (a projection of the image). A dim of named views
-    (no ``edges``: the xyz format's ``projection``) is not a sum: each view is a row of its
-    own, with the projected axes' edges and units (``xy``: x and y) on its panels.
+    Dims left out are summed over (a projection of the image), except a dim of named views
+    (text values, such as the xyz format's ``projection``): each view is a row of its own,
+    with the projected axes' edges and units (``xy``: x and y) on its panels.
     """
     array = ds[image].isel(event=list(picks))
     others = [d for d in array.dims[1:] if d not in chosen]
-    views = [d for d in others if d in ds.coords and "edges" not in ds[d].attrs]
+    views = [d for d in others if d in ds.coords and (ds[d].dtype.kind in "OUS" or "axes" in ds[d].attrs)]
     summed = array.sum(dim=[d for d in others if d not in views])
     rows = []
     for index in itertools.product(*(range(array.sizes[d]) for d in views)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import re
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 import yaml
 
 from hepdask.cli import main as cli
-from hepdask.config import apply_overrides, from_dict, load, load_train
+from hepdask.config import Override, apply_overrides, from_dict, load, load_train, override_origin
 from hepdask.errors import ConfigError
 
 from .data_generation import demo_config, write_config
@@ -196,6 +198,13 @@ def test_errors_are_one_line_per_key_and_name_the_override(tmp_path):
     assert str(err.value) == "c.yaml: unknown key 'tre'; did you mean 'tree'?"
 
 
+def test_an_override_keeps_its_flag_through_copies():
+    flag = Override("cluster.workers=0", "--workers 0")
+    for copied in (copy.copy(flag), copy.deepcopy(flag), pickle.loads(pickle.dumps(flag))):
+        assert copied == "cluster.workers=0" and override_origin(copied) == "--workers 0"
+    assert override_origin("cluster.workers=0") == "--set 'cluster.workers=0'"
+
+
 def test_errors_name_the_flag_the_user_typed(tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", _config(tmp_path))
     cases = [
@@ -245,6 +254,10 @@ def test_a_key_given_twice_is_refused(tmp_path):
     path.write_text(text.replace("  weight: E\n", "  weight: E\n  weight: x\n", 1))
     assert path.read_text().count("weight:") == 2
     with pytest.raises(ConfigError, match=r"key 'image\.weight' is given twice \(lines \d+ and \d+\)"):
+        load(path)
+    # Keys are compared as YAML reads them: 13 and 13.0 are the same label-map key.
+    path.write_text(text + "labels: {field: eventNumber, map: {13: 1, 13.0: 2}}\n")
+    with pytest.raises(ConfigError, match=r"key 'labels\.map\.13\.0' is given twice"):
         load(path)
     # The same name in two different mappings is no duplicate.
     raw = _config(tmp_path)

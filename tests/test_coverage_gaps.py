@@ -344,7 +344,7 @@ def test_print_job_script_shows_the_log_lines_and_writes_nothing(tmp_path, capsy
     """The printed script is the one a build submits, log lines included; printing it leaves
     no log directory, and a SLURM build without a profile fails in one line."""
     pytest.importorskip("dask_jobqueue")
-    out = tmp_path / "o.zarr"
+    out = tmp_path / "new" / "dir" / "o.zarr"
     path = write_config(tmp_path / "c.yaml", demo_config(tmp_path / "data", out))
     profile = Path(__file__).resolve().parents[1] / "jobqueue" / "slurm.yaml"
     assert cli(["build-dataset", str(path), "--cluster", "slurm", "--profile", str(profile), "--print-job-script"]) == 0
@@ -353,5 +353,6 @@ def test_print_job_script_shows_the_log_lines_and_writes_nothing(tmp_path, capsy
     assert f"#SBATCH -e {out}.slurm-logs/hepdask-worker-%J.err" in script
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
     assert cli(["build-dataset", str(path), "--cluster", "slurm", "--print-job-script"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
     err = capsys.readouterr().err
     assert err.startswith("hepdask: error: cluster.profile is not set (--profile)") and err.count("\n") == 1

@@ -252,6 +252,10 @@ def _check_show_rows(ds, axes):
         first, second = (by_field[a] for a in row.view["projection"])
         assert row.extent == [*second["range"], *first["range"]]
         assert row.dims == [first["field"], second["field"]]
+    # u or v left out is summed over, within each projection.
+    rows = plots.store_rows(ds, "image", ["u", "projection"], picks)
+    assert [row.view for row in rows] == [{}]
+    np.testing.assert_array_equal(rows[0].images, ds.image.values[picks].sum(axis=2))
 
 
 def test_xyz_weighted_float32_as_the_shipped_config(ldmx_data, client, tmp_path):
