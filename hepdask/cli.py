@@ -9,6 +9,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,6 +170,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if not args.verbose:  # TensorFlow's start-up INFO lines (oneDNN, CPU features...), before it loads
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     from .config import Override, load_train
     from .train import fit
 

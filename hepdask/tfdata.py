@@ -375,6 +375,7 @@ def tf_dataset(
     replicas: int = 1,
     as_dict: bool | None = None,
     malloc_tuning: bool = True,
+    first_epoch: int = 0,
 ):
     """A ``tf.data.Dataset`` of batches of *fields* of one split of a complete store.
 
@@ -390,7 +391,8 @@ def tf_dataset(
     Each epoch is batched on its own and takes exactly :func:`steps_per_epoch` steps (its last
     batch may be smaller); ``epochs=None`` repeats forever: pair it with that many
     ``steps_per_epoch`` in ``fit``. Each new iteration of the dataset continues the epoch
-    count where the last one stopped. ``num_shards``/``shard`` pick this input pipeline's run
+    count where the last one stopped; the count starts at ``first_epoch`` (a training resumed
+    after that many epochs reads the orders it would have read). ``num_shards``/``shard`` pick this input pipeline's run
     of each epoch; ``replicas`` is how many replicas take its batches in turn (under
     ``tf.distribute``, ``distributed_dataset`` sets all three), and each step's events are
     split evenly among them, so none gets an empty batch.
@@ -446,7 +448,7 @@ def tf_dataset(
     # it takes exactly ``plan.steps`` steps: with ``epochs=None`` and that many
     # ``steps_per_epoch``, every Keras epoch is one planner epoch. (A from_generator of the
     # spans, one Python call per chunk, cost a third of the throughput.)
-    started = itertools.count()
+    started = itertools.count(first_epoch)
     step_events = replicas * batch_size
 
     def one_epoch(epoch):

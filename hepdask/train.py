@@ -55,7 +55,8 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     positives, negatives = int(labels.sum()), int((1 - labels).sum())
     errors = (1 - tpr) * positives + fpr * negatives
     best = int(np.argmin(errors))
-    threshold = float(thresholds[best]) if np.isfinite(thresholds[best]) else 1.0
+    # "Call nothing signal" is the threshold just above the largest score a sigmoid gives.
+    threshold = float(thresholds[best]) if np.isfinite(thresholds[best]) else float(np.nextafter(1.0, 2.0))
     predicted = (np.asarray(scores) >= threshold).astype(int)
     confusion = [[int(((labels == t) & (predicted == p)).sum()) for p in (0, 1)] for t in (0, 1)]
     return {
@@ -116,6 +117,8 @@ def make_strategy(config: TrainConfig):
 
     configure_devices(config)
     spec = config.strategy
+    if spec.devices:
+        _check_devices(tf, spec.devices)
     if spec.kind == "one_device":
         devices = tuple((spec.devices or [_default_device(tf)])[:1])
     elif spec.devices is None and spec.logical_cpus and not tf.config.list_logical_devices("GPU"):
@@ -129,6 +132,28 @@ def make_strategy(config: TrainConfig):
         else:
             _STRATEGIES[key] = tf.distribute.MirroredStrategy(list(devices) if devices else None)
     return _STRATEGIES[key]
+
+
+def _check_devices(tf, devices: list[str]) -> None:
+    """Refuse devices this process does not have: a MirroredStrategy over a missing device
+    waits forever in its first step (and Ctrl-C does not stop it)."""
+    visible = {}
+    for device in tf.config.list_logical_devices():
+        spec = tf.DeviceSpec.from_string(device.name)
+        visible[(spec.device_type.upper(), spec.device_index)] = f"/{spec.device_type.lower()}:{spec.device_index}"
+    missing = []
+    for name in devices:
+        try:
+            spec = tf.DeviceSpec.from_string(name)
+        except ValueError:
+            missing.append(name)
+            continue
+        if (str(spec.device_type or "").upper(), spec.device_index or 0) not in visible:
+            missing.append(name)
+    if missing:
+        msg = (f"strategy.devices: {missing} not visible to TensorFlow here (visible: {sorted(visible.values())}; "
+               "strategy.logical_cpus: N splits the CPU into N devices)")
+        raise ConfigError(msg)
 
 
 def _default_device(tf) -> str:
@@ -195,7 +220,8 @@ def build_model(config: TrainConfig, image_shape: tuple[int, ...], extra: int):
 # data
 
 
-def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | None, strategy=None):
+def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | None, strategy=None,
+            first_epoch: int = 0):
     """(x, y) batches; x is the image or {image, scalars} when extra inputs are configured."""
     import tensorflow as tf
 
@@ -203,7 +229,8 @@ def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | Non
     image_field, label_field = data.fields
     fields = (image_field, label_field, *data.extra_inputs)
     kwargs = {"shuffle": shuffle, "seed": data.seed, "fields": fields, "shuffle_buffer": data.shuffle_buffer,
-                  "transforms": data.transforms, "cast": data.cast, "epochs": epochs, "as_dict": True}
+                  "transforms": data.transforms, "cast": data.cast, "epochs": epochs, "as_dict": True,
+                  "first_epoch": first_epoch}
 
     def arrange(batch):
         y = tf.cast(batch[label_field], tf.float32 if config.model.classes == 2 else tf.int32)
@@ -214,10 +241,6 @@ def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | Non
 
     if strategy is None:
         return tfdata.tf_dataset(config.store, split, batch_size=data.batch_size, **kwargs).map(arrange)
-
-    if data.batch_size % strategy.num_replicas_in_sync:
-        msg = f"data.batch_size {data.batch_size} is not divisible by the {strategy.num_replicas_in_sync} replicas"
-        raise ConfigError(msg)
     return tfdata.distributed_dataset(strategy, config.store, split, global_batch_size=data.batch_size,
                                       map_fn=arrange, **kwargs)
 
@@ -256,41 +279,128 @@ class TrainResult:
     replicas: int
 
 
+#: What a training writes into its output directory (``--overwrite`` removes these, and only these).
+OUTPUTS = ("model.keras", "best.keras", "history.csv", "metrics.json", "history.png", "roc.png", "backup",
+           "train-record.json")
+RECORD = "train-record.json"
+
+
+def run_hash(config: TrainConfig) -> str:
+    """What an interrupted training must share with the command that resumes it: everything
+    but the output, ``overwrite``, the number of epochs and where it runs."""
+    import hashlib
+
+    payload = config.model_dump(mode="json", exclude={"output": True, "overwrite": True, "fit": {"epochs"},
+                                                       "strategy": True})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_output(config: TrainConfig, output: Path) -> int:
+    """Make room for the run; return the epochs an interrupted run of the same config has
+    finished (0 for a new run), which it resumes from its backup.
+
+    An interrupted run (a backup, no final model) resumes whether or not ``overwrite`` is
+    given, so the same command run again resumes; one of another config is refused, or
+    with ``overwrite`` discarded. A finished run is replaced only with ``overwrite``.
+    ``overwrite`` removes the files a training writes (``OUTPUTS``) and nothing else.
+    """
+    store_path = Path(config.store).resolve()
+    if output.resolve() == store_path or output.resolve() in store_path.parents:
+        msg = f"output {str(output)!r} holds the store {config.store!r}: choose another output directory"
+        raise ConfigError(msg)
+    finished = (output / "model.keras").exists()
+    backup = output / "backup"
+    if backup.exists() and not finished:
+        try:
+            record = json.loads((output / RECORD).read_text())
+        except (OSError, ValueError):
+            record = {}
+        if record.get("run_hash") == run_hash(config):
+            try:
+                return int(json.loads((backup / "training_metadata.json").read_text())["epoch"])
+            except (OSError, ValueError, KeyError):
+                return 0
+        if not config.overwrite:
+            msg = (f"{output} holds an interrupted training of a different config; pass --overwrite "
+                   "(overwrite: true) to discard it, or choose another output")
+            raise ConfigError(msg)
+    elif finished and not config.overwrite:
+        msg = f"{output} already holds a finished training; pass --overwrite (overwrite: true)"
+        raise ConfigError(msg)
+    if config.overwrite:
+        for name in OUTPUTS:
+            path = output / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / RECORD).write_text(json.dumps({"run_hash": run_hash(config), "store": config.store}))
+    return 0
+
+
+def _best_so_far(path: Path, monitor: str) -> float | None:
+    """The best (lowest) *monitor* value an interrupted run logged, so that a resumed
+    ``ModelCheckpoint`` keeps ``best.keras`` unless the run really improves on it."""
+    values = _read_history(path).get(monitor)
+    return min(values) if values else None
+
+
+def _retune_malloc(keras):
+    """A callback that applies ``hepdask.malloc.tune`` once the first batch has run:
+    TensorFlow's generator op resets glibc's trim threshold when a strategy's input starts."""
+    from . import malloc
+
+    class RetuneMalloc(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 0:
+                malloc.tune()
+
+    return RetuneMalloc()
+
+
 def fit(config: TrainConfig, *, verbose: int = 2) -> TrainResult:
-    """Train, checkpoint, evaluate and plot; everything lands in ``config.output``."""
+    """Train, checkpoint, evaluate and plot; everything lands in ``config.output``.
+
+    Everything that can be checked is checked before the output is touched: the store, the
+    devices, the model against the images, the batch size against the replicas.
+    """
     store.open_root(config.store)
     sizes = _check_store(config)
     output = Path(config.output)
-    if config.overwrite:
-        shutil.rmtree(output, ignore_errors=True)
-    elif (output / "model.keras").exists():
-        msg = f"{output} already holds a finished training; pass --overwrite (overwrite: true)"
-        raise ConfigError(msg)
-    output.mkdir(parents=True, exist_ok=True)
 
     import keras
 
     keras.backend.clear_session()
     strategy = make_strategy(config)
     replicas = strategy.num_replicas_in_sync
+    if config.data.batch_size % replicas:
+        msg = f"data.batch_size {config.data.batch_size} is not divisible by the {replicas} replicas"
+        raise ConfigError(msg)
     log.info("training on %d replica(s): %s", replicas, strategy.extended.worker_devices)
     image_shape = _image_shape(config)
     with strategy.scope():
         model = build_model(config, image_shape, len(config.data.extra_inputs))
+    first_epoch = _prepare_output(config, output)
+    if first_epoch:
+        log.info("resuming %s after %d finished epoch(s)", output, first_epoch)
     # Both inputs repeat, batched one planner epoch at a time, and each Keras epoch takes
     # exactly one planner epoch of steps: every event once (fewer than the replica count may
-    # be left out so that no replica gets an empty batch), and a new order every epoch. An
-    # explicit data.steps_per_epoch takes that many training steps instead.
-    train = _inputs(config, "train", shuffle=True, epochs=None, strategy=strategy)
+    # be left out so that no replica gets an empty batch), and a new order every epoch (a
+    # resumed run continues the orders). An explicit data.steps_per_epoch takes that many
+    # training steps instead.
+    train = _inputs(config, "train", shuffle=True, epochs=None, strategy=strategy, first_epoch=first_epoch)
     steps = config.data.steps_per_epoch or tfdata.steps_per_epoch(sizes["train"], config.data.batch_size,
                                                                   replicas=replicas)
     val_steps = tfdata.steps_per_epoch(sizes["val"], config.data.batch_size, replicas=replicas)
     val = _inputs(config, "val", shuffle=False, epochs=None, strategy=strategy) if val_steps else None
+    monitor = "val_loss" if val else "loss"
     callbacks = [
         keras.callbacks.BackupAndRestore(str(output / "backup")),
-        keras.callbacks.ModelCheckpoint(str(output / "best.keras"), monitor="val_loss" if val else "loss",
-                                        save_best_only=True),
+        keras.callbacks.ModelCheckpoint(str(output / "best.keras"), monitor=monitor, save_best_only=True,
+                                        initial_value_threshold=_best_so_far(output / "history.csv", monitor)),
         keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
+        _retune_malloc(keras),
     ]
     history = model.fit(train, epochs=config.fit.epochs, steps_per_epoch=steps, validation_data=val,
                         validation_steps=val_steps or None, callbacks=callbacks, verbose=verbose, shuffle=False)

@@ -36,6 +36,16 @@ def test_best_threshold_acceptance_rejection_and_confusion():
     assert m["confusion_matrix"]["values"] == [[2, 1], [0, 4]]
 
 
+def test_calling_nothing_signal_is_reported_consistently():
+    """When the best working point rejects everything, scores of exactly 1.0 (a saturated
+    sigmoid) must not count as signal in the matrix while the rates say none does."""
+    m = binary_metrics(np.array([0, 0, 0, 1, 0, 0]), np.array([1.0, 1.0, 1.0, 1.0, 0.2, 0.1]))
+    assert (m["signal_acceptance"], m["background_rejection"]) == (0.0, 1.0)
+    assert m["best_threshold"] > 1.0
+    assert m["confusion_matrix"]["values"] == [[5, 0], [1, 0]]
+    assert m["accuracy_at_best_threshold"] == pytest.approx(5 / 6)
+
+
 def _config(store, output, **changes) -> TrainConfig:
     raw = {
         "name": "t", "store": str(store), "output": str(output),

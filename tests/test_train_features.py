@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from hepdask import tfdata
 from hepdask.cli import main as cli
 from hepdask.errors import ConfigError
 from hepdask.train import fit
@@ -197,7 +198,19 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(tf_two_cpus, tr
             seen["second"].append(epoch)
 
     monkeypatch.setattr(keras.callbacks, "CSVLogger", Recording)
-    result = fit(config, verbose=0)  # overwrite is false: the output folder is kept
+    # The resumed run continues the data's epoch orders and keeps best.keras unless it improves.
+    epochs_read, thresholds = [], []
+    plain_dataset, plain_checkpoint = tfdata.tf_dataset, keras.callbacks.ModelCheckpoint
+    monkeypatch.setattr(tfdata, "tf_dataset", lambda *a, **k: epochs_read.append(k.get("first_epoch"))
+                        or plain_dataset(*a, **k))
+    monkeypatch.setattr(keras.callbacks, "ModelCheckpoint", lambda *a, **k: thresholds.append(
+        k.get("initial_value_threshold")) or plain_checkpoint(*a, **k))
+    # The same command again, even with overwrite given, resumes the interrupted run.
+    result = fit(config.model_copy(update={"overwrite": True}), verbose=0)
+    assert 1 in epochs_read
+    with (output / "history.csv").open() as f:
+        first_val_loss = float(next(csv.DictReader(f))["val_loss"])
+    assert thresholds == [first_val_loss]
     assert seen["second"] == [1, 2]
     assert len(seen["restored"]) == len(seen["weights"])
     for restored, backed_up in zip(seen["restored"], seen["weights"]):
@@ -206,3 +219,25 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(tf_two_cpus, tr
     assert len(result.history["loss"]) == 3
     assert (output / "model.keras").exists()
     assert not (output / "backup").exists()
+
+
+def test_what_a_training_refuses_and_what_overwrite_removes(tf_two_cpus, train_store, tmp_path, capsys):
+    """Missing devices fail at once (a MirroredStrategy over them would wait forever); a bad
+    config leaves a finished run as it was; --overwrite removes the training's own files and
+    nothing else, and never an output that holds the store."""
+    output = tmp_path / "run"
+    config = _config(train_store, output, **QUICK)
+    with pytest.raises(ConfigError, match=r"strategy.devices: \['/gpu:0', '/gpu:1'\] not visible"):
+        fit(_config(train_store, output, **QUICK, **{"strategy.devices": ["/gpu:0", "/gpu:1"]}), verbose=0)
+    fit(config, verbose=0)
+    (output / "notes.txt").write_text("mine")
+    before = {p.name: p.stat().st_mtime_ns for p in output.iterdir()}
+    with pytest.raises(ConfigError, match="not divisible by the 2 replicas"):
+        fit(_config(train_store, output, **QUICK, **{"data.batch_size": 63, "overwrite": True}), verbose=0)
+    assert {p.name: p.stat().st_mtime_ns for p in output.iterdir()} == before
+    fit(config.model_copy(update={"overwrite": True}), verbose=0)
+    assert (output / "notes.txt").read_text() == "mine" and (output / "model.keras").exists()
+    with pytest.raises(ConfigError, match="holds the store"):
+        fit(_config(train_store, train_store.parent, **QUICK, overwrite=True), verbose=0)
+    assert (train_store / "zarr.json").exists()
+
