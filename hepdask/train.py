@@ -169,10 +169,11 @@ def build_model(config: TrainConfig, image_shape: tuple[int, ...], extra: int):
     conv = layers.Conv2D if spec.dims == 2 else layers.Conv3D
     pool = layers.MaxPooling2D if spec.dims == 2 else layers.MaxPooling3D
     if len(image_shape) != spec.dims + 1:
-        msg = (
-            f"model.dims={spec.dims} needs images of rank {spec.dims + 1} (with channels) but they have shape "
-            f"{image_shape}; add 'add_channel_axis' to data.transforms, or set model.dims"
-        )
+        fits = len(image_shape) - 1
+        hint = (f"set model.dims: {fits}" if fits in (2, 3) and "add_channel_axis" in config.data.transforms
+                else "add 'add_channel_axis' to data.transforms, or set model.dims")
+        msg = (f"model.dims={spec.dims} needs images of rank {spec.dims + 1} (with channels) but they have shape "
+               f"{image_shape}; {hint}")
         raise ConfigError(msg)
     image = keras.Input(image_shape, name="image")
     x = image

@@ -113,7 +113,7 @@ def test_three_dimensional_model_on_three_axis_images(tf_two_cpus, store_3d, tmp
 
 
 def test_three_dimensional_model_refuses_two_axis_images(tf_two_cpus, train_store, tmp_path):
-    with pytest.raises(ConfigError, match=r"model\.dims=3 needs images of rank 4"):
+    with pytest.raises(ConfigError, match=r"model\.dims=3 needs images of rank 4 .*; set model\.dims: 2"):
         fit(_config(train_store, tmp_path / "b", **QUICK, **{"model.dims": 3}), verbose=0)
 
 
