@@ -189,7 +189,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides += [Override("strategy.kind=one_device", label),
                       Override(f"strategy.devices={json.dumps([args.one_device])}", label)]
     config = load_train(args.config, overrides)
-    result = fit(config)
+    # Keras' progress bar within each epoch on a terminal; one line an epoch in a log file.
+    result = fit(config, verbose=1 if sys.stdout.isatty() else 2)
     m = result.metrics
     print(f"trained {config.model.name} on {result.replicas} replica(s); outputs in {result.output}")
     if "auc" in m:
