@@ -170,7 +170,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if not args.verbose:  # TensorFlow's start-up INFO lines (oneDNN, CPU features...), before it loads
+    if not args.verbose:  # TensorFlow's INFO lines (CPU features, malloc patch); its oneDNN notice ignores this
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     from .config import Override, load_train
     from .train import fit

@@ -376,6 +376,7 @@ def tf_dataset(
     as_dict: bool | None = None,
     malloc_tuning: bool = True,
     first_epoch: int = 0,
+    skip_steps: int = 0,
 ):
     """A ``tf.data.Dataset`` of batches of *fields* of one split of a complete store.
 
@@ -392,7 +393,8 @@ def tf_dataset(
     batch may be smaller); ``epochs=None`` repeats forever: pair it with that many
     ``steps_per_epoch`` in ``fit``. Each new iteration of the dataset continues the epoch
     count where the last one stopped; the count starts at ``first_epoch`` (a training resumed
-    after that many epochs reads the orders it would have read). ``num_shards``/``shard`` pick this input pipeline's run
+    after that many epochs reads the orders it would have read), and ``skip_steps`` leaves out
+    that many steps of it (a resumed training whose epochs are not whole passes). ``num_shards``/``shard`` pick this input pipeline's run
     of each epoch; ``replicas`` is how many replicas take its batches in turn (under
     ``tf.distribute``, ``distributed_dataset`` sets all three), and each step's events are
     split evenly among them, so none gets an empty batch.
@@ -469,7 +471,8 @@ def tf_dataset(
         lambda unused: tf.numpy_function(lambda _: np.int64(next(started)), [unused], tf.int64, stateful=True))
     options = tf.data.Options()
     options.deterministic = True
-    dataset = numbered.flat_map(one_epoch)
+    # A step takes one batch per replica of this pipeline.
+    dataset = numbered.flat_map(one_epoch).skip(skip_steps * replicas)
     if epochs is None:
         # Known to be endless, tf.distribute skips its checks for a partial last batch.
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
@@ -477,7 +480,7 @@ def tf_dataset(
         # tf.data cannot count batches through numpy_function; Keras needs the count to end
         # an epoch without warning that the input "ran out of data". (Under a strategy Keras
         # would take this per-replica count for steps: there, pass steps_per_epoch.)
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(epochs * plan.steps))
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(max(0, epochs * plan.steps - skip_steps)))
 
     dict_out = as_dict if as_dict is not None else len(fields) != 2
     if dict_out:

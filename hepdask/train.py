@@ -222,7 +222,7 @@ def build_model(config: TrainConfig, image_shape: tuple[int, ...], extra: int):
 
 
 def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | None, strategy=None,
-            first_epoch: int = 0):
+            first_epoch: int = 0, skip_steps: int = 0):
     """(x, y) batches; x is the image or {image, scalars} when extra inputs are configured."""
     import tensorflow as tf
 
@@ -231,7 +231,7 @@ def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | Non
     fields = (image_field, label_field, *data.extra_inputs)
     kwargs = {"shuffle": shuffle, "seed": data.seed, "fields": fields, "shuffle_buffer": data.shuffle_buffer,
                   "transforms": data.transforms, "cast": data.cast, "epochs": epochs, "as_dict": True,
-                  "first_epoch": first_epoch}
+                  "first_epoch": first_epoch, "skip_steps": skip_steps}
 
     def arrange(batch):
         y = tf.cast(batch[label_field], tf.float32 if config.model.classes == 2 else tf.int32)
@@ -300,7 +300,7 @@ def _prepare_output(config: TrainConfig, output: Path) -> int:
     """Make room for the run; return the epochs an interrupted run of the same config has
     finished (0 for a new run), which it resumes from its backup.
 
-    An interrupted run (a backup, no final model) resumes whether or not ``overwrite`` is
+    An interrupted run (its backup still there) resumes whether or not ``overwrite`` is
     given, so the same command run again resumes; one of another config is refused, or
     with ``overwrite`` discarded. A finished run is replaced only with ``overwrite``.
     ``overwrite`` removes the files a training writes (``OUTPUTS``) and nothing else.
@@ -309,26 +309,37 @@ def _prepare_output(config: TrainConfig, output: Path) -> int:
     if output.resolve() == store_path or output.resolve() in store_path.parents:
         msg = f"output {str(output)!r} holds the store {config.store!r}: choose another output directory"
         raise ConfigError(msg)
-    finished = (output / "model.keras").exists()
     backup = output / "backup"
-    if backup.exists() and not finished:
-        try:
-            record = json.loads((output / RECORD).read_text())
-        except (OSError, ValueError):
-            record = {}
-        if record.get("run_hash") == run_hash(config):
+    try:
+        record = json.loads((output / RECORD).read_text())
+    except (OSError, ValueError):
+        record = {}
+    same = record.get("run_hash") == run_hash(config)
+    # The backup is removed last, once the metrics and plots are written: a run with a
+    # backup is unfinished, whatever else it has written.
+    if backup.exists():
+        if same:
             try:
-                return int(json.loads((backup / "training_metadata.json").read_text())["epoch"])
+                epochs = int(json.loads((backup / "training_metadata.json").read_text())["epoch"])
             except (OSError, ValueError, KeyError):
-                return 0
+                epochs = 0
+            _keep_history(output / "history.csv", epochs)
+            return epochs
         if not config.overwrite:
             msg = (f"{output} holds an interrupted training of a different config; pass --overwrite "
                    "(overwrite: true) to discard it, or choose another output")
             raise ConfigError(msg)
-    elif finished and not config.overwrite:
+    elif (output / "metrics.json").exists() and not config.overwrite:
         msg = f"{output} already holds a finished training; pass --overwrite (overwrite: true)"
         raise ConfigError(msg)
-    if config.overwrite:
+    elif not config.overwrite and not same:
+        left = [name for name in OUTPUTS if name != RECORD and (output / name).exists()]
+        if left:
+            msg = (f"{output} holds files of another training ({', '.join(left)}) that a new run would mix "
+                   "with its own; pass --overwrite (overwrite: true) or choose another output")
+            raise ConfigError(msg)
+    # Replaced on request, or what this config's run left before it finished an epoch.
+    if config.overwrite or same:
         for name in OUTPUTS:
             path = output / name
             if path.is_dir():
@@ -340,11 +351,26 @@ def _prepare_output(config: TrainConfig, output: Path) -> int:
     return 0
 
 
+def _keep_history(path: Path, epochs: int) -> None:
+    """Keep the rows of the *epochs* epochs the backup holds: a kill between the backup and
+    the CSV row (or after the row, before the backup) must not leave a gap or a repeat."""
+    import csv
+
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(float(row[0])) < epochs]
+    if kept != rows:
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+
 def _best_so_far(path: Path, monitor: str) -> float | None:
     """The best (lowest) *monitor* value an interrupted run logged, so that a resumed
     ``ModelCheckpoint`` keeps ``best.keras`` unless the run really improves on it."""
-    values = _read_history(path).get(monitor)
-    return min(values) if values else None
+    values = np.asarray(_read_history(path).get(monitor, []), np.float64)
+    return float(np.nanmin(values)) if np.isfinite(values).any() else None
 
 
 def _retune_malloc(keras):
@@ -382,26 +408,31 @@ def fit(config: TrainConfig, *, verbose: int = 2) -> TrainResult:
     image_shape = _image_shape(config)
     with strategy.scope():
         model = build_model(config, image_shape, len(config.data.extra_inputs))
-    first_epoch = _prepare_output(config, output)
-    if first_epoch:
-        log.info("resuming %s after %d finished epoch(s)", output, first_epoch)
+    finished_epochs = _prepare_output(config, output)
+    if finished_epochs:
+        log.info("resuming %s after %d finished epoch(s)", output, finished_epochs)
     # Both inputs repeat, batched one planner epoch at a time, and each Keras epoch takes
     # exactly one planner epoch of steps: every event once (fewer than the replica count may
-    # be left out so that no replica gets an empty batch), and a new order every epoch (a
-    # resumed run continues the orders). An explicit data.steps_per_epoch takes that many
-    # training steps instead.
-    train = _inputs(config, "train", shuffle=True, epochs=None, strategy=strategy, first_epoch=first_epoch)
-    steps = config.data.steps_per_epoch or tfdata.steps_per_epoch(sizes["train"], config.data.batch_size,
-                                                                  replicas=replicas)
+    # be left out so that no replica gets an empty batch), and a new order every epoch. An
+    # explicit data.steps_per_epoch takes that many training steps instead. A resumed run
+    # starts where the uninterrupted one would be after its finished epochs.
+    plan_steps = tfdata.steps_per_epoch(sizes["train"], config.data.batch_size, replicas=replicas)
+    steps = config.data.steps_per_epoch or plan_steps
+    first_epoch, skip_steps = divmod(finished_epochs * steps, plan_steps)
+    train = _inputs(config, "train", shuffle=True, epochs=None, strategy=strategy, first_epoch=first_epoch,
+                    skip_steps=skip_steps)
     val_steps = tfdata.steps_per_epoch(sizes["val"], config.data.batch_size, replicas=replicas)
     val = _inputs(config, "val", shuffle=False, epochs=None, strategy=strategy) if val_steps else None
     monitor = "val_loss" if val else "loss"
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(output / "backup")),
         keras.callbacks.ModelCheckpoint(str(output / "best.keras"), monitor=monitor, save_best_only=True,
                                         initial_value_threshold=_best_so_far(output / "history.csv", monitor)),
         keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
         _retune_malloc(keras),
+        # Last: an epoch is backed up once everything else has its record of it. The backup
+        # outlives fit and goes once the metrics are written, so a kill at any point before
+        # resumes (a run whose epochs are all done just saves and evaluates again).
+        keras.callbacks.BackupAndRestore(str(output / "backup"), delete_checkpoint=False),
     ]
     history = model.fit(train, epochs=config.fit.epochs, steps_per_epoch=steps, validation_data=val,
                         validation_steps=val_steps or None, callbacks=callbacks, verbose=verbose, shuffle=False)
@@ -412,6 +443,7 @@ def fit(config: TrainConfig, *, verbose: int = 2) -> TrainResult:
     full_history = _read_history(output / "history.csv") or {k: list(map(float, v)) for k, v in history.history.items()}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot(output, full_history, metrics)
+    shutil.rmtree(output / "backup", ignore_errors=True)
     return TrainResult(output, full_history, metrics, replicas)
 
 

@@ -167,6 +167,21 @@ def test_shuffling_is_seeded(tf_two_cpus, train_store):
     assert not np.array_equal(order(5), order(6))
 
 
+def test_a_resumed_stream_continues_where_the_uninterrupted_one_would_be(tf_two_cpus, train_store):
+    """first_epoch and skip_steps put a new pipeline where an old one was after that many
+    epochs and steps: what a training resumed from its backup reads."""
+    def batches(n, **kwargs):
+        stream = tfdata.tf_dataset(train_store, "train", batch_size=64, fields=FIELDS, seed=4, epochs=None, **kwargs)
+        return [_keys(b) for b in stream.take(n)]
+
+    steps = tfdata.steps_per_epoch(tfdata.SplitSource.open(train_store, "train", FIELDS).n_events, 64)
+    whole = batches(steps + 4)
+    for got, want in zip(batches(3, skip_steps=2), whole[2:5]):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(batches(3, first_epoch=1, skip_steps=1), whole[steps + 1 : steps + 4]):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_batches_transforms_and_dtypes(tf_two_cpus, train_store):
     ds = tfdata.tf_dataset(train_store, "val", batch_size=32, shuffle=False, transforms=["log1p", "add_channel_axis"])
     image, label = next(iter(ds))

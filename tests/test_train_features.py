@@ -161,14 +161,15 @@ def _history_epochs(path) -> list[int]:
 
 
 def test_a_killed_training_resumes_after_its_last_finished_epoch(tf_two_cpus, train_store, tmp_path, monkeypatch):
-    """The job dies at the end of epoch 0, once its backup and its history row are written
-    (fit's callbacks run in order: BackupAndRestore, ModelCheckpoint, CSVLogger). The same
-    config run again restores that backup and trains epochs 1 and 2 only."""
+    """The job dies at the end of epoch 0, once its backup is written (BackupAndRestore is
+    the last callback: the history row and best.keras come before it). The same command run
+    again, even with overwrite, restores that backup and trains epochs 1 and 2 only, reading
+    the data from where the uninterrupted run would be."""
     import keras
 
     config = _config(train_store, tmp_path / "run", **{**QUICK, "fit.epochs": 3})
     output = tmp_path / "run"
-    plain = keras.callbacks.CSVLogger
+    plain = keras.callbacks.BackupAndRestore
     seen: dict = {"first": [], "second": []}
 
     class KilledAfterFirstEpoch(plain):
@@ -178,10 +179,9 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(tf_two_cpus, tr
         def on_epoch_end(self, epoch, logs=None):
             super().on_epoch_end(epoch, logs)
             seen["weights"] = [np.array(w) for w in self.model.get_weights()]
-            self.csv_file.close()
             raise Killed
 
-    monkeypatch.setattr(keras.callbacks, "CSVLogger", KilledAfterFirstEpoch)
+    monkeypatch.setattr(keras.callbacks, "BackupAndRestore", KilledAfterFirstEpoch)
     with pytest.raises(Killed):
         fit(config, verbose=0)
     assert seen["first"] == [0]
@@ -197,17 +197,18 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(tf_two_cpus, tr
         def on_epoch_begin(self, epoch, logs=None):
             seen["second"].append(epoch)
 
-    monkeypatch.setattr(keras.callbacks, "CSVLogger", Recording)
-    # The resumed run continues the data's epoch orders and keeps best.keras unless it improves.
-    epochs_read, thresholds = [], []
+    monkeypatch.setattr(keras.callbacks, "BackupAndRestore", Recording)
+    positions, thresholds = [], []
     plain_dataset, plain_checkpoint = tfdata.tf_dataset, keras.callbacks.ModelCheckpoint
-    monkeypatch.setattr(tfdata, "tf_dataset", lambda *a, **k: epochs_read.append(k.get("first_epoch"))
-                        or plain_dataset(*a, **k))
+    monkeypatch.setattr(tfdata, "tf_dataset", lambda *a, **k: positions.append(
+        (k.get("first_epoch"), k.get("skip_steps"))) or plain_dataset(*a, **k))
     monkeypatch.setattr(keras.callbacks, "ModelCheckpoint", lambda *a, **k: thresholds.append(
         k.get("initial_value_threshold")) or plain_checkpoint(*a, **k))
-    # The same command again, even with overwrite given, resumes the interrupted run.
     result = fit(config.model_copy(update={"overwrite": True}), verbose=0)
-    assert 1 in epochs_read
+    # Epochs of 2 steps: the resumed run starts 2 steps into the first planner epoch.
+    n_train = tfdata.SplitSource.open(train_store, "train", ("image", "label")).n_events
+    train_position = next(p for p in positions if p != (None, None))  # the train input comes first
+    assert train_position == divmod(2, tfdata.steps_per_epoch(n_train, 64, replicas=2)) == (0, 2)
     with (output / "history.csv").open() as f:
         first_val_loss = float(next(csv.DictReader(f))["val_loss"])
     assert thresholds == [first_val_loss]
@@ -217,8 +218,33 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(tf_two_cpus, tr
         np.testing.assert_array_equal(restored, backed_up)
     assert _history_epochs(output / "history.csv") == [0, 1, 2]
     assert len(result.history["loss"]) == 3
-    assert (output / "model.keras").exists()
+    assert (output / "model.keras").exists() and (output / "metrics.json").exists()
     assert not (output / "backup").exists()
+
+
+def test_a_training_killed_after_its_last_epoch_just_evaluates_again(tf_two_cpus, train_store, tmp_path,
+                                                                      monkeypatch):
+    """Killed after training, before its metrics were written: the rerun trains nothing,
+    keeps the history as it was, and writes the model, metrics and plots."""
+    import keras
+
+    output = tmp_path / "run"
+    config = _config(train_store, output, **{**QUICK, "fit.epochs": 2})
+    save = keras.Model.save
+
+    def dying(self, path, *args, **kwargs):
+        if str(path).endswith("model.keras"):
+            raise Killed
+        return save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", dying)
+    with pytest.raises(Killed):
+        fit(config, verbose=0)
+    assert _history_epochs(output / "history.csv") == [0, 1] and (output / "backup").is_dir()
+    monkeypatch.setattr(keras.Model, "save", save)
+    result = fit(config, verbose=0)
+    assert _history_epochs(output / "history.csv") == [0, 1] and len(result.history["loss"]) == 2
+    assert (output / "metrics.json").exists() and not (output / "backup").exists()
 
 
 def test_what_a_training_refuses_and_what_overwrite_removes(tf_two_cpus, train_store, tmp_path, capsys):
@@ -227,8 +253,8 @@ def test_what_a_training_refuses_and_what_overwrite_removes(tf_two_cpus, train_s
     nothing else, and never an output that holds the store."""
     output = tmp_path / "run"
     config = _config(train_store, output, **QUICK)
-    with pytest.raises(ConfigError, match=r"strategy.devices: \['/gpu:0', '/gpu:1'\] not visible"):
-        fit(_config(train_store, output, **QUICK, **{"strategy.devices": ["/gpu:0", "/gpu:1"]}), verbose=0)
+    with pytest.raises(ConfigError, match=r"strategy.devices: \['/gpu:98', '/gpu:99'\] not visible"):
+        fit(_config(train_store, output, **QUICK, **{"strategy.devices": ["/gpu:98", "/gpu:99"]}), verbose=0)
     fit(config, verbose=0)
     (output / "notes.txt").write_text("mine")
     before = {p.name: p.stat().st_mtime_ns for p in output.iterdir()}
