@@ -402,7 +402,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"hepdask: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        more = "; the new store is not finalised: run the same command to resume" if args.command == "build-dataset" else ""
+        more = {"build-dataset": "; the new store is not finalised: run the same command to resume",
+                "train": "; run the same command to resume after the last finished epoch"}.get(args.command, "")
         print(f"hepdask: interrupted{more}", file=sys.stderr)
         return 130
 
