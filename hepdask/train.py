@@ -154,6 +154,10 @@ def _check_devices(tf, devices: list[str]) -> None:
         msg = (f"strategy.devices: {missing} not visible to TensorFlow here (visible: {sorted(visible.values())}; "
                "strategy.logical_cpus: N splits the CPU into N devices)")
         raise ConfigError(msg)
+    named = [tf.DeviceSpec.from_string(name) for name in devices]
+    if len({(str(d.device_type).upper(), d.device_index or 0) for d in named}) < len(devices):
+        msg = f"strategy.devices: {devices} names a device twice"
+        raise ConfigError(msg)
 
 
 def _default_device(tf) -> str:

@@ -255,6 +255,8 @@ def test_what_a_training_refuses_and_what_overwrite_removes(tf_two_cpus, train_s
     config = _config(train_store, output, **QUICK)
     with pytest.raises(ConfigError, match=r"strategy.devices: \['/gpu:98', '/gpu:99'\] not visible"):
         fit(_config(train_store, output, **QUICK, **{"strategy.devices": ["/gpu:98", "/gpu:99"]}), verbose=0)
+    with pytest.raises(ConfigError, match="names a device twice"):
+        fit(_config(train_store, output, **QUICK, **{"strategy.devices": ["/cpu:0", "/CPU:0"]}), verbose=0)
     fit(config, verbose=0)
     (output / "notes.txt").write_text("mine")
     before = {p.name: p.stat().st_mtime_ns for p in output.iterdir()}
