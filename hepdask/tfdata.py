@@ -471,8 +471,9 @@ def tf_dataset(
         lambda unused: tf.numpy_function(lambda _: np.int64(next(started)), [unused], tf.int64, stateful=True))
     options = tf.data.Options()
     options.deterministic = True
-    # A step takes one batch per replica of this pipeline.
-    dataset = numbered.flat_map(one_epoch).skip(skip_steps * replicas)
+    dataset = numbered.flat_map(one_epoch)
+    if skip_steps:
+        dataset = dataset.skip(skip_steps * replicas)  # a step takes one batch per replica of this pipeline
     if epochs is None:
         # Known to be endless, tf.distribute skips its checks for a partial last batch.
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
