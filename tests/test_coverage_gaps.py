@@ -356,3 +356,20 @@ def test_print_job_script_shows_the_log_lines_and_writes_nothing(tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
     err = capsys.readouterr().err
     assert err.startswith("hepdask: error: cluster.profile is not set (--profile)") and err.count("\n") == 1
+
+
+def test_the_launch_script_reads_the_config_cluster_section_and_fails_in_one_line(tmp_path):
+    """jobqueue/launch_slurm.py starts from the config's cluster section (here its jobs), puts
+    the flags given on top, and a bad combination is one line naming them, exit status 2."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "jobqueue" / "launch_slurm.py"
+    path = write_config(tmp_path / "c.yaml", demo_config(tmp_path / "data", tmp_path / "o.zarr",
+                                                         cluster={"jobs": 1}))
+    done = subprocess.run([sys.executable, str(script), str(path), "--minimum-jobs", "3"],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("launch_slurm: error: ")
+    assert "--minimum-jobs 3" in done.stderr and "cluster.minimum_jobs (3) exceeds cluster.jobs (1)" in done.stderr
+    assert not (tmp_path / "o.zarr.slurm-logs").exists()
