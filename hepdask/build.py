@@ -80,6 +80,10 @@ class Bar:
         self.enabled = enabled
         self.console = console
         self._progress = None
+        if enabled and console is None:  # progress is not output: stderr, as the CLI does
+            from rich.console import Console
+
+            console = Console(stderr=True)
         if enabled:
             from rich.progress import (
                 BarColumn,

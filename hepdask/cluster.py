@@ -120,13 +120,20 @@ def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
         }
         # distributed's Nanny applies pre-spawn-environ with os.environ.update in *this*
         # process (distributed 2026.8, nanny.py); left there, NUMBA_NUM_THREADS=1 makes the
-        # client's next numba compilation fail once numba's threads run. So the client's
-        # values come back.
-        previous = {name: os.environ.get(name) for name in environ}
+        # client's next numba compilation fail once numba's threads run, and OMP_NUM_THREADS=1
+        # and the like make a notebook's later work single-threaded. So every value the Nanny
+        # sets comes back.
+        names = [*settings["distributed.nanny.pre-spawn-environ"], *NANNY_ENVIRON]
+        previous = {name: os.environ.get(name) for name in names}
         local = _local_cluster(spec, security, settings, previous, n_workers=spec.workers or default_workers(),
                                threads_per_worker=spec.threads_per_worker, processes=True)
     with local as cluster, Client(cluster, security=security) as client:
         yield client
+
+
+#: What distributed's Nanny puts into the starting process's environment besides
+#: pre-spawn-environ (distributed 2026.8, nanny.py).
+NANNY_ENVIRON = ("PYTHONHASHSEED", "__DASK_PARENT_PID")
 
 
 def inline_enough(spec: Cluster) -> bool:

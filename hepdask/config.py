@@ -907,8 +907,10 @@ def _refuse_duplicate_keys(path: Path, node: yaml.Node | None, where: str = "",
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read, override, validate and resolve the YAML config at *path*."""
+    """Read, override, validate and resolve the YAML config at *path* (*overrides*: a list of
+    ``key.sub=value`` strings, or one)."""
     path = Path(path)
+    overrides = [overrides] if isinstance(overrides, str) else overrides
     data = _read_yaml(path)
     data = apply_overrides(data, list(overrides)) if overrides else data
     return from_dict(data, base=path.parent, source=str(path), overrides=overrides)
@@ -984,6 +986,7 @@ class TrainConfig(_Model):
 def load_train(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read and validate a training config; ``store`` and ``output`` are relative to it."""
     path = Path(path)
+    overrides = [overrides] if isinstance(overrides, str) else overrides
     data = _read_yaml(path)
     data = apply_overrides(data, list(overrides)) if overrides else data
     base = path.parent.resolve()

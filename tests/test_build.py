@@ -770,10 +770,14 @@ def test_local_cluster_leaves_the_client_environment_alone(monkeypatch):
     from hepdask.config import Cluster
 
     monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    for name in ("OMP_NUM_THREADS", "PYTHONHASHSEED", "__DASK_PARENT_PID"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
     with cluster.connect(Cluster(workers=1, dashboard_address=":0"), say=lambda _: None, log_directory=None) as client:
         assert client.run(lambda: os.environ["NUMBA_NUM_THREADS"]) == dict.fromkeys(client.scheduler_info()["workers"], "1")
-        assert "NUMBA_NUM_THREADS" not in os.environ
-    assert "NUMBA_NUM_THREADS" not in os.environ
+        # Nor OMP_NUM_THREADS=1 and the like, which would make a notebook's later work single-threaded.
+        assert dict(os.environ) == before
+    assert dict(os.environ) == before
 
 
 def test_workers_get_the_malloc_tuning(built, client):

@@ -198,6 +198,11 @@ def test_errors_are_one_line_per_key_and_name_the_override(tmp_path):
     assert str(err.value) == "c.yaml: unknown key 'tre'; did you mean 'tree'?"
 
 
+def test_one_override_may_be_given_as_a_string(tmp_path):
+    path = write_config(tmp_path / "c.yaml", _config(tmp_path))
+    assert load(path, "output.chunk_events=3").output.chunk_events == 3
+
+
 def test_an_override_keeps_its_flag_through_copies():
     flag = Override("cluster.workers=0", "--workers 0")
     for copied in (copy.copy(flag), copy.deepcopy(flag), pickle.loads(pickle.dumps(flag))):
