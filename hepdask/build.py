@@ -29,7 +29,6 @@ from .config import (
     Labels,
     Time,
     image_dim_prefix,
-    image_key,
 )
 from .errors import (
     BuildError,
@@ -77,13 +76,13 @@ class Bar:
     """A rich progress display with named tasks; silent when disabled (tests, notebooks)."""
 
     def __init__(self, *, enabled: bool, console=None) -> None:
-        self.enabled = enabled
-        self.console = console
-        self._progress = None
         if enabled and console is None:  # progress is not output: stderr, as the CLI does
             from rich.console import Console
 
             console = Console(stderr=True)
+        self.enabled = enabled
+        self.console = console
+        self._progress = None
         if enabled:
             from rich.progress import (
                 BarColumn,
@@ -470,10 +469,8 @@ def _missing_examples(config: Config) -> dict[str, int]:
         if gen is None:
             continue
         examples.check_settings(gen.directory, signal=gen.signal, events_per_file=gen.events_per_file, seed=gen.seed)
-        prefix = "signal" if gen.signal else "background"
-        missing[sample.name] = sum(
-            not (Path(gen.directory) / f"{prefix}_{i:05d}.root").exists() for i in range(gen.n_files)
-        )
+        paths = examples.file_paths(gen.directory, signal=gen.signal, n_files=gen.n_files)
+        missing[sample.name] = sum(not path.exists() for path in paths)
     return missing
 
 
@@ -540,11 +537,8 @@ def _check_detectors(config: Config, job: Job) -> None:
                     f"(columns: {sorted(detector.fields)})"
                 )
                 raise GeometryError(msg)
-        cuts = [("selection.hits", config.selection.hits)]
-        cuts += [(image_key(img.array) + ".hits", img.hit_cut) for img in job.images]
-        for where, text in cuts:
-            if text:
-                selection.Cut(text, fields, f"{where} (sample {sample.name!r}, detector file {detector.path})")
+        for where, text in config.hit_cuts():
+            selection.Cut(text, fields, f"{where} (sample {sample.name!r}, detector file {detector.path})")
 
 
 def chunk_events(config: Config, images: tuple[ImageJob, ...] | None = None) -> int:
@@ -878,8 +872,8 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         partitions = _split_files(client, partitions, config, bar, job.build_id)
     report.n_partitions = len(partitions)
 
-    per_task = partitions_per_task(config.read.partitions_per_task, len(partitions), len(client.nthreads()))
     n_workers = max(1, len(client.nthreads()))
+    per_task = partitions_per_task(config.read.partitions_per_task, len(partitions), n_workers)
     log.info("staging %d partition(s) of %d file(s), %d a task, on %d worker(s)", len(partitions),
              len({p.file for p in partitions}), per_task, n_workers)
     results = _stage_all(client, partitions, job, bar, config.cluster.worker_timeout, per_task)
@@ -943,7 +937,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         bar.print(f"resuming: {n_tasks - len(writes)} of {n_tasks} write tasks had finished")
     write_task = bar.add("write chunks", n_tasks)
     bar.advance(write_task, n_tasks - len(writes))
-    log.info("writing %s event(s) in %d task(s) of up to %d chunk(s) of %d events", 
+    log.info("writing %s event(s) in %d task(s) of up to %d chunk(s) of %d events",
              {split: plan.size for split, plan in plans.items()}, len(writes), group, per_chunk)
     _wait(client, writes, bar, write_task, config.cluster.worker_timeout)
     log.info("written, %.2f s since the start; finalising", time.perf_counter() - started)

@@ -312,19 +312,9 @@ def print_build(report, console) -> None:
     names = list(report.samples)
     rows = [(split, s["events"], *(s[n] for n in names)) for split, s in report.splits.items()]
     console.print(_table("splits", ["split", "events", *names], rows))
-    hits = report.hits
-    axes = list(hits.get("underflow", {}))
-    rows = [(a, hits["underflow"][a], hits["overflow"][a]) for a in axes]
-    # The totals go on a line of their own: as a table title they wrapped at the table's width.
-    console.print(f"image hits: {hits.get('hits', 0):,} after cuts, {hits.get('in_image', 0):,} in the image, "
-                  f"{hits.get('nan', 0):,} NaN, {hits.get('clipped', 0):,} clipped")
-    console.print(_table("image: hits outside, per axis", ["axis", "underflow", "overflow"], rows))
+    _print_hits(console, "image", report.hits)
     for name, image in report.images.items():
-        h = image["hits"]
-        rows = [(a, h["underflow"][a], h["overflow"][a]) for a in h["underflow"]]
-        console.print(f"{name} {tuple(image['shape'])} hits: {h['hits']:,} after cuts, {h['in_image']:,} in the "
-                      f"image, {h['nan']:,} NaN, {h['clipped']:,} clipped")
-        console.print(_table(f"{name}: hits outside, per axis", ["axis", "underflow", "overflow"], rows))
+        _print_hits(console, name, image["hits"], shape=image["shape"])
     if report.hit_counts:
         described = {
             "unknown_channel": "hits on channels not in the detector file (dropped)",
@@ -336,6 +326,16 @@ def print_build(report, console) -> None:
         console.print(_table("geometry and time", ["", "count"], rows))
     console.print(f"wrote {report.events_written:,} events to {report.path} in {report.wall_seconds:.1f} s "
                   f"({report.events_per_second:,.0f} events/s read)")
+
+
+def _print_hits(console, image: str, hits: dict, shape: Sequence[int] = ()) -> None:
+    """An image's hit statistics: the totals on a line of their own (as a table title they
+    wrapped at the table's width), then the hits outside it per axis."""
+    named = f"{image} {tuple(shape)}" if shape else image
+    console.print(f"{named} hits: {hits.get('hits', 0):,} after cuts, {hits.get('in_image', 0):,} in the image, "
+                  f"{hits.get('nan', 0):,} NaN, {hits.get('clipped', 0):,} clipped")
+    rows = [(a, n, hits["overflow"][a]) for a, n in hits.get("underflow", {}).items()]
+    console.print(_table(f"{image}: hits outside, per axis", ["axis", "underflow", "overflow"], rows))
 
 
 def print_info(info: dict, console) -> None:

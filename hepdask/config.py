@@ -494,17 +494,20 @@ class Config(_Model):
         from .selection import Cut
 
         hit_names = hit_fields if self.table_columns_known() else None
-        cuts = [("selection.hits", self.selection.hits, hit_names),
-                ("selection.events", self.selection.events, [*event_fields, "nhits"])]
-        for array, image in self.all_images().items():
-            where = image_key(array)
-            cuts.append((f"{where}.hits", image.hits, hit_names))
+        cuts = [(where, text, hit_names) for where, text in self.hit_cuts()]
+        if self.selection.events:
+            cuts.append(("selection.events", self.selection.events, [*event_fields, "nhits"]))
         for where, text, names in cuts:
-            if text:
-                try:
-                    Cut(text, names, where)
-                except SelectionError as err:
-                    raise ValueError(str(err)) from None
+            try:
+                Cut(text, names, where)
+            except SelectionError as err:
+                raise ValueError(str(err)) from None
+
+    def hit_cuts(self) -> list[tuple[str, str]]:
+        """Every hit cut as ``(config key, text)``: ``selection.hits``, then each image's."""
+        cuts = [("selection.hits", self.selection.hits)]
+        cuts += [(f"{image_key(array)}.hits", image.hits) for array, image in self.all_images().items()]
+        return [(where, text) for where, text in cuts if text]
 
     def all_images(self) -> dict[str, Image]:
         """Every image of the build by its array name: ``image``, then ``image_<name>``."""
@@ -910,10 +913,16 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     """Read, override, validate and resolve the YAML config at *path* (*overrides*: a list of
     ``key.sub=value`` strings, or one)."""
     path = Path(path)
-    overrides = [overrides] if isinstance(overrides, str) else overrides
-    data = _read_yaml(path)
-    data = apply_overrides(data, list(overrides)) if overrides else data
+    data, overrides = _read_overridden(path, overrides)
     return from_dict(data, base=path.parent, source=str(path), overrides=overrides)
+
+
+def _read_overridden(path: Path, overrides: Sequence[str] | str) -> tuple[dict[str, Any], list[str]]:
+    """The YAML mapping at *path* with *overrides* applied (one string is one override), and
+    the overrides as a list."""
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    data = _read_yaml(path)
+    return (apply_overrides(data, overrides) if overrides else data), overrides
 
 
 # --------------------------------------------------------------------------------------------
@@ -986,9 +995,7 @@ class TrainConfig(_Model):
 def load_train(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read and validate a training config; ``store`` and ``output`` are relative to it."""
     path = Path(path)
-    overrides = [overrides] if isinstance(overrides, str) else overrides
-    data = _read_yaml(path)
-    data = apply_overrides(data, list(overrides)) if overrides else data
+    data, overrides = _read_overridden(path, overrides)
     base = path.parent.resolve()
     for key in ("store", "output"):
         if isinstance(data.get(key), str):

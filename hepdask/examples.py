@@ -82,6 +82,15 @@ def write_file(path: str | os.PathLike, model: ShowerModel, n_events: int, seed:
     tmp.replace(path)
 
 
+def file_paths(directory: str | os.PathLike, *, signal: bool, n_files: int) -> list[Path]:
+    """The example files of a sample: ``signal_00000.root``... or ``background_...``."""
+    return [Path(directory) / f"{_prefix(signal)}_{i:05d}.root" for i in range(n_files)]
+
+
+def _prefix(signal: bool) -> str:
+    return "signal" if signal else "background"
+
+
 def _record_path(directory: Path, prefix: str) -> Path:
     return directory / f".{prefix}.hepdask-generate.json"
 
@@ -99,7 +108,7 @@ def check_settings(directory: str | os.PathLike, *, signal: bool, events_per_fil
     record existed, or by hand) are checked for their number of events only; a record
     without files is stale and ignored.
     """
-    prefix = "signal" if signal else "background"
+    prefix = _prefix(signal)
     directory = Path(directory)
     existing = _existing(directory, prefix)
     if not existing:
@@ -141,13 +150,13 @@ def generate(
         raise ConfigError(msg)
     check_settings(directory, signal=signal, events_per_file=events_per_file, seed=seed)
     model = SIGNAL if signal else BACKGROUND
-    prefix = "signal" if signal else "background"
     directory = Path(directory)
-    paths = [directory / f"{prefix}_{i:05d}.root" for i in range(n_files)]
+    paths = file_paths(directory, signal=signal, n_files=n_files)
     if not all(path.exists() for path in paths):
         # Recorded only by a run that writes: a read-only directory of complete files is fine.
         directory.mkdir(parents=True, exist_ok=True)
-        _record_path(directory, prefix).write_text(json.dumps({"events_per_file": events_per_file, "seed": seed}))
+        record = {"events_per_file": events_per_file, "seed": seed}
+        _record_path(directory, _prefix(signal)).write_text(json.dumps(record))
     for i, path in enumerate(paths):
         if not path.exists():
             file_seed = np.random.SeedSequence([seed, int(signal), i]).generate_state(1)[0]

@@ -394,10 +394,11 @@ def tf_dataset(
     ``steps_per_epoch`` in ``fit``. Each new iteration of the dataset continues the epoch
     count where the last one stopped; the count starts at ``first_epoch`` (a training resumed
     after that many epochs reads the orders it would have read), and ``skip_steps`` leaves out
-    that many steps of it (a resumed training whose epochs are not whole passes). ``num_shards``/``shard`` pick this input pipeline's run
-    of each epoch; ``replicas`` is how many replicas take its batches in turn (under
-    ``tf.distribute``, ``distributed_dataset`` sets all three), and each step's events are
-    split evenly among them, so none gets an empty batch.
+    that many steps of it (a resumed training whose epochs are not whole passes).
+    ``num_shards``/``shard`` pick this input pipeline's run of each epoch; ``replicas`` is
+    how many replicas take its batches in turn (under ``tf.distribute``,
+    ``distributed_dataset`` sets all three), and each step's events are split evenly among
+    them, so none gets an empty batch.
     ``malloc_tuning`` applies ``hepdask.malloc.tune`` (glibc only; process-wide).
     """
     tf = _import_tf()

@@ -135,27 +135,25 @@ def make_strategy(config: TrainConfig):
 
 
 def _check_devices(tf, devices: list[str]) -> None:
-    """Refuse devices this process does not have: a MirroredStrategy over a missing device
-    waits forever in its first step (and Ctrl-C does not stop it)."""
-    visible = {}
-    for device in tf.config.list_logical_devices():
-        spec = tf.DeviceSpec.from_string(device.name)
-        visible[(spec.device_type.upper(), spec.device_index)] = f"/{spec.device_type.lower()}:{spec.device_index}"
-    missing = []
-    for name in devices:
+    """Refuse devices this process does not have, or one named twice: a MirroredStrategy
+    over a missing device waits forever in its first step (and Ctrl-C does not stop it)."""
+
+    def key(name: str) -> tuple[str, int] | None:
         try:
             spec = tf.DeviceSpec.from_string(name)
         except ValueError:
-            missing.append(name)
-            continue
-        if (str(spec.device_type or "").upper(), spec.device_index or 0) not in visible:
-            missing.append(name)
+            return None
+        return str(spec.device_type or "").upper(), spec.device_index or 0
+
+    visible = {key(device.name): device for device in tf.config.list_logical_devices()}
+    asked = {name: key(name) for name in devices}
+    missing = [name for name, k in asked.items() if k not in visible]
     if missing:
-        msg = (f"strategy.devices: {missing} not visible to TensorFlow here (visible: {sorted(visible.values())}; "
+        shown = sorted(f"/{t.lower()}:{i}" for t, i in visible)
+        msg = (f"strategy.devices: {missing} not visible to TensorFlow here (visible: {shown}; "
                "strategy.logical_cpus: N splits the CPU into N devices)")
         raise ConfigError(msg)
-    named = [tf.DeviceSpec.from_string(name) for name in devices]
-    if len({(str(d.device_type).upper(), d.device_index or 0) for d in named}) < len(devices):
+    if len(set(asked.values())) < len(devices):
         msg = f"strategy.devices: {devices} names a device twice"
         raise ConfigError(msg)
 
@@ -284,10 +282,12 @@ class TrainResult:
     replicas: int
 
 
-#: What a training writes into its output directory (``--overwrite`` removes these, and only these).
-OUTPUTS = ("model.keras", "best.keras", "history.csv", "metrics.json", "history.png", "roc.png", "backup",
-           "train-record.json")
+#: The run's hash (``run_hash``), for a rerun to know what it would resume.
 RECORD = "train-record.json"
+#: BackupAndRestore's directory: there while a run is unfinished.
+BACKUP = "backup"
+#: What a training writes into its output directory (``--overwrite`` removes these, and only these).
+OUTPUTS = ("model.keras", "best.keras", "history.csv", "metrics.json", "history.png", "roc.png", BACKUP, RECORD)
 
 
 def run_hash(config: TrainConfig) -> str:
@@ -313,12 +313,13 @@ def _prepare_output(config: TrainConfig, output: Path) -> int:
     if output.resolve() == store_path or output.resolve() in store_path.parents:
         msg = f"output {str(output)!r} holds the store {config.store!r}: choose another output directory"
         raise ConfigError(msg)
-    backup = output / "backup"
+    backup = output / BACKUP
+    digest = run_hash(config)
     try:
         record = json.loads((output / RECORD).read_text())
     except (OSError, ValueError):
         record = {}
-    same = record.get("run_hash") == run_hash(config)
+    same = record.get("run_hash") == digest
     # The backup is removed last, once the metrics and plots are written: a run with a
     # backup is unfinished, whatever else it has written.
     if backup.exists():
@@ -351,7 +352,7 @@ def _prepare_output(config: TrainConfig, output: Path) -> int:
             else:
                 path.unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
-    (output / RECORD).write_text(json.dumps({"run_hash": run_hash(config), "store": config.store}))
+    (output / RECORD).write_text(json.dumps({"run_hash": digest, "store": config.store}))
     return 0
 
 
@@ -436,7 +437,7 @@ def fit(config: TrainConfig, *, verbose: int = 2) -> TrainResult:
         # Last: an epoch is backed up once everything else has its record of it. The backup
         # outlives fit and goes once the metrics are written, so a kill at any point before
         # resumes (a run whose epochs are all done just saves and evaluates again).
-        keras.callbacks.BackupAndRestore(str(output / "backup"), delete_checkpoint=False),
+        keras.callbacks.BackupAndRestore(str(output / BACKUP), delete_checkpoint=False),
     ]
     history = model.fit(train, epochs=config.fit.epochs, steps_per_epoch=steps, validation_data=val,
                         validation_steps=val_steps or None, callbacks=callbacks, verbose=verbose, shuffle=False)
@@ -447,7 +448,7 @@ def fit(config: TrainConfig, *, verbose: int = 2) -> TrainResult:
     full_history = _read_history(output / "history.csv") or {k: list(map(float, v)) for k, v in history.history.items()}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot(output, full_history, metrics)
-    shutil.rmtree(output / "backup", ignore_errors=True)
+    shutil.rmtree(output / BACKUP, ignore_errors=True)
     return TrainResult(output, full_history, metrics, replicas)
 
 
