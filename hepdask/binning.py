@@ -136,11 +136,12 @@ def xyz_layout(axes: list[BinAxis] | tuple[BinAxis, ...]) -> ImageLayout:
 
 
 @numba.njit(inline="always")
-def _locate(x, lo, hi, n, kind, origin, scale, edges, a):
+def _locate(x, lo, hi, n, kind, origin, scale, near, edges, a):
     """Bin of *x* on axis *a* (row *a* of the padded ``edges``), or a negative code.
 
-    The arithmetic guess is exact except within rounding of a bin boundary, where the
-    guess is checked against the real edges, so the result equals ``searchsorted``.
+    The arithmetic guess is exact except within *near* (its rounding bound, in bins: see
+    ``_rounding_bound``) of a bin boundary, where the guess is checked against the real
+    edges, so the result equals ``searchsorted``.
     """
     if not x >= lo:
         return _NAN if x != x else _UNDER
@@ -158,7 +159,7 @@ def _locate(x, lo, hi, n, kind, origin, scale, edges, a):
     g = (x - origin) * scale if kind == UNIFORM else (math.log(x) - origin) * scale
     b = int(g)
     frac = g - b
-    if frac < _NEAR_EDGE or frac > 1.0 - _NEAR_EDGE or b >= n:
+    if frac < near or frac > 1.0 - near or b >= n:
         b = min(max(b, 0), n - 1)
         while b > 0 and x < edges[a, b]:
             b -= 1
@@ -181,23 +182,44 @@ _BLOCK = 512
 _FLOAT32_MAX_NEAR = 1e-3
 
 
+def _rounding_bound(axis: BinAxis, origin: float, scale: float, dtype) -> float:
+    """How close (in bins) to a bin boundary the arithmetic guess of *axis* computed in
+    *dtype* may land on the wrong side of it: past this, the guess is the bin.
+
+    The guess ``g = (x - origin) * scale`` of a uniform axis rounds the origin, the scale, the
+    difference and the product once each, and the edges themselves are rounded by about
+    ``|edge|`` units of roundoff; with ``e`` the dtype's unit roundoff the error is below
+    ``e * (|origin| * scale + 3 * (bins + 1))`` bins. A log axis's ``log(x)`` adds about ``e``
+    times ``|log x|`` before scaling, and its edges (``geomspace``) are exact to a few units
+    of roundoff times ``|log x|``, relative. The bound is four times that, plus
+    ``_NEAR_EDGE``: it stays that small for ordinary axes, and grows for an axis far from 0
+    compared with its bins (100 bins over ``[1e12, 1e12 + 1]``: 0.044 bins), whose hits
+    near a boundary are then located exactly.
+    """
+    roundoff = np.finfo(dtype).eps / 2
+    if axis.kind == LOG:
+        logs = max(abs(math.log(axis.edges[0])), abs(math.log(axis.edges[-1])))
+        return _NEAR_EDGE + 4 * roundoff * (8 * logs * scale + scale + 3 * (axis.nbins + 1))
+    if axis.kind == UNIFORM:
+        return _NEAR_EDGE + 4 * roundoff * (abs(origin) * scale + 3 * (axis.nbins + 1))
+    return _NEAR_EDGE
+
+
+def _exact_nears(axes, lookups: np.ndarray) -> np.ndarray:
+    """Each axis's ``_rounding_bound`` in float64, where ``_locate`` guesses."""
+    return np.array([_rounding_bound(a, o, s, np.float64) for a, (o, s) in zip(axes, lookups)], np.float64)
+
+
 def _first_guess(axes, lookups: np.ndarray, coords_dtype: np.dtype):
     """Per-axis ``(lows, highs, origins, scales, nears, 1 - nears)`` of the first guess, in
     the dtype it is computed in: float32 when the coordinates are float32, no axis is
-    logarithmic and the rounding bound below allows it; else float64.
-
-    The guess ``g = (x - origin) * scale`` of a uniform axis rounds the origin, the scale, the
-    difference and the product once each; with ``e`` the dtype's unit roundoff its error is
-    below ``e * (|origin| * scale + 3 * (bins + 1))`` bins. ``nears`` is four times that, plus
-    ``_NEAR_EDGE`` for the edges' own rounding; a hit closer than that to a boundary (or
-    outside, NaN, or on an explicit or log axis) is located exactly against the float64 edges.
-    *lookups* holds each axis' ``BinAxis.lookup()`` as a row.
+    logarithmic and the rounding bound (``_rounding_bound``) allows it; else float64. A hit
+    closer than ``nears`` to a boundary (or outside, NaN, or on an explicit axis) is located
+    exactly against the float64 edges. *lookups* holds each axis' ``BinAxis.lookup()`` as a row.
     """
 
     def nears(dtype) -> np.ndarray:
-        roundoff = np.finfo(dtype).eps / 2
-        return np.array([_NEAR_EDGE + 4 * roundoff * (abs(o) * s + 3 * (a.nbins + 1))
-                         for a, (o, s) in zip(axes, lookups)])  # fmt: skip
+        return np.array([_rounding_bound(a, o, s, dtype) for a, (o, s) in zip(axes, lookups)])
 
     dtype = np.float64
     if coords_dtype == np.float32 and all(a.kind != LOG for a in axes):
@@ -213,14 +235,14 @@ def _first_guess(axes, lookups: np.ndarray, coords_dtype: np.dtype):
 
 
 @numba.njit(nogil=True)
-def _exact_bins(coords, h, edges, nbins, kinds, origins, scales, bins, i, under, over):
+def _exact_bins(coords, h, edges, nbins, kinds, origins, scales, exact_near, bins, i, under, over):
     """Exact bins of hit *h* into column *i* of ``bins``; 0 if the hit is in the image,
     else ``_NAN`` or ``_UNDER`` (per-axis under/overflow is counted here)."""
     code = 0
     for a in range(coords.shape[0]):
         n = nbins[a]
         b = _locate(np.float64(coords[a, h]), edges[a, 0], edges[a, n], n, kinds[a], origins[a],
-                    scales[a], edges, a)  # fmt: skip
+                    scales[a], exact_near[a], edges, a)  # fmt: skip
         if b >= 0:
             bins[a, i] = b
         elif b == _UNDER:
@@ -269,7 +291,7 @@ def _make_fill(index, parallel: bool):
     events = numba.prange if parallel else range
 
     @numba.njit(parallel=parallel, cache=True, nogil=True)
-    def fill(coords, offsets, edges, nbins, kinds, origins, scales, guess, strides, key_strides,
+    def fill(coords, offsets, edges, nbins, kinds, origins, scales, exact_near, guess, strides, key_strides,
              chan_offsets, weights, weighted, maxval, saturate, out, under, over, nans,
              clipped, inside):  # fmt: skip
         g_lows, g_highs, g_origins, g_scales, g_nears, g_fars = guess
@@ -308,7 +330,7 @@ def _make_fill(index, parallel: bool):
                     stride = index(key_strides[a])
                     if kind == EXPLICIT:
                         for i in range(m):
-                            b_exact = _locate(np.float64(x[i]), lo, hi, n, kind, origin, scale, edges, a)
+                            b_exact = _locate(np.float64(x[i]), lo, hi, n, kind, origin, scale, 0.0, edges, a)
                             row[i] = index(max(b_exact, 0))
                             keys[i] = (keys[i] + row[i] * stride) | (zero if b_exact >= 0 else bad)
                         continue
@@ -332,13 +354,14 @@ def _make_fill(index, parallel: bool):
                             row[i] = bu
                             keys[i] = (keys[i] + bu * stride) | (zero if inside_u else bad)
                         continue
+                    near_log = exact_near[a]
                     for i in range(m):  # LOG
                         v = np.float64(x[i])
                         ok = (v >= lo) & (v < hi)
                         g = (math.log(v if ok else lo) - origin) * scale
                         b_log = index(g)
                         frac = g - b_log
-                        ok &= (frac >= _NEAR_EDGE) & (frac <= 1.0 - _NEAR_EDGE) & (b_log < n)
+                        ok &= (frac >= near_log) & (frac <= 1.0 - near_log) & (b_log < n)
                         row[i] = b_log
                         keys[i] = (keys[i] + b_log * stride) | (zero if ok else bad)
                 # The few hits the first pass was not sure of: their exact bins, or their
@@ -359,7 +382,7 @@ def _make_fill(index, parallel: bool):
                 n_inside += m
                 for j in range(n_unsure):
                     i = unsure[j]
-                    code = _exact_bins(coords, start + i, edges, nbins, kinds, origins, scales,
+                    code = _exact_bins(coords, start + i, edges, nbins, kinds, origins, scales, exact_near,
                                        bins, i, under[ev], over[ev])  # fmt: skip
                     if code < 0:
                         n_inside -= 1
@@ -517,7 +540,7 @@ def bin_events(
         coords, offsets, edges, np.array([a.nbins for a in layout.axes], np.int64),
         np.array([a.kind for a in layout.axes], np.int64),
         np.ascontiguousarray(lookups[:, 0]), np.ascontiguousarray(lookups[:, 1]),
-        _first_guess(layout.axes, lookups, coords.dtype), strides, key_strides, layout.offsets.astype(index),
+        _exact_nears(layout.axes, lookups), _first_guess(layout.axes, lookups, coords.dtype), strides, key_strides, layout.offsets.astype(index),
         weights, weighted, maxval, saturate, out, under, over, nans, clipped, inside,
     )
     stats = BinStats(
@@ -566,7 +589,9 @@ def downsample(images: np.ndarray, factors: tuple[int, ...], *, dtype=None) -> n
     """Sum blocks of ``factors`` neighbouring bins of ``(n_events, *shape)`` images.
 
     Equal to binning with the axis' edges decimated (``BinAxis.downsampled``), which is how a
-    build applies ``downsample``; this function serves images that are already binned.
+    build applies ``downsample``; this function serves images that are already binned. An
+    integer sum saturates at the dtype's maximum, as binning does (a bin that saturated
+    before holds at least that many hits); how many hits were clipped is not known here.
     """
     shape = images.shape[1:]
     if len(factors) != len(shape):
@@ -579,4 +604,7 @@ def downsample(images: np.ndarray, factors: tuple[int, ...], *, dtype=None) -> n
             raise ValueError(msg)
         new_shape += [n // f, f]
     summed = images.reshape(new_shape).sum(axis=tuple(range(2, 2 * len(shape) + 1, 2)))
-    return summed.astype(dtype or images.dtype)
+    out = np.dtype(dtype or images.dtype)
+    if out.kind in "ui":
+        summed = np.clip(summed, np.iinfo(out).min, np.iinfo(out).max)
+    return summed.astype(out)

@@ -126,6 +126,30 @@ def test_float32_values_at_every_edge_follow_histogramdd(lo, hi, bins, dtype):
     assert stats.in_image == _reference(coords, offsets, [other, axis]).sum()
 
 
+@pytest.mark.parametrize(
+    "axis",
+    [
+        BinAxis.uniform("t", 100, 1e12, 1e12 + 1),  # far from 0 compared with a bin
+        BinAxis.uniform("t", 1000, 1.7e18, 1.7e18 + 1e9),  # absolute ns timestamps
+        BinAxis.log("E", 1000, 1e8, 1e8 + 1),  # a narrow log range
+        BinAxis.log("E", 100_000, 1e6, 1e6 + 10),
+    ],
+    ids=["uniform-1e12", "uniform-ns-timestamps", "log-narrow", "log-fine"],
+)
+def test_axes_far_from_zero_compared_with_their_bins_follow_histogramdd(axis):
+    """Where the arithmetic guess of a bin is off by more than a millionth of a bin (its
+    rounding grows with |origin| / bin width), every hit still lands in histogramdd's bin."""
+    rng = np.random.default_rng(axis.nbins)
+    lo, hi = axis.edges[0], axis.edges[-1]
+    values = np.concatenate([
+        axis.edges, np.nextafter(axis.edges, -np.inf), np.nextafter(axis.edges, np.inf),
+        lo + (hi - lo) * rng.random(200_000),
+    ])  # fmt: skip
+    images, stats = bin_events(values[None], np.array([0, values.size]), histogram_layout([axis]), dtype="uint32")
+    np.testing.assert_array_equal(images[0], np.histogram(values, axis.edges)[0])
+    assert stats.in_image == int(((values >= lo) & (values <= hi)).sum())
+
+
 def test_nan_and_inf_are_defined():
     axis_x = BinAxis.uniform("x", 2, 0.0, 1.0)
     axis_y = BinAxis.uniform("y", 2, 0.0, 1.0)
@@ -213,6 +237,16 @@ def test_downsampled_axis_equals_block_sum():
     coarse, _ = bin_events(coords, offsets, histogram_layout(coarse_axes), dtype="uint32")
     np.testing.assert_array_equal(coarse, downsample(fine, (4, 2, 1)))
     assert coarse.shape == (25, 2, 4, 8)
+
+
+def test_downsampling_saturated_images_saturates_as_binning_does():
+    axis = BinAxis.uniform("x", 4, 0.0, 4.0)
+    values = np.repeat([0.5, 1.5, 2.5], [200, 200, 10])
+    coords, offsets = values[None], np.array([0, values.size])
+    fine, _ = bin_events(coords, offsets, histogram_layout([axis]), dtype="uint8")
+    coarse, stats = bin_events(coords, offsets, histogram_layout([axis.downsampled(2)]), dtype="uint8")
+    assert coarse.tolist() == [[255, 10]] and stats.clipped == 145
+    np.testing.assert_array_equal(downsample(fine, (2,)), coarse)
 
 
 @pytest.mark.parametrize(
