@@ -397,7 +397,8 @@ def _time(spec: Time, offsets, hits, counts: dict[str, int]):
         counts["not_triggered"] += int((~keep).sum())
     if spec.window is not None:
         time = hits[spec.field]
-        inside = (time >= spec.window[0]) & (time <= spec.window[1])
+        lo, hi = np.float64(spec.window[0]), np.float64(spec.window[1])  # not rounded to float32 times
+        inside = (time >= lo) & (time <= hi)
         counts["outside_time_window"] += int((~inside if keep is None else keep & ~inside).sum())
         keep = inside if keep is None else keep & inside
     if keep is not None:

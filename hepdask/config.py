@@ -97,8 +97,9 @@ class Axis(_Model):
             if self.bins is not None or self.range is not None:
                 msg = f"axis {self.field!r}: give either 'edges' or 'bins' with 'range', not both"
                 raise ValueError(msg)
-            if len(self.edges) < 2 or any(b <= a for a, b in zip(self.edges, self.edges[1:])):
-                msg = f"axis {self.field!r}: edges must be at least two increasing numbers"
+            if (len(self.edges) < 2 or not all(math.isfinite(e) for e in self.edges)
+                    or any(b <= a for a, b in zip(self.edges, self.edges[1:]))):
+                msg = f"axis {self.field!r}: edges {list(self.edges)} must be at least two finite, increasing numbers"
                 raise ValueError(msg)
             if self.scale != "linear":
                 msg = f"axis {self.field!r}: 'scale' applies to bins+range, not explicit edges"
@@ -109,13 +110,20 @@ class Axis(_Model):
                 msg = f"axis {self.field!r}: needs 'bins' and 'range' (or explicit 'edges')"
                 raise ValueError(msg)
             lo, hi = self.range
-            if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(hi - lo) and hi > lo):
                 msg = f"axis {self.field!r}: range {list(self.range)} must be finite and increasing"
                 raise ValueError(msg)
             if self.scale == "log" and lo <= 0:
                 msg = f"axis {self.field!r}: a log-spaced axis needs a positive range start"
                 raise ValueError(msg)
             nbins = self.bins
+            import numpy as np
+
+            spaced = np.geomspace if self.scale == "log" else np.linspace
+            if not np.all(np.diff(spaced(lo, hi, nbins + 1)) > 0):
+                msg = (f"axis {self.field!r}: {nbins} bins over range {list(self.range)} are narrower than "
+                       f"float64 can tell apart there")
+                raise ValueError(msg)
         if nbins % self.downsample:
             msg = f"axis {self.field!r}: {nbins} bins are not divisible by downsample={self.downsample}"
             raise ValueError(msg)
@@ -241,8 +249,9 @@ class Time(_Model):
     ``reference: first_triggered`` subtracts, per event, the earliest (calibrated) time among
     the event's triggered hits (``triggered`` field non-zero), taken over all its hits before
     any hit cut, as OrcaSong's ``center_time`` does; an event without a triggered hit then
-    has no time (its hits count as NaN in the statistics). ``triggered_only`` keeps only the
-    triggered hits; ``window`` keeps hits with ``lo <= time <= hi`` (after the centring).
+    has no time (its hits count as NaN in the statistics, or, with ``window``, as outside
+    it). ``triggered_only`` keeps only the triggered hits; ``window`` keeps hits with
+    ``lo <= time <= hi`` (after the centring, compared in float64).
     """
 
     field: str = "time"
@@ -475,6 +484,10 @@ class Config(_Model):
             if not _ARRAY_NAME.match(name):
                 msg = f"event field name {name!r} must be a plain identifier (it names a stored array)"
                 raise ValueError(msg)
+        if "nhits" in event_fields:
+            msg = ("event field name 'nhits' is taken: in selection.events it is the number of hits "
+                   "that passed the hit cut; give the branch another field name (event: {n_hits: nhits})")
+            raise ValueError(msg)
         reserved = {*self.all_images(), "label", "sample", "source_file", "entry", "event", *self.output.split}
         clash = reserved & set(event_fields)
         if clash:
@@ -672,6 +685,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [part.strip() for part in key.split(".")]
     if not sep or not all(parts):
         msg = f"{override_origin(text)}: expected KEY.SUB=VALUE (keys separated by single dots)"
+        raise ConfigError(msg)
+    if any("[" in part for part in parts):
+        dotted = re.sub(r"\[\s*(\d+)\s*\]", r".\1", key.strip())
+        msg = f"{override_origin(text)}: list items are numbered with dots: {dotted}={raw.strip()}"
         raise ConfigError(msg)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""

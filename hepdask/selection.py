@@ -7,6 +7,10 @@ Anything else (attribute access, subscripts, other calls) is refused when the co
 
 A build applies the hit cut first, then the event cut, where ``nhits`` is the number of
 hits of the event that passed the hit cut.
+
+A decimal constant is compared as the float64 nearest to it, as binning compares hits with
+edges: a float32 hit ``E = float32(0.05)`` (0.0500000007) passes ``E > 0.05``. Arithmetic
+applies to numbers, not to the result of a comparison, and a cut must use at least one field.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ _BINARY = {
     ast.Div: operator.truediv, ast.Mod: operator.mod,
 }
 _FUNCTIONS = {"abs": np.abs, "sqrt": np.sqrt, "log": np.log, "log10": np.log10, "exp": np.exp}
+#: Deepest nesting of an expression: far beyond any real cut, and far from Python's
+#: recursion limit (parsing and evaluating recurse once per level).
+MAX_DEPTH = 100
 
 
 class Cut:
@@ -43,11 +50,21 @@ class Cut:
         except SyntaxError as err:
             msg = f"{where}: cannot parse {text!r}: {err.msg}"
             raise SelectionError(msg) from None
+        except (RecursionError, MemoryError):
+            msg = f"{where}: {text[:60]!r}... is nested too deeply to parse"
+            raise SelectionError(msg) from None
         self._tree = tree.body
         self.names: set[str] = set()
         self._check(self._tree, allowed)
+        if not self.names:
+            msg = f"{where}: {text!r} uses no field: a cut keeps or drops hits or events by their values"
+            raise SelectionError(msg)
 
-    def _check(self, node: ast.AST, allowed: set[str] | None) -> None:
+    def _check(self, node: ast.AST, allowed: set[str] | None, depth: int = 0) -> bool:
+        """Check *node*; return whether it gives booleans (a comparison, ``and``/``or``/``not``)."""
+        if depth > MAX_DEPTH:
+            msg = f"{self.where}: {self.text[:60]!r}... is nested more than {MAX_DEPTH} levels deep"
+            raise SelectionError(msg)
         if isinstance(node, ast.Name):
             if allowed is not None and node.id not in allowed:
                 msg = (
@@ -56,11 +73,13 @@ class Cut:
                 )
                 raise SelectionError(msg)
             self.names.add(node.id)
-        elif isinstance(node, ast.Constant):
-            if not isinstance(node.value, int | float):
+            return False
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, int | float):
                 msg = f"{self.where}: only numbers are allowed as constants in {self.text!r}"
                 raise SelectionError(msg)
-        elif isinstance(node, ast.BoolOp | ast.Compare | ast.BinOp | ast.UnaryOp):
+            return False
+        if isinstance(node, ast.BoolOp | ast.Compare | ast.BinOp | ast.UnaryOp):
             ops = (
                 [type(node.op)] if isinstance(node, ast.BoolOp | ast.BinOp | ast.UnaryOp)
                 else [type(op) for op in node.ops]
@@ -70,20 +89,31 @@ class Cut:
                 if op not in allowed_ops:
                     msg = f"{self.where}: operator {op.__name__} is not allowed in {self.text!r}"
                     raise SelectionError(msg)
+            arithmetic = isinstance(node, ast.BinOp) or (isinstance(node, ast.UnaryOp)
+                                                         and isinstance(node.op, ast.USub | ast.UAdd))
             for child in ast.iter_child_nodes(node):
-                if not isinstance(child, ast.operator | ast.cmpop | ast.boolop | ast.unaryop):
-                    self._check(child, allowed)
-        elif isinstance(node, ast.Call):
+                if isinstance(child, ast.operator | ast.cmpop | ast.boolop | ast.unaryop):
+                    continue
+                if self._check(child, allowed, depth + 1) and arithmetic:
+                    self._not_a_number(child)
+            return not arithmetic
+        if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCTIONS or node.keywords:
                 msg = f"{self.where}: only {sorted(_FUNCTIONS)} may be called in {self.text!r}"
                 raise SelectionError(msg)
             if len(node.args) != 1:
                 msg = f"{self.where}: {node.func.id}() takes one argument in {self.text!r}"
                 raise SelectionError(msg)
-            self._check(node.args[0], allowed)
-        else:
-            msg = f"{self.where}: {type(node).__name__} is not allowed in {self.text!r}"
-            raise SelectionError(msg)
+            if self._check(node.args[0], allowed, depth + 1):
+                self._not_a_number(node.args[0])
+            return False
+        msg = f"{self.where}: {type(node).__name__} is not allowed in {self.text!r}"
+        raise SelectionError(msg)
+
+    def _not_a_number(self, node: ast.AST) -> None:
+        msg = (f"{self.where}: {ast.unparse(node)!r} is a comparison, not a number: no arithmetic on it "
+               f"in {self.text!r}")
+        raise SelectionError(msg)
 
     def __call__(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
         """Evaluate to a boolean mask over the arrays in *values*."""
@@ -95,7 +125,8 @@ class Cut:
         if isinstance(node, ast.Name):
             return values[node.id]
         if isinstance(node, ast.Constant):
-            return node.value
+            # A numpy float64 is not "weak" (NEP 50): a float32 field is compared in float64.
+            return np.float64(node.value) if isinstance(node.value, float) else node.value
         if isinstance(node, ast.BoolOp):
             parts = [np.asarray(self._eval(v, values), dtype=bool) for v in node.values]
             combine = np.logical_and if isinstance(node.op, ast.And) else np.logical_or

@@ -68,6 +68,12 @@ def test_unknown_key_is_rejected_with_a_suggestion(tmp_path):
                          {"field": "x", "bins": 4, "range": [0, 1]}]}, "positive range start"),
         ({"image.format": "xyz"}, "exactly three axes"),
         ({"event": {"label": "eventNumber"}}, "clash"),
+        ({"event": {"nhits": "eventNumber"}}, "'nhits' is taken"),
+        ({"image.axes": [{"field": "z", "bins": 4, "range": [-1e308, 1e308]}]}, "finite and increasing"),
+        ({"image.axes": [{"field": "z", "bins": 40, "range": [1e16, 1e16 + 64]}]}, "narrower than float64"),
+        ({"image.axes": [{"field": "z", "edges": [0, float("nan"), 3]}]}, "finite, increasing"),
+        ({"image.axes": [{"field": "z", "edges": [0, 1, float("inf")]}]}, "finite, increasing"),
+        ({"selection": {"hits": "1 > 0"}}, "uses no field"),
         ({"cluster": {"kind": "address"}}, "needs cluster.address"),
         ({"cluster": {"processes": False, "workers": 2}}, "cluster.workers is 2"),
         ({"cluster": {"processes": False, "kind": "address", "address": "tcp://h:1"}}, "cluster.kind is 'address'"),
@@ -100,6 +106,12 @@ def test_a_build_in_this_process_starts_no_dashboard_unless_one_is_named():
     assert Cluster().dashboard(in_process=True) is None
     assert Cluster(dashboard_address="127.0.0.1:0").dashboard(in_process=True) == "127.0.0.1:0"
     assert Cluster(dashboard_address=None).dashboard(in_process=False) is None
+
+
+def test_a_bracketed_list_index_in_an_override_is_answered_with_the_dotted_key(tmp_path):
+    path = write_config(tmp_path / "c.yaml", _config(tmp_path))
+    with pytest.raises(ConfigError, match=r"numbered with dots: image\.axes\.0\.bins=3$"):
+        load(path, ["image.axes[0].bins=3"])
 
 
 def test_overrides_set_nested_keys_and_list_items(tmp_path):

@@ -54,11 +54,30 @@ def test_log_is_natural_log10_decimal_and_exp_natural(text, expected):
         ("E > 'a'", "only numbers"),
         ("x ** 2 > 1", "Pow is not allowed"),
         ("x in (1, 2)", "In is not allowed"),
+        ("1 > 0", "uses no field"),
+        ("True", "only numbers"),
+        ("-(x > 3) < 0", "'x > 3' is a comparison, not a number"),
+        ("(E > 0) - (x > 0) == 0", "'E > 0' is a comparison, not a number"),
+        ("sqrt(E > 0) > 0", "is a comparison, not a number"),
+        ("-" * 2000 + "E > 0", "nested"),
+        ("E" + " + E" * 3000 + " > 0", "nested"),
     ],
 )
 def test_unsafe_or_wrong_cuts_are_refused(text, message):
     with pytest.raises(SelectionError, match=message):
         Cut(text, VALUES, "selection.hits")
+
+
+def test_comparisons_of_booleans_and_negated_comparisons_still_work():
+    cut = Cut("(E > 0.5) == (x > 1) and not x < 0", VALUES, "selection.hits")
+    assert cut(VALUES).tolist() == [False, False, True, True]
+
+
+def test_a_decimal_constant_is_compared_in_float64_as_binning_compares_edges():
+    """float32(0.05) is 0.0500000007: above 0.05, as float64 edges would place it."""
+    energy = np.array([0.05, 0.0499999], np.float32)
+    assert Cut("E > 0.05", ["E"], "selection.hits")({"E": energy}).tolist() == [True, False]
+    assert Cut("E <= 0.05", ["E"], "selection.hits")({"E": energy}).tolist() == [False, True]
 
 
 def test_event_cut_knows_nhits():
