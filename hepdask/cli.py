@@ -169,9 +169,35 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with the process's standard error held back. Its start-up notices
+    (oneDNN, CPU features) are written there by C++ before TensorFlow reads
+    ``TF_CPP_MIN_LOG_LEVEL``; what was held is written out if the import fails, and a missing
+    TensorFlow is left for ``hepdask.tfdata`` to explain."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException as err:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.buffer.write(held.read())
+            sys.stderr.flush()
+            if not isinstance(err, ImportError):
+                raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _train(args: argparse.Namespace) -> int:
-    if not args.verbose:  # TensorFlow's INFO lines (CPU features, malloc patch); its oneDNN notice ignores this
+    if not args.verbose:  # TensorFlow's INFO lines (CPU features, malloc patch)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+        _import_tensorflow_quietly()
     from .config import Override, load_train
     from .train import fit
 

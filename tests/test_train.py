@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
 import yaml
 
+from hepdask.cli import _import_tensorflow_quietly
 from hepdask.cli import main as cli
 from hepdask.config import TrainConfig
 from hepdask.errors import ConfigError
@@ -140,3 +143,31 @@ def test_data_cast_sets_the_dtype_the_model_gets(tf_two_cpus, train_store, tmp_p
         config = _config(train_store, tmp_path / "c", **{"data.cast": cast, "data.transforms": ["add_channel_axis"]})
         x, _ = next(iter(train._inputs(config, "val", shuffle=False, epochs=1)))
         assert x.dtype.as_numpy_dtype == expected
+
+
+def _fake_tensorflow(tmp_path, monkeypatch, body: str) -> None:
+    """A 'tensorflow' module that writes to the process's stderr (fd 2) as TensorFlow's C++
+    start-up does, in place of the real one for this test."""
+    (tmp_path / "tensorflow.py").write_text("import os\nos.write(2, b'C++ start-up notice\\n')\n" + body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+
+
+def test_tensorflow_start_up_notices_are_held_back(tmp_path, monkeypatch, capfd):
+    _fake_tensorflow(tmp_path, monkeypatch, "")
+    _import_tensorflow_quietly()
+    assert "tensorflow" in sys.modules
+    assert "C++ start-up notice" not in capfd.readouterr().err
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
+
+
+@pytest.mark.parametrize("error", ["ImportError('no libcudart')", "RuntimeError('broken')"])
+def test_a_failing_tensorflow_import_shows_what_it_wrote(tmp_path, monkeypatch, capfd, error):
+    _fake_tensorflow(tmp_path, monkeypatch, f"raise {error}\n")
+    if error.startswith("Runtime"):
+        with pytest.raises(RuntimeError, match="broken"):
+            _import_tensorflow_quietly()
+    else:
+        _import_tensorflow_quietly()  # hepdask.tfdata explains a missing TensorFlow later
+    assert "C++ start-up notice" in capfd.readouterr().err
