@@ -20,6 +20,7 @@ _LAZY = {
     "load_config": ("config", "load"),
     "HepdaskError": ("errors", "HepdaskError"),
     "open_dataset": ("store", "open_dataset"),
+    "tf_dataset": ("tfdata", "tf_dataset"),
 }
 
 #: submodules reachable as attributes (``hepdask.store.verify``) without importing them first
@@ -36,6 +37,7 @@ __all__ = [
     "build_dataset",
     "load_config",
     "open_dataset",
+    "tf_dataset",
 ]
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from .config import load as load_config
     from .errors import HepdaskError
     from .store import open_dataset
+    from .tfdata import tf_dataset
 
 
 def __getattr__(name: str):

@@ -308,6 +308,11 @@ def _start_local(spec: Cluster, security, *, n_workers: int, threads_per_worker:
     except (OSError, TimeoutError, ValueError, RuntimeError) as err:
         where = "worker processes" if processes else "worker in this process"
         msg = f"cannot start a LocalCluster of {n_workers} {where}: {err}"
+        # In the script's process __main__ is the script; in the worker processes it spawned
+        # and that ran the script again, the script is __mp_main__.
+        if processes and (getattr(sys.modules.get("__main__"), "__file__", None) or "__mp_main__" in sys.modules):
+            msg += (" (a script that builds on worker processes starts the build under "
+                    "'if __name__ == \"__main__\":', because each worker process imports the script again)")
         raise ClusterError(msg) from None
 
 

@@ -1109,6 +1109,10 @@ def open_root(path: str | Path, *, require_complete: bool = True):
         msg = f"{path} is not a hepdask Zarr store ({err})"
         raise StoreError(msg) from None
     if require_complete and not root.attrs.get(COMPLETE, False):
+        if not any(key.startswith(PREFIX) for key in root.attrs) and is_hepdask_store(path.parent):
+            msg = (f"{str(path)!r} is the group {path.name!r} inside the store {str(path.parent)!r}: "
+                   f"give the store's path (and the split, {path.name!r}, on its own)")
+            raise StoreError(msg)
         msg = f"store {str(path)!r} is incomplete (no {COMPLETE!r} marker): its build did not finish"
         raise StoreError(msg)
     return root

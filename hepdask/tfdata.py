@@ -214,9 +214,15 @@ class SplitSource:
             msg = "tf_dataset needs at least one field"
             raise ConfigError(msg)
         image = group[fields[0]]
+        n_events = group["label"].shape[0] if "label" in arrays else image.shape[0]
         dtypes, shapes = {}, {}
         for name in fields:
             array = group[name]
+            dims = array.metadata.dimension_names or ()
+            if not dims or dims[0] != "event" or array.shape[0] != n_events:
+                msg = (f"store {str(path)!r}, split {split!r}: field {name!r} is not a per-event array "
+                       f"(dimensions {list(dims)}, shape {list(array.shape)}; the split has {n_events} events)")
+                raise StoreError(msg)
             if array.dtype.kind in "OTU":
                 msg = f"field {name!r} holds strings; tf_dataset streams numeric fields only"
                 raise StoreError(msg)
@@ -229,7 +235,7 @@ class SplitSource:
             if group[name].chunks[0] % chunk:
                 msg = f"field {name!r} is chunked by {group[name].chunks[0]} events, not a multiple of {chunk}"
                 raise StoreError(msg)
-        return cls(str(path), split, tuple(fields), int(image.shape[0]), int(chunk), dtypes, shapes)
+        return cls(str(path), split, tuple(fields), int(n_events), int(chunk), dtypes, shapes)
 
     def reader(self) -> Callable[[int], tuple[np.ndarray, ...]]:
         """``read(chunk_index) -> arrays``: one whole chunk of every field.
@@ -269,11 +275,29 @@ def _chunk_reader(array) -> Callable[[int, int, int], np.ndarray]:
         index, offset = divmod(start, per_chunk)
         try:
             values = files.read(index)
-        except FileNotFoundError:
-            return via_zarr(i, start, stop)
+        except FileNotFoundError as err:
+            # A build writes every chunk: a missing one would read as fill values.
+            msg = (f"chunk {index} of {array.path!r} is missing ({err.filename}): the store is damaged; "
+                   f"'hepdask verify' lists what else is")
+            raise StoreError(msg) from None
         return values[offset : offset + stop - start].astype(array.dtype, copy=False)
 
     return read
+
+
+#: The split whose largest value ``divide_by_max`` divides every split by.
+SCALE_SPLIT = "train"
+
+
+def _train_maximum(path: str | Path, split: str, field: str) -> float:
+    """``image_maximum`` of the train split, for ``divide_by_max`` on *split*."""
+    root = store.open_root(path)
+    splits = list(root.attrs.get(store.PREFIX + "splits", sorted(root.group_keys())))
+    if SCALE_SPLIT not in splits:
+        msg = (f"store {str(path)!r}: divide_by_max scales every split by the {SCALE_SPLIT!r} split's largest "
+               f"value, and this store has no {SCALE_SPLIT!r} split (splits: {splits}; reading {split!r})")
+        raise StoreError(msg)
+    return image_maximum(path, SCALE_SPLIT, field)
 
 
 def image_maximum(path: str | Path, split: str = "train", field: str = "image") -> float:
@@ -322,10 +346,13 @@ def _release_iterators() -> None:
 
 
 def _transform(tf, image, transforms: Sequence[str], scale: float | None):
-    """*transforms* on *image*, a tensor of events along its first axis."""
+    """*transforms* on *image*, a tensor of events along its first axis, in their order.
+    *scale* is the stored image's maximum: ``divide_by_max`` after ``log1p`` divides by
+    ``log1p`` of it, so that the largest value is 1 either way."""
     for name in transforms:
         if name == "log1p":
             image = tf.math.log1p(tf.cast(image, tf.float32))
+            scale = None if scale is None else float(np.log1p(scale))
         elif name == "divide_by_max":
             image = tf.cast(image, tf.float32) / tf.constant(scale or 1.0, tf.float32)
         elif name == "add_channel_axis":
@@ -341,6 +368,30 @@ def _transform(tf, image, transforms: Sequence[str], scale: float | None):
 
 #: Per-epoch seeds of the optional shuffle buffer: ``seed * EPOCH_SEED_STRIDE + epoch``.
 EPOCH_SEED_STRIDE = 1_000_003
+#: Seeds are integers in ``[0, SEED_LIMIT)``: the shuffle buffer's per-epoch seeds stay int64.
+SEED_LIMIT = 2**32
+#: The epochs of the k-th iteration of an endless dataset (``epochs=None``) are numbered from
+#: ``first_epoch + k * ENDLESS_EPOCHS``: each iteration gets its own orders, the same in every run.
+ENDLESS_EPOCHS = 2**20
+
+
+def _check_arguments(where: str, **values) -> None:
+    """Refuse a ``tf_dataset`` argument of the wrong kind before TensorFlow sees it, naming it:
+    *values* maps each name to ``(value, smallest allowed, None allowed)``."""
+    for name, (value, least, optional) in values.items():
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            kind = f"an integer >= {least}" + (" or None" if optional else "")
+            msg = f"{where}: {name} must be {kind}, got {value!r}"
+            raise ConfigError(msg)
+
+
+def _check_names(where: str, name: str, value) -> tuple[str, ...]:
+    if isinstance(value, str | bytes) or not all(isinstance(v, str) for v in value):
+        msg = f"{where}: {name} must be a list of names, got {value!r}"
+        raise ConfigError(msg)
+    return tuple(value)
 
 
 def _split_among(tf, replicas: int):
@@ -391,10 +442,12 @@ def tf_dataset(
 
     Each epoch is batched on its own and takes exactly :func:`steps_per_epoch` steps (its last
     batch may be smaller); ``epochs=None`` repeats forever: pair it with that many
-    ``steps_per_epoch`` in ``fit``. Each new iteration of the dataset continues the epoch
-    count where the last one stopped; the count starts at ``first_epoch`` (a training resumed
-    after that many epochs reads the orders it would have read), and ``skip_steps`` leaves out
-    that many steps of it (a resumed training whose epochs are not whole passes).
+    ``steps_per_epoch`` in ``fit``. The k-th iteration of the dataset reads epochs
+    ``first_epoch + k * epochs`` on (``k * ENDLESS_EPOCHS`` when endless), whatever was read
+    ahead before: a training resumed after ``first_epoch`` epochs reads the orders it would
+    have read, and ``skip_steps`` leaves out that many steps of it (a resumed training whose
+    epochs are not whole passes). Arguments of the wrong kind are refused (``ConfigError``)
+    before TensorFlow sees them.
     ``num_shards``/``shard`` pick this input pipeline's run of each epoch; ``replicas`` is
     how many replicas take its batches in turn (under ``tf.distribute``,
     ``distributed_dataset`` sets all three), and each step's events are split evenly among
@@ -402,26 +455,47 @@ def tf_dataset(
     ``malloc_tuning`` applies ``hepdask.malloc.tune`` (glibc only; process-wide).
     """
     tf = _import_tf()
+    where = "tf_dataset"
+    _check_arguments(where, batch_size=(batch_size, 1, False), seed=(seed, 0, False), epochs=(epochs, 0, True),
+                     shuffle_buffer=(shuffle_buffer, 0, True), parallel_reads=(parallel_reads, 1, True),
+                     num_shards=(num_shards, 1, False), shard=(shard, 0, False), replicas=(replicas, 1, False),
+                     first_epoch=(first_epoch, 0, False), skip_steps=(skip_steps, 0, False))
+    if seed >= SEED_LIMIT or shard >= num_shards:
+        msg = (f"{where}: seed must be below 2**32, got {seed}" if seed >= SEED_LIMIT
+               else f"{where}: shard must be below num_shards={num_shards}, got {shard}")
+        raise ConfigError(msg)
+    fields = _check_names(where, "fields", fields)
+    transforms = _check_names(where, "transforms", transforms)
+    unknown = [t for t in transforms if t not in TRANSFORMS]
+    if unknown:
+        msg = f"unknown transform(s) {unknown} (known: {list(TRANSFORMS)})"
+        raise ConfigError(msg)
+    if cast is not None:
+        try:
+            cast = tf.as_dtype(cast).name
+        except TypeError:
+            msg = f"{where}: cast {cast!r} is not a TensorFlow dtype (float32, float16, bfloat16, uint8, ...)"
+            raise ConfigError(msg) from None
     if not _exit_hook:
         _exit_hook.append(atexit.register(_release_iterators))
     if malloc_tuning:
         malloc.tune()
-    if batch_size < 1:
-        msg = f"batch_size must be positive, got {batch_size}"
+    source = SplitSource.open(store_path, split, fields)
+    if (transforms or cast) and not source.shapes[fields[0]]:
+        msg = (f"{where}: transforms and cast act on the first field, the image, but {fields[0]!r} holds one "
+               f"number per event: put the image field first (or give cast=None and no transforms)")
         raise ConfigError(msg)
-    source = SplitSource.open(store_path, split, tuple(fields))
     plan = EpochPlan(source.n_events, source.chunk_events, seed, shuffle, num_shards, shard, batch_size,
                      drop_remainder, replicas)
     if source.n_events and not plan.steps:
         msg = (f"store {str(store_path)!r}, split {split!r}: {source.n_events} event(s) are too few for "
                f"{num_shards} input pipeline(s) feeding {replicas} replica(s) each in batches of {batch_size}")
         raise ConfigError(msg)
-    unknown = [t for t in transforms if t not in TRANSFORMS]
-    if unknown:
-        msg = f"unknown transform(s) {unknown} (known: {list(TRANSFORMS)})"
+    if not source.n_events and epochs is None:
+        msg = f"store {str(store_path)!r}, split {split!r} has no events: an endless dataset of it would never yield"
         raise ConfigError(msg)
     # Every split is scaled by the train split's maximum, so val and test see the same scale.
-    scale = image_maximum(store_path, "train", fields[0]) if "divide_by_max" in transforms else None
+    scale = _train_maximum(store_path, split, fields[0]) if "divide_by_max" in transforms else None
     read = source.reader()
     out_types = tuple(tf.as_dtype(source.dtypes[f]) for f in fields)
     autotune = tf.data.AUTOTUNE
@@ -445,13 +519,16 @@ def tf_dataset(
             image = tf.cast(image, cast)
         return (image, *arrays[1:])
 
-    # Epoch numbers come from a counter: each new iteration of the dataset (Keras starts one
-    # per epoch when it is finite) continues the planner's epochs instead of starting again
-    # at epoch 0, so every pass reads a new chunk order. Each epoch is batched on its own, so
-    # it takes exactly ``plan.steps`` steps: with ``epochs=None`` and that many
+    # Epoch numbers: the k-th iteration of the dataset (Keras starts one per epoch when it is
+    # finite) reads epochs first_epoch + k * epochs and on (k * ENDLESS_EPOCHS for an endless
+    # one), so every pass reads a new chunk order, the same in every run. The iteration count
+    # is taken once, when an iterator starts, and the epochs within it are counted in the
+    # graph: how far prefetching has read ahead never changes them. Each epoch is batched on
+    # its own, so it takes exactly ``plan.steps`` steps: with ``epochs=None`` and that many
     # ``steps_per_epoch``, every Keras epoch is one planner epoch. (A from_generator of the
     # spans, one Python call per chunk, cost a third of the throughput.)
-    started = itertools.count(first_epoch)
+    iterations = itertools.count()
+    per_iteration = ENDLESS_EPOCHS if epochs is None else epochs
     step_events = replicas * batch_size
 
     def one_epoch(epoch):
@@ -468,8 +545,15 @@ def tf_dataset(
             events = events.rebatch(step_events, drop_remainder=drop_remainder)
         return events if replicas == 1 else events.flat_map(_split_among(tf, replicas))
 
-    numbered = tf.data.Dataset.range(1).repeat(epochs).map(
-        lambda unused: tf.numpy_function(lambda _: np.int64(next(started)), [unused], tf.int64, stateful=True))
+    def first_of_iteration(_):
+        return np.int64(first_epoch + next(iterations) * per_iteration)
+
+    def epochs_from(first):
+        count = tf.data.Dataset.counter() if epochs is None else tf.data.Dataset.range(epochs)
+        return count.map(lambda i: first + i)
+
+    numbered = tf.data.Dataset.range(1).map(
+        lambda unused: tf.numpy_function(first_of_iteration, [unused], tf.int64, stateful=True)).flat_map(epochs_from)
     options = tf.data.Options()
     options.deterministic = True
     dataset = numbered.flat_map(one_epoch)
@@ -507,6 +591,7 @@ def distributed_dataset(strategy, store_path: str | Path, split: str = "train", 
     (``InputContext``), each batch mapped by *map_fn* if given. With ``epochs=None``, give
     ``fit`` :func:`steps_per_epoch` steps."""
     replicas = strategy.num_replicas_in_sync
+    _check_arguments("distributed_dataset", global_batch_size=(global_batch_size, 1, False))
     if global_batch_size % replicas:
         msg = f"global batch size {global_batch_size} is not divisible by the {replicas} replicas"
         raise ConfigError(msg)

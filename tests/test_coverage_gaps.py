@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import io
 import re
+import sys
 from pathlib import Path
 
 import awkward as ak
@@ -373,3 +374,21 @@ def test_the_launch_script_reads_the_config_cluster_section_and_fails_in_one_lin
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("launch_slurm: error: ")
     assert "--minimum-jobs 3" in done.stderr and "cluster.minimum_jobs (3) exceeds cluster.jobs (1)" in done.stderr
     assert not (tmp_path / "o.zarr.slurm-logs").exists()
+
+
+def test_a_script_without_a_main_guard_is_told_why_its_workers_failed(monkeypatch):
+    """Worker processes are spawned and import the user's script again: without
+    `if __name__ == "__main__":` they start a build of their own and die."""
+    import distributed
+
+    from hepdask import cluster
+    from hepdask.config import Cluster
+    from hepdask.errors import ClusterError
+
+    def failing(**_kwargs):
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setattr(distributed, "LocalCluster", failing)
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", "/home/someone/build.py", raising=False)
+    with pytest.raises(ClusterError, match=r"Nanny failed to start\. \(a script .*if __name__ == \"__main__\""):
+        cluster._start_local(Cluster(), None, n_workers=2, threads_per_worker=1, processes=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import platform
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -261,6 +263,102 @@ def test_bad_requests_are_refused_before_training(tf_two_cpus, train_store, tmp_
     zarr.open_group(str(incomplete), mode="w", zarr_format=3)
     with pytest.raises(StoreError, match="incomplete"):
         tfdata.tf_dataset(incomplete, "train")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seed": None}, "seed must be an integer >= 0, got None"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"seed": 2**60}, "seed must be below 2\\*\\*32"),
+        ({"batch_size": 64.0}, "batch_size must be an integer >= 1, got 64.0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"epochs": -1}, "epochs must be an integer >= 0 or None"),
+        ({"epochs": 1.0}, "epochs must be"),
+        ({"first_epoch": -1}, "first_epoch must be"),
+        ({"skip_steps": -1}, "skip_steps must be"),
+        ({"shuffle_buffer": -5}, "shuffle_buffer must be"),
+        ({"parallel_reads": -3}, "parallel_reads must be an integer >= 1 or None"),
+        ({"num_shards": 0}, "num_shards must be"),
+        ({"num_shards": 2, "shard": 2}, "shard must be below num_shards=2"),
+        ({"replicas": 0}, "replicas must be"),
+        ({"cast": "float33"}, "cast 'float33' is not a TensorFlow dtype"),
+        ({"fields": "image"}, "fields must be a list of names, got 'image'"),
+        ({"transforms": "log1p"}, "transforms must be a list of names"),
+        ({"fields": ("label", "image")}, "'label' holds one number per event: put the image field first"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(tf_two_cpus, train_store, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        tfdata.tf_dataset(train_store, "val", **kwargs)
+
+
+def test_fields_that_are_not_per_event_are_refused(tf_two_cpus, train_store):
+    with pytest.raises(StoreError, match="field 'x' is not a per-event array"):
+        tfdata.tf_dataset(train_store, "val", fields=("image", "x"))
+
+
+def test_a_label_field_first_streams_as_stored_without_cast_or_transforms(tf_two_cpus, train_store):
+    labels, _images = next(iter(tfdata.tf_dataset(train_store, "val", batch_size=8, shuffle=False,
+                                                  fields=("label", "image"), cast=None)))
+    stored = zarr.open_group(str(train_store), mode="r")["val"]["label"]
+    assert labels.dtype.as_numpy_dtype == stored.dtype
+    np.testing.assert_array_equal(labels.numpy(), stored[:8])
+
+
+def test_an_endless_dataset_of_an_empty_split_is_refused(tf_two_cpus, train_store, tmp_path):
+    import hepdask
+    from hepdask.config import from_dict
+
+    from .data_generation import demo_config
+
+    data = train_store.parent
+    out = tmp_path / "empty-test.zarr"
+    raw = demo_config(data, out, **{"output.split": {"train": 0.9999, "val": 0.0001, "test": 0.0},
+                                    "selection.events": None})
+    hepdask.build_dataset(from_dict(raw), progress=False)
+    assert list(tfdata.tf_dataset(out, "test", batch_size=4)) == []
+    with pytest.raises(ConfigError, match="'test' has no events: an endless dataset"):
+        tfdata.tf_dataset(out, "test", batch_size=4, epochs=None)
+
+
+def test_a_missing_chunk_file_is_an_error_not_fill_values(tf_two_cpus, train_store, tmp_path):
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(train_store, damaged)
+    (damaged / "val" / "image" / "c" / "1" / "0" / "0").unlink()
+    batches = iter(tfdata.tf_dataset(damaged, "val", batch_size=128, shuffle=False))
+    next(batches)
+    with pytest.raises(tf_two_cpus.errors.UnknownError, match="chunk 1 of 'val/image' is missing"):
+        next(batches)
+
+
+def test_a_group_inside_a_store_is_named_as_such(tf_two_cpus, train_store):
+    with pytest.raises(StoreError, match="is the group 'val' inside the store"):
+        tfdata.tf_dataset(train_store / "val", "val")
+
+
+def test_divide_by_max_after_log1p_scales_to_one(tf_two_cpus, train_store):
+    images = np.concatenate([x.numpy() for x, _ in tfdata.tf_dataset(
+        train_store, "train", batch_size=1000, shuffle=False, transforms=["log1p", "divide_by_max"])])
+    assert images.max() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_an_endless_dataset_numbers_each_iteration_the_same_in_every_run(tf_two_cpus, train_store):
+    """However far prefetching has read ahead, the k-th iterator of an endless dataset starts
+    at epoch k * ENDLESS_EPOCHS: its first batch is that epoch's first batch."""
+    kwargs = {"batch_size": 500, "fields": ("image", "entry"), "seed": 3}
+    first = {k: next(iter(tfdata.tf_dataset(train_store, "val", first_epoch=k, **kwargs)))[1].numpy()
+             for k in (0, 1, tfdata.ENDLESS_EPOCHS, 2 * tfdata.ENDLESS_EPOCHS)}
+    endless = tfdata.tf_dataset(train_store, "val", epochs=None, **kwargs)
+    iterator = iter(endless)
+    taken = [next(iterator)[1].numpy() for _ in range(3)]
+    np.testing.assert_array_equal(taken[0], first[0])
+    np.testing.assert_array_equal(taken[2], first[1])  # 600 val events: two steps an epoch
+    time.sleep(0.5)  # let prefetching run ahead
+    del iterator
+    np.testing.assert_array_equal(next(iter(endless))[1].numpy(), first[tfdata.ENDLESS_EPOCHS])
+    np.testing.assert_array_equal(next(iter(endless))[1].numpy(), first[2 * tfdata.ENDLESS_EPOCHS])
 
 
 def test_each_pass_over_a_dataset_reads_a_new_chunk_order(tf_two_cpus, train_store, monkeypatch):
