@@ -43,6 +43,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+#: A seed of numpy's generators (``default_rng``), which take any integer >= 0.
+Seed = Annotated[int, Field(ge=0)]
+#: A seed of the tf.data reader (``hepdask.tfdata.SEED_LIMIT``).
+ReaderSeed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class ExampleData(_Model):
     """Generate synthetic example files for a sample when its files do not exist yet."""
 
@@ -50,7 +56,7 @@ class ExampleData(_Model):
     signal: bool
     n_files: Annotated[int, Field(gt=0)] = 100
     events_per_file: Annotated[int, Field(gt=0)] = 500
-    seed: int = 0
+    seed: Seed = 0
     directory: str
 
 
@@ -299,7 +305,7 @@ class Compressor(_Model):
 
 class Shuffle(_Model):
     enabled: bool = True
-    seed: int = 42
+    seed: Seed = 42
 
 
 class Output(_Model):
@@ -957,7 +963,7 @@ class TrainData(_Model):
     #: The dtype the images reach the model in; ``null`` keeps the stored dtype (e.g. uint8
     #: counts, cast by the model on the accelerator: a quarter of the bytes to move).
     cast: Literal["float32", "float16", "bfloat16"] | None = "float32"
-    seed: int = 42
+    seed: ReaderSeed = 42
     steps_per_epoch: Annotated[int, Field(gt=0)] | None = None
 
 

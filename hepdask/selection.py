@@ -10,7 +10,8 @@ hits of the event that passed the hit cut.
 
 A decimal constant is compared as the float64 nearest to it, as binning compares hits with
 edges: a float32 hit ``E = float32(0.05)`` (0.0500000007) passes ``E > 0.05``. Arithmetic
-applies to numbers, not to the result of a comparison, and a cut must use at least one field.
+applies to numbers, not to the result of a comparison; a cut is a condition (a comparison,
+or ``and``/``or``/``not`` of conditions) and uses at least one field.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ class Cut:
             raise SelectionError(msg) from None
         self._tree = tree.body
         self.names: set[str] = set()
-        self._check(self._tree, allowed)
+        boolean = self._check(self._tree, allowed)
         if not self.names:
             msg = f"{where}: {text!r} uses no field: a cut keeps or drops hits or events by their values"
+            raise SelectionError(msg)
+        if not boolean:
+            msg = f"{where}: {text!r} is a number, not a condition: compare it (e.g. '{text} != 0')"
             raise SelectionError(msg)
 
     def _check(self, node: ast.AST, allowed: set[str] | None, depth: int = 0) -> bool:

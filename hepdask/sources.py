@@ -248,13 +248,33 @@ def check_branches(tree, path: str, tree_name: str, hits: dict[str, str], events
                     f"({kind.interpretation.typename}); a hit field needs a jagged branch (one value per hit)"
                 )
                 raise BranchError(msg)
-            if role == "event" and kind.jagged and index is None:
+            shape = _value_shape(kind)
+            if role == "hits" and shape:
+                msg = (f"{path}: hits.{name}: branch {branch_name!r} holds {list(shape)} values per hit "
+                       f"({kind.interpretation.typename}); a hit field needs one number per hit")
+                raise BranchError(msg)
+            if role == "event" and (kind.jagged or shape) and index is None:
+                what = "jagged" if kind.jagged else f"an array of {list(shape)} per event"
                 msg = (
-                    f"{path}: event.{name}: branch {branch_name!r} is jagged ({kind.interpretation.typename}); "
+                    f"{path}: event.{name}: branch {branch_name!r} is {what} ({kind.interpretation.typename}); "
                     f"pick one element per event, e.g. '{branch_name}[0]'"
                 )
                 raise BranchError(msg)
+            if role == "event" and index is not None and not kind.jagged and len(shape) != 1:
+                what = "one number" if not shape else f"an array of {list(shape)}"
+                msg = (f"{path}: event.{name}: branch {branch_name!r} holds {what} per event "
+                       f"({kind.interpretation.typename}); '{expression}' picks from a list")
+                raise BranchError(msg)
     return checked
+
+
+def _value_shape(kind: BranchType) -> tuple[int, ...]:
+    """The fixed shape of a branch's values (``float[3]``: ``(3,)``; a number: ``()``), per
+    event or, for a jagged branch, per list element; ``()`` for what uproot reads as objects."""
+    interpretation = kind.interpretation
+    if isinstance(interpretation, uproot.interpretation.jagged.AsJagged):
+        interpretation = interpretation.content
+    return tuple(getattr(interpretation, "inner_shape", ()) or ())
 
 
 #: Branch types uproot identified in this process, keyed by everything the identification

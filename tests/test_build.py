@@ -588,6 +588,35 @@ def test_flat_branch_where_jagged_is_needed(ldmx_data, tmp_path, capsys):
     assert "flat.root" in err and "has one value per event" in err and "needs a jagged branch" in err
 
 
+def _fixed_array_event_file(path: Path) -> str:
+    """LDMX-like hits and an eventNumber of three numbers per event (``int64_t[3]``)."""
+    import awkward as ak
+
+    hits = ak.Array([[1.0, 2.0], [3.0], [4.0, 5.0, 6.0]])
+    branches = {name: ak.values_astype(hits * (k + 1), np.float32) for k, name in enumerate("xyzE")}
+    with uproot.recreate(path) as file:
+        file.mktree("ecalHits", {**dict.fromkeys("xyzE", "var * float32"), "eventNumber": ("int64", (3,))})
+        file["ecalHits"].extend({**branches, "eventNumber": np.arange(9).reshape(3, 3)})
+    return str(path)
+
+
+def test_an_event_branch_of_fixed_arrays_needs_an_index(ldmx_data, tmp_path, capsys):
+    """Taken whole, it used to fail in the write phase (after an old store was replaced);
+    an element of it is read like an element of a jagged branch."""
+    data, files = ldmx_data
+    config = demo_config(data, tmp_path / "o.zarr", **{"selection.events": None, "selection.hits": None})
+    config["samples"][1]["files"] = [files["background"][0], _fixed_array_event_file(tmp_path / "fixed.root")]
+    err = _run_bad(tmp_path, capsys, config, "--workers", "1")
+    assert "fixed.root: event.eventNumber: branch 'eventNumber' is an array of [3] per event" in err
+    assert "pick one element per event, e.g. 'eventNumber[0]'" in err
+    config["samples"] = [{"name": "fixed", "label": 0, "files": str(tmp_path / "fixed.root")}]
+    config["event"] = {"eventNumber": "eventNumber[1]"}
+    config["output"].update(split={"train": 1.0}, overwrite=True)  # the failed build's staging area is there
+    hepdask.build_dataset(from_dict(config), progress=False)
+    stored = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["train"]
+    assert sorted(stored["eventNumber"][:].tolist()) == [1, 4, 7]
+
+
 def test_bad_file_found_by_a_worker_fails_the_build(ldmx_data, tmp_path, capsys):
     """The first file of each sample is probed on the client; a bad later one fails on a worker."""
     data, files = ldmx_data

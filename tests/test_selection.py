@@ -55,6 +55,8 @@ def test_log_is_natural_log10_decimal_and_exp_natural(text, expected):
         ("x ** 2 > 1", "Pow is not allowed"),
         ("x in (1, 2)", "In is not allowed"),
         ("1 > 0", "uses no field"),
+        ("E", "'E' is a number, not a condition: compare it \\(e.g. 'E != 0'\\)"),
+        ("abs(x) + 1", "is a number, not a condition"),
         ("True", "only numbers"),
         ("-(x > 3) < 0", "'x > 3' is a comparison, not a number"),
         ("(E > 0) - (x > 0) == 0", "'E > 0' is a comparison, not a number"),
