@@ -623,21 +623,27 @@ def build_dataset(
             partitions = sources.split_entries(partitions, counts, config.read.entries_per_partition)
         if dry_run:
             return plan_report(config, partitions, first_entries, generated)
-        if _prepare_output(config):
-            bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
-        in_process = config.cluster.in_process(len(partitions), small_input=_small_input(partitions))
-        context = nullcontext(client) if client is not None else _connect(config, bar, in_process)
-        # A LocalCluster started without a dashboard still has Dask's HTTP server, whose link
-        # leads to no dashboard.
-        dashboard = (client is not None or config.cluster.kind != "local"
-                     or config.cluster.dashboard(in_process) is not None)
-        # The build's client is Dask's current one while it runs: Dask helpers that look up the
-        # default client (the performance report) must not find a user's other, or a closed, one.
-        with context as active, active.as_current():
-            link = cluster.dashboard_link(active, config.cluster if client is None else None) if dashboard else None
-            report_path = Path(config.output.path + ".performance-report.html")
-            with _performance_report(report_path if config.cluster.performance_report else None):
-                return _run(config, partitions, active, bar, started, dashboard=link)
+        with store.output_lock(config.output.path):
+            return _build_locked(config, partitions, client, bar, started)
+
+
+def _build_locked(config: Config, partitions: list[sources.Partition], client, bar, started: float) -> BuildReport:
+    """The build proper, under the output's lock: prepare the output, connect, stage, write."""
+    if _prepare_output(config):
+        bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
+    in_process = config.cluster.in_process(len(partitions), small_input=_small_input(partitions))
+    context = nullcontext(client) if client is not None else _connect(config, bar, in_process)
+    # A LocalCluster started without a dashboard still has Dask's HTTP server, whose link
+    # leads to no dashboard.
+    dashboard = (client is not None or config.cluster.kind != "local"
+                 or config.cluster.dashboard(in_process) is not None)
+    # The build's client is Dask's current one while it runs: Dask helpers that look up the
+    # default client (the performance report) must not find a user's other, or a closed, one.
+    with context as active, active.as_current():
+        link = cluster.dashboard_link(active, config.cluster if client is None else None) if dashboard else None
+        report_path = Path(config.output.path + ".performance-report.html")
+        with _performance_report(report_path if config.cluster.performance_report else None):
+            return _run(config, partitions, active, bar, started, dashboard=link)
 
 
 def _small_input(partitions: list[sources.Partition]) -> bool:

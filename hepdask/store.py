@@ -27,7 +27,8 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from .errors import StoreError
 COMPLETE = "hepdask:complete"
 PREFIX = "hepdask:"
 STAGING_SUFFIX = ".hepdask-staging"
+LOCK_SUFFIX = ".hepdask-lock"
 #: A staged partition's file, after its key.
 PART_SUFFIX = ".part"
 
@@ -50,6 +52,77 @@ PART_SUFFIX = ".part"
 def staging_path(store: str | Path) -> Path:
     store = Path(store)
     return store.with_name(store.name + STAGING_SUFFIX)
+
+
+def make_parent(store: str | Path) -> None:
+    """Create the directory that holds *store*, or say in one line why it cannot be."""
+    parent = Path(store).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocking = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{str(blocking)!r} is a file, not a directory" if blocking else f"{err.strerror or err} ({err.filename})"
+        msg = f"cannot create the output {str(store)!r}: {reason}"
+        raise StoreError(msg) from None
+
+
+def lock_path(store: str | Path) -> Path:
+    store = Path(store)
+    return store.with_name(store.name + LOCK_SUFFIX)
+
+
+@contextmanager
+def output_lock(store: str | Path) -> Iterator[None]:
+    """Hold the build lock of the output *store* (``{store}.hepdask-lock``, an exclusive
+    ``flock``) while a build prepares, stages and writes it: a second build of the same
+    output, from any process that sees the same file system, is refused, naming the first.
+    The lock is released with the process however it ends; the file is removed by its holder.
+    On a file system without ``flock`` the build goes on unlocked."""
+    import fcntl
+    import socket
+
+    path = lock_path(store)
+    if not Path(store).name:
+        msg = f"output {str(store)!r} names no directory to build into"
+        raise StoreError(msg)
+    make_parent(store)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            msg = f"cannot create the build lock {str(path)!r}: {err.strerror}"
+            raise StoreError(msg) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            msg = (f"output {str(store)!r} is being built by {holder}: wait for that build to end "
+                   f"(or stop it) before starting another")
+            raise StoreError(msg) from None
+        except OSError:  # no flock here (some network file systems): unlocked, as before
+            os.close(fd)
+            fd = None
+            break
+        try:
+            same = os.fstat(fd).st_ino == path.stat().st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file between our open and our lock: again
+    if fd is None:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"hepdask process {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        try:
+            path.unlink()
+        finally:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------

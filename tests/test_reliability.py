@@ -528,7 +528,7 @@ def test_an_unwritable_output_is_one_clear_line(ldmx_data, tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "afile" / "o.zarr"))
     assert cli(["build-dataset", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("hepdask: error: cannot create the output") and "afile" in err, err
+    assert err.startswith("hepdask: error: cannot create the output") and "afile' is a file, not a directory" in err, err
     assert len(err.strip().splitlines()) == 1
 
 
@@ -602,3 +602,25 @@ def test_worker_processes_leave_ctrl_c_to_the_client(tmp_path):
         handlers = client.run(lambda: str(signal.getsignal(signal.SIGINT)))
     assert list(handlers.values()) == [str(signal.SIG_IGN)]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_build_of_an_output_being_built_is_refused(ldmx_data, tmp_path):
+    """Two builds of one output used to interleave their staging areas and could leave a
+    store that verify passed but whose contents were not those of its config."""
+    data, _ = ldmx_data
+    out = tmp_path / "o.zarr"
+    config = from_dict(demo_config(data, out))
+    held = rf"output '.*o\.zarr' is being built by hepdask process {os.getpid()} on"
+    with store.output_lock(out), pytest.raises(StoreError, match=held):
+        hepdask.build_dataset(config, progress=False)
+    assert not out.exists() and not store.staging_path(out).exists()
+    hepdask.build_dataset(config, progress=False)
+    assert store.is_complete(out) and not store.lock_path(out).exists()
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hold_the_next(tmp_path):
+    out = tmp_path / "o.zarr"
+    store.lock_path(out).write_text("hepdask process 1 on a-node\n")  # no flock held on it
+    with store.output_lock(out):
+        assert "hepdask process" in store.lock_path(out).read_text()
+    assert not store.lock_path(out).exists()
