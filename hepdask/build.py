@@ -6,6 +6,7 @@ its stage (``sources``, ``selection``, ``binning``, ``store``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import shutil
@@ -623,6 +624,10 @@ def build_dataset(
             partitions = sources.split_entries(partitions, counts, config.read.entries_per_partition)
         if dry_run:
             return plan_report(config, partitions, first_entries, generated)
+        if Path(config.output.path).is_symlink():
+            # A link to a store: build (and replace) the store it points to, as --output does.
+            target = str(Path(config.output.path).resolve())
+            config = config.model_copy(update={"output": config.output.model_copy(update={"path": target})})
         with store.output_lock(config.output.path):
             return _build_locked(config, partitions, client, bar, started)
 
@@ -758,9 +763,19 @@ def detector_digests(config: Config) -> dict[str, str]:
     return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
 
 
-def _raise_task_error(future, err: BaseException) -> None:
+#: Errors of a file system that is full or refuses writes: the build can be resumed once
+#: the cause is fixed.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _raise_task_error(future, err: BaseException, where: str | Path) -> None:
+    """Raise what task *future* raised, as one line; *where* is the directory it wrote to."""
     if isinstance(err, HepdaskError):
         raise err
+    if isinstance(err, OSError) and err.errno in _FULL:
+        msg = (f"task {future.key!r} could not write under {str(where)!r}: {err.strerror} "
+               f"({err.filename or 'errno ' + str(err.errno)}); fix that and run the same command again to resume")
+        raise BuildError(msg) from err
     msg = f"task {future.key!r} failed: {type(err).__name__}: {err}"
     raise BuildError(msg) from err
 
@@ -821,7 +836,7 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
             err = result[1]
             if job.on_bad_file != "skip" or not cluster.killed_worker(err):
                 client.cancel(futures)
-                _raise_task_error(future, err)
+                _raise_task_error(future, err, job.staging)
             if len(group) > 1:
                 for i in group:
                     single = submit([i])
@@ -835,15 +850,16 @@ def _stage_all(client, partitions: list[sources.Partition], job: Job, bar, worke
     return results
 
 
-def _wait(client, futures, bar, task, worker_timeout: float) -> None:
-    """Wait for *futures*, advancing *task*; the first failure cancels the rest."""
+def _wait(client, futures, bar, task, worker_timeout: float, where: str | Path) -> None:
+    """Wait for *futures*, advancing *task*; the first failure cancels the rest. The tasks
+    write under *where*."""
     with cluster.WorkerWatch(client, futures, bar.print, worker_timeout) as watch:
         for future in cluster.as_completed(client, futures):
             watch.check()
             if future.status == "error":
                 err = future.exception()
                 client.cancel(futures)
-                _raise_task_error(future, err)
+                _raise_task_error(future, err, where)
             bar.advance(task)
 
 
@@ -862,7 +878,7 @@ def _split_files(client, partitions: list[sources.Partition], config: Config, ba
     task = bar.add("count entries", len(groups))
     futures = [client.submit(sources.count_entries, group, config.tree, memory_map=config.read.memory_map,
                              key=f"count-{build_id}-{i}") for i, group in enumerate(groups)]
-    _wait(client, futures, bar, task, config.cluster.worker_timeout)
+    _wait(client, futures, bar, task, config.cluster.worker_timeout, config.output.path)
     counts = [n for group in client.gather(futures) for n in group]
     return sources.split_entries(partitions, counts, config.read.entries_per_partition)
 
@@ -946,7 +962,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     bar.advance(write_task, n_tasks - len(writes))
     log.info("writing %s event(s) in %d task(s) of up to %d chunk(s) of %d events",
              {split: plan.size for split, plan in plans.items()}, len(writes), group, per_chunk)
-    _wait(client, writes, bar, write_task, config.cluster.worker_timeout)
+    _wait(client, writes, bar, write_task, config.cluster.worker_timeout, config.output.path)
     log.info("written, %.2f s since the start; finalising", time.perf_counter() - started)
 
     maxima = store.written_maxima(job.staging, plan_id)
@@ -967,7 +983,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     # The digests the build checked at its start (and a resume checked again), not a re-read.
     record = store.read_build_record(job.staging) or {}
     report.wall_seconds = time.perf_counter() - started
-    store.finalize(config.output.path, {
+    _finalize(config.output.path, {
         store.PREFIX + "statistics": report.to_dict(),
         store.PREFIX + "version": __version__,
         store.PREFIX + "config": config.to_yaml(),
@@ -984,11 +1000,30 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     return report
 
 
+def _finalize(path: str, attrs: dict[str, Any]) -> None:
+    """``store.finalize``, its I/O errors (a full disk) in one line: the store is then left
+    without its completion marker, and the same command resumes it."""
+    try:
+        store.finalize(path, attrs)
+    except OSError as err:
+        if isinstance(err, HepdaskError):
+            raise
+        msg = (f"cannot finish the store {path!r}: {err.strerror or err} ({err.filename or path}); "
+               f"free the space (or fix the cause) and run the same command again to finish it")
+        raise StoreError(msg) from None
+
+
 def _label_attrs(config: Config) -> dict[str, Any]:
     if config.labels is not None:
         values = set(config.labels.map.values()) | ({config.labels.default} if config.labels.default is not None else set())
         return {"flag_values": sorted(values), "source_field": config.labels.field}
-    return {"flag_values": [s.label for s in config.samples], "flag_meanings": " ".join(s.name for s in config.samples)}
+    # Samples that share a label (two productions of one background) share its flag: the
+    # meaning names them all, joined by '+'.
+    names: dict[int, list[str]] = {}
+    for sample in config.samples:
+        names.setdefault(sample.label, []).append(sample.name)
+    values = sorted(names)
+    return {"flag_values": values, "flag_meanings": " ".join("+".join(names[v]) for v in values)}
 
 
 def _sample_counts(config: Config, partitions: list[sources.Partition], staged: list[store.Staged],
@@ -1022,7 +1057,12 @@ def _check_selected(config: Config, counts: dict[str, dict], staging: str, bar) 
                "kept none; nothing was written")
         raise BuildError(msg)
     for sample, n in kept.items():
-        if not n:
+        if n:
+            continue
+        if not read[sample] and counts[sample]["bad_files"] and not counts[sample]["files"]:
+            bar.print(f"warning: sample {sample!r}: all its {counts[sample]['bad_files']} file(s) were bad "
+                      f"and skipped (read.on_bad_file: skip); it has no events")
+        else:
             bar.print(f"warning: sample {sample!r}: the selection ({cuts or 'none'}) kept none of its "
                       f"{read[sample]} events read")
 

@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--dims", help="two image dims to show, e.g. pos_z,time (default: the first two)")
     show.add_argument("--output", help="PNG path (default: next to the store)")
 
-    verify = sub.add_parser("verify", help="check a store: complete, no missing chunks, no leftovers")
+    verify = sub.add_parser("verify", help="check a store: complete, every chunk there and decodable, no leftovers")
     verify.add_argument("store")
+    verify.add_argument("--quick", action="store_true",
+                        help="check that every chunk is there without decoding it (reads no chunk data)")
 
     example = sub.add_parser("make-example-data", help="write LDMX-like calorimeter example files")
     example.add_argument("directory")
@@ -161,7 +164,8 @@ def _info(args: argparse.Namespace) -> int:
 
     from .store import store_info
 
-    info = store_info(args.store)
+    with _reading(args.store):
+        info = store_info(args.store)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
@@ -233,7 +237,11 @@ def _show(args: argparse.Namespace) -> int:
     from .config import image_dim_prefix
     from .store import open_dataset
 
-    ds = open_dataset(args.store, args.split)
+    with _reading(args.store):
+        ds = open_dataset(args.store, args.split)
+    if not ds.sizes.get("event"):
+        msg = f"{args.store}: split {args.split!r} has no events to show"
+        raise StoreError(msg)
     images = [name for name in ds.data_vars if name == "image" or name.startswith("image_")]
     if args.image not in images:
         msg = f"{args.store}: no image array {args.image!r} in split {args.split!r}{did_you_mean(args.image, images)} (images: {images})"
@@ -250,15 +258,30 @@ def _show(args: argparse.Namespace) -> int:
     if len(chosen) != 2 or chosen[0] == chosen[1]:
         msg = f"--dims takes two different dims of {args.image} ({dims}), got {wanted}"
         raise ConfigError(msg)
-    picks = _spread_over_labels(ds.label.values, max(1, args.events))
-    rows = plots.store_rows(ds, args.image, chosen, picks)
-    titles = [f"{ds.sample.values[i]} entry {int(ds.entry.values[i])}\nlabel {int(ds.label.values[i])}" for i in picks]
+    with _reading(args.store):
+        picks = _spread_over_labels(ds.label.values, max(1, args.events))
+        rows = plots.store_rows(ds, args.image, chosen, picks)
+        titles = [f"{ds.sample.values[i]} entry {int(ds.entry.values[i])}\nlabel {int(ds.label.values[i])}"
+                  for i in picks]
     output = Path(args.output) if args.output else Path(f"{str(args.store).rstrip('/')}.{args.split}.{args.image}.png")
-    plots.event_images(rows, titles, output)
+    output = plots.event_images(rows, titles, output)
     views = sorted({name for row in rows for name in row.view})
     shown = f"{chosen[0]} vs {chosen[1]}" + (f", a row per {' and '.join(views)}" if views else "")
     print(f"{len(picks)} events of {args.store} ({args.split}, {args.image}: {shown}) -> {output}")
     return 0
+
+
+@contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Errors met while reading a store's arrays (a truncated or overwritten chunk, broken
+    metadata) as one line that points to ``hepdask verify``."""
+    try:
+        yield
+    except HepdaskError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        msg = f"store {path!r} cannot be read ({type(err).__name__}: {err}); 'hepdask verify {path}' says what is damaged"
+        raise StoreError(msg) from None
 
 
 def _spread_over_labels(labels, n: int) -> list[int]:
@@ -273,14 +296,15 @@ def _spread_over_labels(labels, n: int) -> list[int]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .store import verify
+    from .store import staging_note, verify
 
-    problems = verify(args.store)
+    problems = verify(args.store, decode=not args.quick)
     for problem in problems:
         print(f"{args.store}: {problem}")
     if problems:
         return EXIT_VERIFY_FAILED
-    print(f"{args.store}: ok")
+    note = staging_note(args.store)
+    print(f"{args.store}: ok" + (f"; note: {note}" if note else ""))
     return 0
 
 

@@ -321,6 +321,14 @@ class Output(_Model):
     def _bool_shuffle(cls, value: Any) -> Any:
         return {"enabled": value} if isinstance(value, bool) else value
 
+    @field_validator("path")
+    @classmethod
+    def _names_a_directory(cls, value: str) -> str:
+        if not Path(value).name:
+            msg = f"{value!r} names no directory to build the store in (give e.g. {str(Path(value) / 'data.zarr')!r})"
+            raise ValueError(msg)
+        return value
+
     @field_validator("split")
     @classmethod
     def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
@@ -897,6 +905,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(msg) from None
     except OSError as err:
         msg = f"config file {str(path)!r} cannot be read: {err}"
+        raise ConfigError(msg) from None
+    except UnicodeDecodeError as err:
+        msg = f"config file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); is it a YAML file?"
         raise ConfigError(msg) from None
     try:
         data = yaml.safe_load(text)

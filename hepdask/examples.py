@@ -152,15 +152,19 @@ def generate(
     model = SIGNAL if signal else BACKGROUND
     directory = Path(directory)
     paths = file_paths(directory, signal=signal, n_files=n_files)
-    if not all(path.exists() for path in paths):
-        # Recorded only by a run that writes: a read-only directory of complete files is fine.
-        directory.mkdir(parents=True, exist_ok=True)
-        record = {"events_per_file": events_per_file, "seed": seed}
-        _record_path(directory, _prefix(signal)).write_text(json.dumps(record))
-    for i, path in enumerate(paths):
-        if not path.exists():
-            file_seed = np.random.SeedSequence([seed, int(signal), i]).generate_state(1)[0]
-            write_file(path, model, events_per_file, int(file_seed), first_event=i * events_per_file)
-        if progress is not None:
-            progress()
+    try:
+        if not all(path.exists() for path in paths):
+            # Recorded only by a run that writes: a read-only directory of complete files is fine.
+            directory.mkdir(parents=True, exist_ok=True)
+            record = {"events_per_file": events_per_file, "seed": seed}
+            _record_path(directory, _prefix(signal)).write_text(json.dumps(record))
+        for i, path in enumerate(paths):
+            if not path.exists():
+                file_seed = np.random.SeedSequence([seed, int(signal), i]).generate_state(1)[0]
+                write_file(path, model, events_per_file, int(file_seed), first_event=i * events_per_file)
+            if progress is not None:
+                progress()
+    except OSError as err:
+        msg = f"cannot write example files into {str(directory)!r}: {err.strerror or err} ({err.filename or directory})"
+        raise ConfigError(msg) from None
     return [str(path) for path in paths]

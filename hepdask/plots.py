@@ -17,6 +17,8 @@ mpl.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .errors import ConfigError, StoreError
+
 
 def history(history: dict[str, Sequence[float]], path: str | Path) -> Path:
     """Loss and accuracy per epoch, train and validation side by side."""
@@ -111,8 +113,21 @@ def event_images(rows: Sequence[ImageRow], titles: Sequence[str], path: str | Pa
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Save *fig* at *path* (a PNG where no suffix says otherwise); return where it went."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    try:
+        kinds = fig.canvas.get_supported_filetypes()
+        if path.suffix.lower().lstrip(".") not in kinds:
+            msg = f"cannot save a plot as {str(path)!r}: matplotlib writes {', '.join('.' + k for k in sorted(kinds))}"
+            raise ConfigError(msg)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=110)
+        except OSError as err:
+            msg = f"cannot save a plot as {str(path)!r}: {err.strerror or err}"
+            raise StoreError(msg) from None
+    finally:
+        plt.close(fig)
     return path

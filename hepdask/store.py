@@ -1257,22 +1257,25 @@ def store_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
-def verify(path: str | Path) -> list[str]:
+def verify(path: str | Path, *, decode: bool = True) -> list[str]:
     """Everything wrong with a store, as sentences; an empty list means it is sound.
 
     Checks: the completion marker; that every chunk of every array exists (a missing chunk
-    would silently read back as the fill value); leftover temporary files (zarr's
-    ``*.partial``, a staging area); metadata that no longer matches the arrays.
+    would silently read back as the fill value) and, with *decode*, decodes to a whole chunk
+    (a truncated or overwritten one would fail every reader); leftover temporary files
+    (zarr's ``*.partial``; a staging area beside a store that is not complete); metadata
+    that no longer matches the arrays. A staging area beside a complete store is an
+    interrupted replacement (``staging_note``), not a fault of the store.
     """
     path = Path(path)
     if not path.exists():
-        return [f"{path} does not exist"]
+        staging = staging_path(path)
+        return [f"{path} does not exist" + (f" (an interrupted build's staging area is there: {staging})"
+                                           if staging.exists() else "")]
     problems: list[str] = []
     leftovers = sorted(str(p.relative_to(path)) for p in path.rglob("*.partial"))
     if leftovers:
         problems.append(f"temporary files left by an interrupted write: {', '.join(leftovers[:5])}")
-    if staging_path(path).exists():
-        problems.append(f"staging area {staging_path(path)} is still there (an interrupted or failed build)")
     try:
         root = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=False)
     except (zarr.errors.GroupNotFoundError, ValueError, KeyError) as err:
@@ -1280,16 +1283,62 @@ def verify(path: str | Path) -> list[str]:
     attrs = dict(root.attrs)
     if not attrs.get(COMPLETE, False):
         problems.append(f"no {COMPLETE!r} marker: the build did not finish")
+        if staging_path(path).exists():
+            problems.append(f"staging area {staging_path(path)} is still there (an interrupted or failed build)")
     problems += _verify_metadata(path, root, attrs)
     for split in attrs.get(PREFIX + "splits", []):
-        if split not in root.group_keys():
+        try:
+            group = root[split]
+            arrays = {name: group[name] for name in group.array_keys()}
+        except KeyError:
             problems.append(f"split {split!r} is listed but has no group")
             continue
-        for name in root[split].array_keys():
-            missing = _missing_chunks(path, root[split][name])
+        except (ValueError, OSError) as err:
+            problems.append(f"split {split!r}: its metadata cannot be read ({type(err).__name__}: {err})")
+            continue
+        for name, array in arrays.items():
+            missing = _missing_chunks(path, array)
             if missing:
                 problems.append(f"{split}/{name}: {len(missing)} chunk(s) missing, e.g. {missing[0]}")
+            damaged = _damaged_chunks(path, array, missing) if decode else []
+            if damaged:
+                problems.append(f"{split}/{name}: {len(damaged)} chunk(s) cannot be decoded, e.g. {damaged[0]}")
     return problems
+
+
+def staging_note(path: str | Path) -> str | None:
+    """What ``verify`` leaves out: the staging area of an interrupted build beside a complete store."""
+    staging = staging_path(path)
+    if staging.exists() and is_complete(path):
+        return (f"an interrupted build's staging area is beside it ({staging}): run that build again to "
+                f"finish it, or delete it")
+    return None
+
+
+def _damaged_chunks(path: Path, array, missing: list[str]) -> list[str]:
+    """The chunks of *array* that exist but do not decode to a whole chunk, read in parallel
+    threads (zstd decodes without the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks)]
+    encoding = array.metadata.chunk_key_encoding
+    absent = set(missing)
+    coords = [c for c in np.ndindex(*(len(g) for g in grid))
+              if f"{array.path}/{encoding.encode_chunk_key(c)}" not in absent]
+    files = ChunkFiles.of(array) if all(len(g) == 1 for g in grid[1:]) else None
+
+    def damaged(chunk: tuple[int, ...]) -> str | None:
+        try:
+            if files is not None:
+                files.read(chunk[0])
+            else:
+                np.asarray(array.blocks[chunk])
+        except Exception as err:  # noqa: BLE001 - whatever a reader would meet is the finding
+            return f"{array.path}/{encoding.encode_chunk_key(chunk)} ({type(err).__name__}: {err})"
+        return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return [found for found in pool.map(damaged, coords) if found]
 
 
 def _missing_chunks(path: Path, array) -> list[str]:
@@ -1329,6 +1378,9 @@ def _verify_metadata(path: Path, root, attrs: dict) -> list[str]:
             n = root[split]["image"].shape[0]
         except KeyError:
             problems.append(f"stale metadata: statistics name split {split!r}, which has no image array")
+            continue
+        except (ValueError, OSError) as err:
+            problems.append(f"{split}/image: its metadata cannot be read ({type(err).__name__}: {err})")
             continue
         if numbers.get("events") != n:
             problems.append(f"stale metadata: statistics say {split} has {numbers.get('events')} events, the store {n}")

@@ -280,6 +280,9 @@ def _chunk_reader(array) -> Callable[[int, int, int], np.ndarray]:
             msg = (f"chunk {index} of {array.path!r} is missing ({err.filename}): the store is damaged; "
                    f"'hepdask verify' lists what else is")
             raise StoreError(msg) from None
+        except (RuntimeError, ValueError) as err:  # zstd's "decompression error", a short chunk
+            msg = f"chunk {index} of {array.path!r} cannot be decoded ({err}): the store is damaged"
+            raise StoreError(msg) from None
         return values[offset : offset + stop - start].astype(array.dtype, copy=False)
 
     return read

@@ -413,6 +413,16 @@ def fit(config: TrainConfig, *, verbose: int = 2) -> TrainResult:
     image_shape = _image_shape(config)
     with strategy.scope():
         model = build_model(config, image_shape, len(config.data.extra_inputs))
+    # One training of an output at a time (a second would mix its checkpoints and history in).
+    with store.output_lock(output):
+        return _train(config, model, strategy, sizes, output, verbose)
+
+
+def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: Path, verbose: int) -> TrainResult:
+    """Train *model* into *output* (resuming what a killed run left), evaluate and plot."""
+    import keras
+
+    replicas = strategy.num_replicas_in_sync
     finished_epochs = _prepare_output(config, output)
     if finished_epochs:
         log.info("resuming %s after %d finished epoch(s)", output, finished_epochs)

@@ -392,3 +392,78 @@ def test_a_script_without_a_main_guard_is_told_why_its_workers_failed(monkeypatc
     monkeypatch.setattr(sys.modules["__main__"], "__file__", "/home/someone/build.py", raising=False)
     with pytest.raises(ClusterError, match=r"Nanny failed to start\. \(a script .*if __name__ == \"__main__\""):
         cluster._start_local(Cluster(), None, n_workers=2, threads_per_worker=1, processes=True)
+
+
+def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("name: x\n".encode("utf-16"))
+    assert cli(["build-dataset", str(path), "--dry-run"]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_example_files_that_cannot_be_written_are_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert cli(["make-example-data", str(tmp_path / "a-file" / "data"), "--signal", "--files", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hepdask: error: cannot write example files into") and len(err.splitlines()) == 1
+
+
+def test_a_full_disk_while_finishing_the_store_is_one_line_and_resumable(ldmx_data, tmp_path, monkeypatch):
+    import errno
+
+    from hepdask import build
+    from hepdask.errors import StoreError
+
+    data, _ = ldmx_data
+    out = tmp_path / "o.zarr"
+    config = from_dict(demo_config(data, out))
+    finalize = store.finalize
+
+    def full(path, attrs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(path) / "zarr.json"))
+
+    monkeypatch.setattr(build.store, "finalize", full)
+    with pytest.raises(StoreError, match=r"cannot finish the store .*No space left on device.*run the same command again"):
+        hepdask.build_dataset(config, progress=False)
+    assert not store.is_complete(out)
+    monkeypatch.setattr(build.store, "finalize", finalize)
+    hepdask.build_dataset(config, progress=False)
+    assert store.is_complete(out) and store.verify(out) == []
+
+
+def test_samples_sharing_a_label_share_its_flag(ldmx_data, tmp_path):
+    data, files = ldmx_data
+    raw = demo_config(data, tmp_path / "o.zarr")
+    raw["samples"] = [{"name": "bkg_a", "label": 0, "files": files["background"][:1]},
+                      {"name": "bkg_b", "label": 0, "files": files["background"][1:2]},
+                      {"name": "sig", "label": 1, "files": files["signal"][:1]}]
+    hepdask.build_dataset(from_dict(raw), progress=False)
+    attrs = hepdask.open_dataset(tmp_path / "o.zarr", "train").label.attrs
+    assert attrs["flag_values"] == [0, 1] and attrs["flag_meanings"] == "bkg_a+bkg_b sig"
+
+
+def test_a_sample_whose_files_were_all_skipped_is_not_blamed_on_the_selection(tmp_path):
+    from hepdask import build
+
+    printed: list[str] = []
+    bar = type("Bar", (), {"print": staticmethod(printed.append)})()
+    config = from_dict(demo_config(tmp_path, tmp_path / "o.zarr"))
+    counts = {"signal": {"files": 3, "bad_files": 0, "read": 90, "selected": 40},
+              "background": {"files": 0, "bad_files": 2, "read": 0, "selected": 0}}
+    build._check_selected(config, counts, str(tmp_path / "staging"), bar)
+    assert printed == [("warning: sample 'background': all its 2 file(s) were bad and skipped "
+                        "(read.on_bad_file: skip); it has no events")]
+
+
+def test_a_task_that_met_a_full_disk_names_where_it_wrote():
+    import errno
+
+    from hepdask import build
+    from hepdask.errors import BuildError
+
+    future = type("Future", (), {"key": "write-abc-3"})()
+    with pytest.raises(BuildError, match=r"task 'write-abc-3' could not write under '/data/o\.zarr': No space left "
+                                         r"on device \(errno 28\); fix that and run the same command again to resume"):
+        build._raise_task_error(future, OSError(errno.ENOSPC, "No space left on device"), "/data/o.zarr")
+    with pytest.raises(BuildError, match="task 'write-abc-3' failed: ValueError: odd"):
+        build._raise_task_error(future, ValueError("odd"), "/data/o.zarr")

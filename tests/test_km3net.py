@@ -492,6 +492,19 @@ def test_show_plots_projections_of_any_image(zt_store, tmp_path, capsys):
     assert "image_xyzt has no dim 'pos_w'" in capsys.readouterr().err
 
 
+def test_show_names_the_file_it_wrote_and_refuses_what_it_cannot_write(zt_store, tmp_path, capsys):
+    _, _, out = zt_store
+    bare = tmp_path / "events"
+    assert cli(["show", str(out), "--output", str(bare)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"-> {bare}.png") and (tmp_path / "events.png").is_file()
+    assert cli(["show", str(out), "--output", str(tmp_path / "x.txt")]) == 2
+    assert "cannot save a plot as" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert cli(["show", str(out), "--output", str(tmp_path / "a-file" / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hepdask: error: cannot save a plot as") and len(err.splitlines()) == 1
+
+
 def test_csv_without_t0_is_refused_when_times_are_calibrated(tmp_path, capsys):
     table = tmp_path / "cells.csv"
     det = geometry.read_detx(detx("km3net_offline.detx"))

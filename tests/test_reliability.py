@@ -414,6 +414,49 @@ def test_verify_catches_a_missing_chunk(sound_store, capsys):
     assert "train/image: 1 chunk(s) missing" in _verify_cli(sound_store, capsys)
 
 
+def _first_chunk(directory: Path) -> Path:
+    return next(p for p in sorted(directory.rglob("*")) if p.is_file())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_verify_decodes_every_chunk_and_readers_name_the_damage(sound_store, capsys, damage):
+    image, label = _first_chunk(sound_store / "train" / "image" / "c"), _first_chunk(sound_store / "val" / "label" / "c")
+    for chunk in (image, label):
+        raw = chunk.read_bytes()
+        chunk.write_bytes(raw[:10] if damage == "truncated" else bytes(reversed(raw)))
+    out = _verify_cli(sound_store, capsys)
+    assert "train/image: 1 chunk(s) cannot be decoded, e.g. train/image/c/" in out
+    assert "val/label: 1 chunk(s) cannot be decoded" in out
+    assert cli(["verify", "--quick", str(sound_store)]) == 0  # every chunk is there
+    capsys.readouterr()
+    for command in (["info", str(sound_store)], ["show", str(sound_store), "--split", "val",
+                                                 "--output", str(sound_store.parent / "s.png")]):
+        assert cli(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hepdask: error: store") and "hepdask verify" in err and len(err.splitlines()) == 1, err
+
+
+def test_verify_reports_unreadable_array_metadata(sound_store, capsys):
+    meta = sound_store / "train" / "image" / "zarr.json"
+    meta.write_text(meta.read_text()[:100])
+    assert "split 'train': its metadata cannot be read" in _verify_cli(sound_store, capsys)
+
+
+def test_show_of_an_empty_split_is_one_line(ldmx_data, client, tmp_path, capsys):
+    data, _ = ldmx_data
+    out = tmp_path / "e.zarr"
+    hepdask.build_dataset(from_dict(demo_config(data, out, **{"output.split": {"train": 1.0, "val": 0.0}})),
+                          client=client, progress=False)
+    assert cli(["show", str(out), "--split", "val"]) == 2
+    assert "split 'val' has no events to show" in capsys.readouterr().err
+
+
+def test_a_staging_area_beside_a_complete_store_is_a_note_not_a_fault(sound_store, capsys):
+    store.staging_path(sound_store).mkdir()
+    assert cli(["verify", str(sound_store)]) == 0
+    assert "ok; note: an interrupted build's staging area is beside it" in capsys.readouterr().out
+
+
 def test_verify_catches_leftover_temporary_files(sound_store, capsys):
     (sound_store / "val" / "image" / "c" / "0.3f2a.partial").write_bytes(b"half a chunk")
     assert "temporary files left by an interrupted write" in _verify_cli(sound_store, capsys)
@@ -624,3 +667,14 @@ def test_a_lock_left_by_a_killed_build_does_not_hold_the_next(tmp_path):
     with store.output_lock(out):
         assert "hepdask process" in store.lock_path(out).read_text()
     assert not store.lock_path(out).exists()
+
+
+def test_an_output_path_that_is_a_link_replaces_the_store_it_points_to(sound_store, ldmx_data, tmp_path):
+    data, _ = ldmx_data
+    link = tmp_path / "link.zarr"
+    link.symlink_to(sound_store)
+    raw = demo_config(data, link, **{"output.overwrite": True, "output.shuffle": {"enabled": True, "seed": 5}})
+    hepdask.build_dataset(from_dict(raw), progress=False)
+    assert link.is_symlink() and store.is_complete(link) and store.verify(sound_store) == []
+    assert "seed: 5" in zarr.open_group(str(link), mode="r").attrs["hepdask:config"]  # the new build's
+    assert not store.staging_path(link).exists() and not store.staging_path(sound_store).exists()

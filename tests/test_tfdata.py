@@ -333,6 +333,15 @@ def test_a_missing_chunk_file_is_an_error_not_fill_values(tf_two_cpus, train_sto
         next(batches)
 
 
+def test_a_chunk_that_does_not_decode_is_named(tf_two_cpus, train_store, tmp_path):
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(train_store, damaged)
+    chunk = damaged / "val" / "image" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(tf_two_cpus.errors.UnknownError, match="chunk 0 of 'val/image' cannot be decoded"):
+        next(iter(tfdata.tf_dataset(damaged, "val", batch_size=128, shuffle=False)))
+
+
 def test_a_group_inside_a_store_is_named_as_such(tf_two_cpus, train_store):
     with pytest.raises(StoreError, match="is the group 'val' inside the store"):
         tfdata.tf_dataset(train_store / "val", "val")

@@ -269,3 +269,16 @@ def test_what_a_training_refuses_and_what_overwrite_removes(tf_two_cpus, train_s
         fit(_config(train_store, train_store.parent, **QUICK, overwrite=True), verbose=0)
     assert (train_store / "zarr.json").exists()
 
+
+
+def test_a_second_training_of_an_output_being_trained_is_refused(tf_two_cpus, train_store, tmp_path):
+    import os
+
+    from hepdask import store
+    from hepdask.errors import StoreError
+
+    output = tmp_path / "held"
+    config = _config(train_store, output, **QUICK)
+    with store.output_lock(output), pytest.raises(StoreError, match=f"is being built by hepdask process {os.getpid()}"):
+        fit(config, verbose=0)
+    assert not output.exists()
