@@ -731,7 +731,6 @@ def _prepare_output(config: Config) -> bool:
             raise StoreError(msg)
         shutil.rmtree(output, ignore_errors=True)
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir(parents=True)
         store.write_build_record(staging, {"config_hash": config.content_hash(), "version": __version__,
                                            "detectors": detector_digests(config), "replaces": complete})

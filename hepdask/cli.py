@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -173,35 +173,59 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with the process's standard error held back. Its start-up notices
-    (oneDNN, CPU features) are written there by C++ before TensorFlow reads
-    ``TF_CPP_MIN_LOG_LEVEL``; what was held is written out if the import fails, and a missing
-    TensorFlow is left for ``hepdask.tfdata`` to explain."""
-    import tempfile
+#: TensorFlow's start-up notices, written by its C++ before it reads TF_CPP_MIN_LOG_LEVEL.
+TF_NOTICES = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+              "cpu_feature_guard.cc", "To enable the following instructions:")
 
-    with tempfile.TemporaryFile() as held:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(held.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        except BaseException as err:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.buffer.write(held.read())
-            sys.stderr.flush()
-            if not isinstance(err, ImportError):
-                raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+#: How long the stderr filter may take to pass on the last lines once the import is done.
+FILTER_DRAIN_SECONDS = 5.0
+
+#: A filter between TensorFlow's import and the real stderr: every line but the notices
+#: passes, as it comes. It is a process of its own, so that what TensorFlow writes before
+#: an abort still gets through.
+_STDERR_FILTER = """
+import sys
+notices = sys.argv[1:]
+for line in sys.stdin.buffer:
+    if not any(n.encode() in line for n in notices):
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+"""
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its start-up notices (``TF_NOTICES``) filtered out of the
+    process's standard error; everything else it writes passes. A missing TensorFlow is left
+    for ``hepdask.tfdata`` to explain."""
+    import subprocess
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read, write = os.pipe()
+    try:
+        filtering = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, *TF_NOTICES], stdin=read,
+                                     stdout=saved, stderr=saved)
+    except OSError:
+        os.close(read)
+        os.close(write)
+        os.close(saved)
+        return
+    os.close(read)
+    os.dup2(write, 2)
+    os.close(write)
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        os.dup2(saved, 2)  # the pipe's last writer is gone: the filter sees its end
+        os.close(saved)
+        # A process TensorFlow started may hold the pipe: the filter then ends with it.
+        with suppress(subprocess.TimeoutExpired):
+            filtering.wait(timeout=FILTER_DRAIN_SECONDS)
 
 
 def _train(args: argparse.Namespace) -> int:
-    if not args.verbose:  # TensorFlow's INFO lines (CPU features, malloc patch)
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-        _import_tensorflow_quietly()
     from .config import Override, load_train
     from .train import fit
 
@@ -219,6 +243,9 @@ def _train(args: argparse.Namespace) -> int:
         overrides += [Override("strategy.kind=one_device", label),
                       Override(f"strategy.devices={json.dumps([args.one_device])}", label)]
     config = load_train(args.config, overrides)
+    if not args.verbose:  # TensorFlow's INFO lines (CPU features, malloc patch) and start-up notices
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+        _import_tensorflow_quietly()
     # Keras' progress bar within each epoch on a terminal; one line an epoch in a log file.
     result = fit(config, verbose=1 if sys.stdout.isatty() else 2)
     m = result.metrics

@@ -308,12 +308,25 @@ def _start_local(spec: Cluster, security, *, n_workers: int, threads_per_worker:
     except (OSError, TimeoutError, ValueError, RuntimeError) as err:
         where = "worker processes" if processes else "worker in this process"
         msg = f"cannot start a LocalCluster of {n_workers} {where}: {err}"
-        # In the script's process __main__ is the script; in the worker processes it spawned
-        # and that ran the script again, the script is __mp_main__.
-        if processes and (getattr(sys.modules.get("__main__"), "__file__", None) or "__mp_main__" in sys.modules):
+        if processes and "Nanny failed to start" in str(err) and _users_script():
             msg += (" (a script that builds on worker processes starts the build under "
                     "'if __name__ == \"__main__\":', because each worker process imports the script again)")
         raise ClusterError(msg) from None
+
+
+def _users_script() -> bool:
+    """Whether this process runs a user's script: ``__main__`` is a file that is not the
+    ``hepdask`` command, or this is a worker process that a script without a main guard
+    spawned and that ran the script again."""
+    import multiprocessing
+
+    main = sys.modules.get("__main__")
+    if multiprocessing.parent_process() is not None:
+        return True
+    command = sys.modules.get("hepdask.cli")
+    if getattr(getattr(main, "__spec__", None), "name", None) == "hepdask.cli":
+        return False
+    return bool(getattr(main, "__file__", None)) and not (command and getattr(main, "main", None) is command.main)
 
 
 @contextmanager

@@ -9,9 +9,10 @@ A build applies the hit cut first, then the event cut, where ``nhits`` is the nu
 hits of the event that passed the hit cut.
 
 A decimal constant is compared as the float64 nearest to it, as binning compares hits with
-edges: a float32 hit ``E = float32(0.05)`` (0.0500000007) passes ``E > 0.05``. Arithmetic
+edges: a float32 hit ``E = float32(0.05)`` (0.0500000007) passes ``E > 0.05``; an integer
+constant exactly (a float32 ``t`` of 16777216 fails ``t >= 16777217``). Arithmetic
 applies to numbers, not to the result of a comparison; a cut is a condition (a comparison,
-or ``and``/``or``/``not`` of conditions) and uses at least one field.
+or ``and``/``or``/``not`` of conditions, never of bare numbers) and uses at least one field.
 """
 
 from __future__ import annotations
@@ -95,11 +96,17 @@ class Cut:
                     raise SelectionError(msg)
             arithmetic = isinstance(node, ast.BinOp) or (isinstance(node, ast.UnaryOp)
                                                          and isinstance(node.op, ast.USub | ast.UAdd))
+            logical = isinstance(node, ast.BoolOp) or (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not))
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.operator | ast.cmpop | ast.boolop | ast.unaryop):
                     continue
-                if self._check(child, allowed, depth + 1) and arithmetic:
+                condition = self._check(child, allowed, depth + 1)
+                if condition and arithmetic:
                     self._not_a_number(child)
+                if logical and not condition:
+                    msg = (f"{self.where}: {ast.unparse(child)!r} is a number, not a condition, in {self.text!r}: "
+                           f"compare it (e.g. '{ast.unparse(child)} != 0')")
+                    raise SelectionError(msg)
             return not arithmetic
         if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCTIONS or node.keywords:
@@ -129,8 +136,11 @@ class Cut:
         if isinstance(node, ast.Name):
             return values[node.id]
         if isinstance(node, ast.Constant):
-            # A numpy float64 is not "weak" (NEP 50): a float32 field is compared in float64.
-            return np.float64(node.value) if isinstance(node.value, float) else node.value
+            # numpy scalars are not "weak" (NEP 50): a float32 field is compared in float64
+            # with a float constant and with an integer one (int64 and float32 promote to it).
+            if isinstance(node.value, float):
+                return np.float64(node.value)
+            return np.int64(node.value) if -(2**63) <= node.value < 2**63 else float(node.value)
         if isinstance(node, ast.BoolOp):
             parts = [np.asarray(self._eval(v, values), dtype=bool) for v in node.values]
             combine = np.logical_and if isinstance(node.op, ast.And) else np.logical_or

@@ -260,6 +260,10 @@ def check_branches(tree, path: str, tree_name: str, hits: dict[str, str], events
                     f"pick one element per event, e.g. '{branch_name}[0]'"
                 )
                 raise BranchError(msg)
+            if role == "event" and index is not None and kind.jagged and shape:
+                msg = (f"{path}: event.{name}: branch {branch_name!r} holds lists of {list(shape)} arrays "
+                       f"({kind.interpretation.typename}); '{expression}' would pick an array, not a number")
+                raise BranchError(msg)
             if role == "event" and index is not None and not kind.jagged and len(shape) != 1:
                 what = "one number" if not shape else f"an array of {list(shape)}"
                 msg = (f"{path}: event.{name}: branch {branch_name!r} holds {what} per event "

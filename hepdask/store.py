@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from .errors import StoreError
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "hepdask:complete"
 PREFIX = "hepdask:"
@@ -77,7 +80,8 @@ def output_lock(store: str | Path) -> Iterator[None]:
     ``flock``) while a build prepares, stages and writes it: a second build of the same
     output, from any process that sees the same file system, is refused, naming the first.
     The lock is released with the process however it ends; the file is removed by its holder.
-    On a file system without ``flock`` the build goes on unlocked."""
+    A lock file of another user's is locked read-only. Where no lock can be had (a directory
+    that is not writable, a file system without ``flock``) the build goes on unlocked."""
     import fcntl
     import socket
 
@@ -87,11 +91,9 @@ def output_lock(store: str | Path) -> Iterator[None]:
         raise StoreError(msg)
     make_parent(store)
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            msg = f"cannot create the build lock {str(path)!r}: {err.strerror}"
-            raise StoreError(msg) from None
+        fd, writable = _open_lock(path)
+        if fd is None:
+            break
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -100,7 +102,7 @@ def output_lock(store: str | Path) -> Iterator[None]:
             msg = (f"output {str(store)!r} is being built by {holder}: wait for that build to end "
                    f"(or stop it) before starting another")
             raise StoreError(msg) from None
-        except OSError:  # no flock here (some network file systems): unlocked, as before
+        except OSError:  # no flock here (some network file systems)
             os.close(fd)
             fd = None
             break
@@ -112,17 +114,33 @@ def output_lock(store: str | Path) -> Iterator[None]:
             break
         os.close(fd)  # the holder removed the file between our open and our lock: again
     if fd is None:
+        log.warning("building %s without a lock: %s cannot be locked here", store, path)
         yield
         return
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"hepdask process {os.getpid()} on {socket.gethostname()}\n".encode())
+        if writable:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"hepdask process {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
     finally:
         try:
-            path.unlink()
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # another user's lock file in a directory we may not change: it holds nothing
         finally:
             os.close(fd)
+
+
+def _open_lock(path: Path) -> tuple[int | None, bool]:
+    """The lock file open for writing, else read-only (another user's), else None."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
+    except OSError:
+        pass
+    try:
+        return os.open(path, os.O_RDONLY), False
+    except OSError:
+        return None, False
 
 
 # --------------------------------------------------------------------------------------------
@@ -1191,11 +1209,16 @@ def open_root(path: str | Path, *, require_complete: bool = True):
     return root
 
 
+def split_names(root) -> list[str]:
+    """The splits of a store's root group, in their recorded order."""
+    return list(root.attrs.get(PREFIX + "splits", sorted(root.group_keys())))
+
+
 def open_split(path: str | Path, split: str):
     """The Zarr group of one split of a complete store; a missing split is named with the
     splits there are."""
     root = open_root(path)
-    available = list(root.attrs.get(PREFIX + "splits", sorted(root.group_keys())))
+    available = split_names(root)
     if split not in available:
         msg = f"store {str(path)!r} has no split {split!r} (splits: {available})"
         raise StoreError(msg)
@@ -1320,12 +1343,9 @@ def _damaged_chunks(path: Path, array, missing: list[str]) -> list[str]:
     threads (zstd decodes without the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks)]
-    encoding = array.metadata.chunk_key_encoding
     absent = set(missing)
-    coords = [c for c in np.ndindex(*(len(g) for g in grid))
-              if f"{array.path}/{encoding.encode_chunk_key(c)}" not in absent]
-    files = ChunkFiles.of(array) if all(len(g) == 1 for g in grid[1:]) else None
+    keys = {coords: key for coords, key in _chunk_keys(array).items() if key not in absent}
+    files = ChunkFiles.of(array) if chunk_file(array) is not None else None
 
     def damaged(chunk: tuple[int, ...]) -> str | None:
         try:
@@ -1334,22 +1354,35 @@ def _damaged_chunks(path: Path, array, missing: list[str]) -> list[str]:
             else:
                 np.asarray(array.blocks[chunk])
         except Exception as err:  # noqa: BLE001 - whatever a reader would meet is the finding
-            return f"{array.path}/{encoding.encode_chunk_key(chunk)} ({type(err).__name__}: {err})"
+            return f"{keys[chunk]} ({type(err).__name__}: {err})"
         return None
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return [found for found in pool.map(damaged, coords) if found]
+        return [found for found in pool.map(damaged, keys) if found]
+
+
+def _chunk_keys(array) -> dict[tuple[int, ...], str]:
+    """Every chunk of *array*: its grid coordinates and its key in the store."""
+    encoding = array.metadata.chunk_key_encoding
+    grid = [-(-n // c) for n, c in zip(array.shape, array.chunks)]
+    return {coords: f"{array.path}/{encoding.encode_chunk_key(coords)}" for coords in np.ndindex(*grid)}
+
+
+def chunk_file(array) -> Callable[[int], Path] | None:
+    """``path(i)``: the file of chunk *i* along the events of *array* (chunked along events
+    only), for an array in a local directory store; None for any other."""
+    from zarr.storage import LocalStore
+
+    if not isinstance(array.store, LocalStore) or any(c != n for c, n in zip(array.chunks[1:], array.shape[1:])):
+        return None
+    root = Path(array.store.root) / array.path
+    encode = array.metadata.chunk_key_encoding.encode_chunk_key
+    trailing = (0,) * (len(array.shape) - 1)
+    return lambda i: root / encode((i, *trailing))
 
 
 def _missing_chunks(path: Path, array) -> list[str]:
-    grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks)]
-    encoding = array.metadata.chunk_key_encoding
-    missing = []
-    for coords in np.ndindex(*(len(g) for g in grid)):
-        key = f"{array.path}/{encoding.encode_chunk_key(coords)}"
-        if not (path / key).is_file():
-            missing.append(key)
-    return missing
+    return [key for key in _chunk_keys(array).values() if not (path / key).is_file()]
 
 
 def _verify_metadata(path: Path, root, attrs: dict) -> list[str]:
@@ -1389,14 +1422,19 @@ def _verify_metadata(path: Path, root, attrs: dict) -> list[str]:
         import yaml
 
         from .config import from_dict
+        from .errors import ConfigError
 
         try:
             recorded_hash = from_dict(yaml.safe_load(config_text), base=path.parent).content_hash()
-        except Exception as err:  # noqa: BLE001 - any failure here is a finding, reported as such
-            problems.append(f"stale metadata: the recorded config no longer validates ({type(err).__name__})")
-        else:
-            if recorded_hash != attrs.get(PREFIX + "config_hash"):
-                problems.append("stale metadata: hepdask:config_hash does not match hepdask:config")
+        except ConfigError:
+            # Valid for the hepdask that built the store, refused by this one (its checks grew):
+            # not a fault of the store, and its hash cannot be recomputed here.
+            recorded_hash = None
+        except Exception as err:  # noqa: BLE001 - any other failure here is a finding, reported as such
+            problems.append(f"stale metadata: the recorded config cannot be read back ({type(err).__name__})")
+            recorded_hash = None
+        if recorded_hash is not None and recorded_hash != attrs.get(PREFIX + "config_hash"):
+            problems.append("stale metadata: hepdask:config_hash does not match hepdask:config")
     return problems
 
 

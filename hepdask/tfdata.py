@@ -243,8 +243,8 @@ class SplitSource:
         Chunks that hepdask wrote (little-endian bytes, zstd or no compression, on a local
         file system) are read and decompressed directly (``store.ChunkFiles``): zarr's
         synchronous API passes every read through one event-loop thread, so parallel tf.data
-        reads would not run in parallel. Any other layout, or a missing chunk file, is read
-        through zarr.
+        reads would not run in parallel. Any other layout is read through zarr. A chunk file
+        that is missing (on a local file system) or does not decode is a ``StoreError``.
         """
         import zarr
 
@@ -262,14 +262,19 @@ class SplitSource:
 def _chunk_reader(array) -> Callable[[int, int, int], np.ndarray]:
     """A function reading events ``[start, stop)`` of read chunk *i* of a Zarr array: all
     within one of the array's chunks, which may hold several read chunks."""
+    per_chunk = array.chunks[0]
+    chunk_file = store.chunk_file(array)
 
     def via_zarr(i: int, start: int, stop: int) -> np.ndarray:
+        if chunk_file is not None and not chunk_file(start // per_chunk).is_file():
+            # zarr would hand over fill values for it
+            msg = f"chunk {start // per_chunk} of {array.path!r} is missing: the store is damaged; 'hepdask verify' lists what else is"
+            raise StoreError(msg)
         return np.asarray(array[start:stop])
 
     files = store.ChunkFiles.of(array)
     if files is None:
         return via_zarr
-    per_chunk = array.chunks[0]
 
     def read(i: int, start: int, stop: int) -> np.ndarray:
         index, offset = divmod(start, per_chunk)
@@ -294,8 +299,7 @@ SCALE_SPLIT = "train"
 
 def _train_maximum(path: str | Path, split: str, field: str) -> float:
     """``image_maximum`` of the train split, for ``divide_by_max`` on *split*."""
-    root = store.open_root(path)
-    splits = list(root.attrs.get(store.PREFIX + "splits", sorted(root.group_keys())))
+    splits = store.split_names(store.open_root(path))
     if SCALE_SPLIT not in splits:
         msg = (f"store {str(path)!r}: divide_by_max scales every split by the {SCALE_SPLIT!r} split's largest "
                f"value, and this store has no {SCALE_SPLIT!r} split (splits: {splits}; reading {split!r})")
@@ -439,9 +443,10 @@ def tf_dataset(
     permutation, and re-sliced into batches without per-event work (``rebatch``). A build
     shuffles the store globally, so every chunk already mixes samples; ``shuffle_buffer``
     adds a per-event shuffle buffer across chunks, at a per-event cost. Two fields give ``(x, y)`` tuples,
-    other numbers of fields (or ``as_dict=True``) give dicts. ``transforms`` act on the first
-    field (the image): ``log1p``, ``divide_by_max`` (the split's maximum), ``add_channel_axis``,
-    ``channels_first_to_last``; ``cast`` sets the image dtype.
+    other numbers of fields (or ``as_dict=True``) give dicts. ``transforms`` act, in their
+    order, on the first field, which must be the image: ``log1p``, ``divide_by_max`` (by the
+    train split's maximum), ``add_channel_axis``, ``channels_first_to_last``; ``cast`` sets the
+    image dtype. ``parallel_reads`` may be ``tf.data.AUTOTUNE`` (-1, as None).
 
     Each epoch is batched on its own and takes exactly :func:`steps_per_epoch` steps (its last
     batch may be smaller); ``epochs=None`` repeats forever: pair it with that many
@@ -459,6 +464,8 @@ def tf_dataset(
     """
     tf = _import_tf()
     where = "tf_dataset"
+    if parallel_reads == tf.data.AUTOTUNE:
+        parallel_reads = None
     _check_arguments(where, batch_size=(batch_size, 1, False), seed=(seed, 0, False), epochs=(epochs, 0, True),
                      shuffle_buffer=(shuffle_buffer, 0, True), parallel_reads=(parallel_reads, 1, True),
                      num_shards=(num_shards, 1, False), shard=(shard, 0, False), replicas=(replicas, 1, False),

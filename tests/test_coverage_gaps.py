@@ -389,9 +389,17 @@ def test_a_script_without_a_main_guard_is_told_why_its_workers_failed(monkeypatc
         raise RuntimeError("Nanny failed to start.")
 
     monkeypatch.setattr(distributed, "LocalCluster", failing)
-    monkeypatch.setattr(sys.modules["__main__"], "__file__", "/home/someone/build.py", raising=False)
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "__file__", "/home/someone/build.py", raising=False)
+    monkeypatch.setattr(main, "__spec__", None, raising=False)
+    monkeypatch.delattr(main, "main", raising=False)
     with pytest.raises(ClusterError, match=r"Nanny failed to start\. \(a script .*if __name__ == \"__main__\""):
         cluster._start_local(Cluster(), None, n_workers=2, threads_per_worker=1, processes=True)
+    # The hepdask command (its console script's __main__ calls hepdask.cli.main) gets no such hint.
+    monkeypatch.setattr(main, "main", cli, raising=False)
+    with pytest.raises(ClusterError) as err:
+        cluster._start_local(Cluster(), None, n_workers=2, threads_per_worker=1, processes=True)
+    assert "__main__" not in str(err.value)
 
 
 def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):

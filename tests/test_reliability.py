@@ -436,6 +436,18 @@ def test_verify_decodes_every_chunk_and_readers_name_the_damage(sound_store, cap
         assert err.startswith("hepdask: error: store") and "hepdask verify" in err and len(err.splitlines()) == 1, err
 
 
+def test_verify_recomputes_the_config_hash_but_not_under_rules_the_store_predates(sound_store, capsys):
+    _edit_json(sound_store / "zarr.json", lambda m: m["attributes"].update({"hepdask:config_hash": "0" * 64}))
+    assert "hepdask:config_hash does not match hepdask:config" in _verify_cli(sound_store, capsys)
+
+    def older_rules(meta):  # a cut that this hepdask refuses (a number, not a condition)
+        meta["attributes"]["hepdask:config"] = meta["attributes"]["hepdask:config"].replace("E > 0.5", "E")
+
+    _edit_json(sound_store / "zarr.json", older_rules)
+    assert "hits: E\n" in zarr.open_group(str(sound_store), mode="r").attrs["hepdask:config"]
+    assert store.verify(sound_store) == []
+
+
 def test_verify_reports_unreadable_array_metadata(sound_store, capsys):
     meta = sound_store / "train" / "image" / "zarr.json"
     meta.write_text(meta.read_text()[:100])
@@ -678,3 +690,25 @@ def test_an_output_path_that_is_a_link_replaces_the_store_it_points_to(sound_sto
     assert link.is_symlink() and store.is_complete(link) and store.verify(sound_store) == []
     assert "seed: 5" in zarr.open_group(str(link), mode="r").attrs["hepdask:config"]  # the new build's
     assert not store.staging_path(link).exists() and not store.staging_path(sound_store).exists()
+
+
+def test_a_lock_file_this_user_cannot_write_is_still_locked_and_none_at_all_is_no_error(tmp_path, monkeypatch,
+                                                                                        caplog):
+    """Another user's lock file in a shared directory: locked read-only, its holder named.
+    No lock file and a directory this user cannot write: the build goes on unlocked."""
+    out = tmp_path / "o.zarr"
+    store.lock_path(out).write_text("hepdask process 7 on another-node\n")
+    real_open = os.open
+
+    def no_writing(path, flags, *args):
+        if str(path).endswith(store.LOCK_SUFFIX) and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_writing)
+    held = pytest.raises(StoreError, match="being built by hepdask process 7 on another-node")
+    with store.output_lock(out), held, store.output_lock(out):
+        pass
+    assert not store.lock_path(out).exists()
+    with store.output_lock(out):
+        assert "without a lock" in caplog.text

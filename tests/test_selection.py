@@ -57,6 +57,9 @@ def test_log_is_natural_log10_decimal_and_exp_natural(text, expected):
         ("1 > 0", "uses no field"),
         ("E", "'E' is a number, not a condition: compare it \\(e.g. 'E != 0'\\)"),
         ("abs(x) + 1", "is a number, not a condition"),
+        ("E and x > 1", "'E' is a number, not a condition, in 'E and x > 1'"),
+        ("not E", "'E' is a number, not a condition"),
+        ("abs(E) or x > 0", "'abs\\(E\\)' is a number, not a condition"),
         ("True", "only numbers"),
         ("-(x > 3) < 0", "'x > 3' is a comparison, not a number"),
         ("(E > 0) - (x > 0) == 0", "'E > 0' is a comparison, not a number"),
@@ -80,6 +83,14 @@ def test_a_decimal_constant_is_compared_in_float64_as_binning_compares_edges():
     energy = np.array([0.05, 0.0499999], np.float32)
     assert Cut("E > 0.05", ["E"], "selection.hits")({"E": energy}).tolist() == [True, False]
     assert Cut("E <= 0.05", ["E"], "selection.hits")({"E": energy}).tolist() == [False, True]
+
+
+def test_an_integer_constant_is_compared_exactly_with_float32_values():
+    t = np.array([16777216.0], np.float32)
+    assert Cut("t >= 16777217", ["t"], "selection.hits")({"t": t}).tolist() == [False]
+    assert Cut("t >= 16777216", ["t"], "selection.hits")({"t": t}).tolist() == [True]
+    big = np.array([2**62 + 1], np.int64)
+    assert Cut("n == 4611686018427387905", ["n"], "selection.events")({"n": big}).tolist() == [True]
 
 
 def test_event_cut_knows_nhits():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import awkward as ak
 import numpy as np
 import pytest
@@ -163,3 +165,25 @@ def test_branch_type_cache_stays_bounded(tmp_path, monkeypatch):
     np.testing.assert_array_equal(flat, [1.5, 2.5, 3.5, 4.5, 5.5, 6.5])
     np.testing.assert_array_equal(n, [0, 1, 2, 3])
     assert len(sources._BRANCH_TYPES) == 1
+
+
+def test_branches_whose_values_are_fixed_arrays_are_refused_where_a_number_is_needed(tmp_path):
+    import uproot
+
+    path = tmp_path / "arrays.root"
+    v3 = ak.to_regular(ak.Array([[[1.0, 2.0, 3.0]], [[4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]]), axis=2)
+    with uproot.recreate(path) as file:
+        file.mktree("t", {"v3": "var * 3 * float32", "x": "var * float32", "a": ("int64", (3,)), "n": "int64"})
+        file["t"].extend({"v3": ak.values_astype(v3, np.float32), "x": ak.values_astype(ak.Array([[1.0], [2.0]]), np.float32),
+                          "a": np.arange(6).reshape(2, 3), "n": np.arange(2)})
+    tree = uproot.open(path)["t"]
+    cases = [
+        ({"x": "v3"}, {}, "hits.x: branch 'v3' holds [3] values per hit"),
+        ({"x": "x"}, {"a": "a"}, "branch 'a' is an array of [3] per event (int64_t[3]); pick one element"),
+        ({"x": "x"}, {"a": "v3[0]"}, "holds lists of [3] arrays (float[][3]); 'v3[0]' would pick an array"),
+        ({"x": "x"}, {"n": "n[0]"}, "branch 'n' holds one number per event (int64_t); 'n[0]' picks from a list"),
+    ]
+    for hits, events, message in cases:
+        with pytest.raises(BranchError, match=re.escape(message)):
+            sources.check_branches(tree, str(path), "t", hits, events)
+    assert set(sources.check_branches(tree, str(path), "t", {"x": "x"}, {"a": "a[1]", "n": "n"})) == {"x", "a", "n"}

@@ -333,6 +333,28 @@ def test_a_missing_chunk_file_is_an_error_not_fill_values(tf_two_cpus, train_sto
         next(batches)
 
 
+def test_a_missing_chunk_of_a_store_read_through_zarr_is_an_error_too(tf_two_cpus, ldmx_data, tmp_path):
+    """A Blosc store is read through zarr, which would hand over fill values for a missing chunk."""
+    import hepdask
+    from hepdask.config import from_dict
+
+    from .data_generation import demo_config
+
+    data, _ = ldmx_data
+    out = tmp_path / "blosc.zarr"
+    hepdask.build_dataset(from_dict(demo_config(data, out, **{"output.compressor": {"name": "blosc-lz4"},
+                                                              "output.chunk_events": 64})), progress=False)
+    assert tfdata.store.ChunkFiles.of(zarr.open_group(str(out), mode="r")["val"]["image"]) is None
+    (out / "val" / "image" / "c" / "0" / "0" / "0").unlink()
+    with pytest.raises(tf_two_cpus.errors.UnknownError, match="chunk 0 of 'val/image' is missing"):
+        next(iter(tfdata.tf_dataset(out, "val", batch_size=16, shuffle=False)))
+
+
+def test_autotune_reads_are_accepted(tf_two_cpus, train_store):
+    batch = next(iter(tfdata.tf_dataset(train_store, "val", batch_size=8, parallel_reads=tf_two_cpus.data.AUTOTUNE)))
+    assert batch[0].shape[0] == 8
+
+
 def test_a_chunk_that_does_not_decode_is_named(tf_two_cpus, train_store, tmp_path):
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(train_store, damaged)
