@@ -377,9 +377,6 @@ def _transform(tf, image, transforms: Sequence[str], scale: float | None):
 EPOCH_SEED_STRIDE = 1_000_003
 #: Seeds are integers in ``[0, SEED_LIMIT)``: the shuffle buffer's per-epoch seeds stay int64.
 SEED_LIMIT = 2**32
-#: The epochs of the k-th iteration of an endless dataset (``epochs=None``) are numbered from
-#: ``first_epoch + k * ENDLESS_EPOCHS``: each iteration gets its own orders, the same in every run.
-ENDLESS_EPOCHS = 2**20
 
 
 def _check_arguments(where: str, **values) -> None:
@@ -450,11 +447,12 @@ def tf_dataset(
 
     Each epoch is batched on its own and takes exactly :func:`steps_per_epoch` steps (its last
     batch may be smaller); ``epochs=None`` repeats forever: pair it with that many
-    ``steps_per_epoch`` in ``fit``. The k-th iteration of the dataset reads epochs
-    ``first_epoch + k * epochs`` on (``k * ENDLESS_EPOCHS`` when endless), whatever was read
-    ahead before: a training resumed after ``first_epoch`` epochs reads the orders it would
-    have read, and ``skip_steps`` leaves out that many steps of it (a resumed training whose
-    epochs are not whole passes). Arguments of the wrong kind are refused (``ConfigError``)
+    ``steps_per_epoch`` in ``fit``. The k-th iteration of a finite dataset reads epochs
+    ``first_epoch + k * epochs`` on, whatever was read ahead before (Keras iterates it once
+    per epoch); every iteration of an endless one starts at ``first_epoch`` (Keras iterates
+    it once per ``fit``, after a look at its first batch). A training resumed after
+    ``first_epoch`` epochs reads the orders it would have read, and ``skip_steps`` leaves out
+    that many steps of it (a resumed training whose epochs are not whole passes). Arguments of the wrong kind are refused (``ConfigError``)
     before TensorFlow sees them.
     ``num_shards``/``shard`` pick this input pipeline's run of each epoch; ``replicas`` is
     how many replicas take its batches in turn (under ``tf.distribute``,
@@ -529,16 +527,17 @@ def tf_dataset(
             image = tf.cast(image, cast)
         return (image, *arrays[1:])
 
-    # Epoch numbers: the k-th iteration of the dataset (Keras starts one per epoch when it is
-    # finite) reads epochs first_epoch + k * epochs and on (k * ENDLESS_EPOCHS for an endless
-    # one), so every pass reads a new chunk order, the same in every run. The iteration count
-    # is taken once, when an iterator starts, and the epochs within it are counted in the
-    # graph: how far prefetching has read ahead never changes them. Each epoch is batched on
+    # Epoch numbers: the k-th iteration of a finite dataset (Keras starts one per epoch)
+    # reads epochs first_epoch + k * epochs and on, so every pass reads a new chunk order, the
+    # same in every run; an endless one always starts at first_epoch, however many iterators
+    # were opened to look at it. The iteration count is taken once, when an iterator starts,
+    # and the epochs within it are counted in the graph: how far prefetching has read ahead
+    # never changes them. Each epoch is batched on
     # its own, so it takes exactly ``plan.steps`` steps: with ``epochs=None`` and that many
     # ``steps_per_epoch``, every Keras epoch is one planner epoch. (A from_generator of the
     # spans, one Python call per chunk, cost a third of the throughput.)
     iterations = itertools.count()
-    per_iteration = ENDLESS_EPOCHS if epochs is None else epochs
+    per_iteration = 0 if epochs is None else epochs
     step_events = replicas * batch_size
 
     def one_epoch(epoch):
