@@ -173,9 +173,11 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-#: TensorFlow's start-up notices, written by its C++ before it reads TF_CPP_MIN_LOG_LEVEL.
-TF_NOTICES = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
-              "cpu_feature_guard.cc", "To enable the following instructions:")
+#: TensorFlow's start-up notices, written by its C++ before it reads TF_CPP_MIN_LOG_LEVEL,
+#: matched by their text (its fatal "compiled to use AVX" comes from the same source file).
+TF_NOTICES = ("All log messages before absl::InitializeLog() is called", "oneDNN custom operations are on",
+              "This TensorFlow binary is optimized to use available CPU instructions",
+              "To enable the following instructions:")
 
 #: How long the stderr filter may take to pass on the last lines once the import is done.
 FILTER_DRAIN_SECONDS = 5.0
@@ -184,10 +186,12 @@ FILTER_DRAIN_SECONDS = 5.0
 #: passes, as it comes. It is a process of its own, so that what TensorFlow writes before
 #: an abort still gets through.
 _STDERR_FILTER = """
-import sys
-notices = sys.argv[1:]
+import re, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # it ends when the pipe does
+notices = [n.encode() for n in sys.argv[1:]]
+severe = re.compile(rb"^[EF][0-9]{4} ")  # an error or a fatal line always passes
 for line in sys.stdin.buffer:
-    if not any(n.encode() in line for n in notices):
+    if severe.match(line) or not any(n in line for n in notices):
         sys.stdout.buffer.write(line)
         sys.stdout.buffer.flush()
 """
@@ -199,8 +203,13 @@ def _import_tensorflow_quietly() -> None:
     for ``hepdask.tfdata`` to explain."""
     import subprocess
 
+    if sys.stderr is None:
+        return
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no standard error to filter
+        return
     read, write = os.pipe()
     try:
         filtering = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, *TF_NOTICES], stdin=read,

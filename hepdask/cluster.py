@@ -326,7 +326,9 @@ def _users_script() -> bool:
     command = sys.modules.get("hepdask.cli")
     if getattr(getattr(main, "__spec__", None), "name", None) == "hepdask.cli":
         return False
-    return bool(getattr(main, "__file__", None)) and not (command and getattr(main, "main", None) is command.main)
+    # pip's console script does `from hepdask.cli import entry`; other wrappers may call main.
+    ours = command is not None and any(getattr(main, name, None) is getattr(command, name) for name in ("entry", "main"))
+    return bool(getattr(main, "__file__", None)) and not ours
 
 
 @contextmanager

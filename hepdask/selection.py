@@ -154,15 +154,17 @@ class Cut:
                 return np.logical_not(operand)
             return -operand if isinstance(node.op, ast.USub) else operand
         if isinstance(node, ast.BinOp):
-            return _BINARY[type(node.op)](self._eval(node.left, values), self._eval(node.right, values))
+            left, right = self._eval(node.left, values), self._eval(node.right, values)
+            return _BINARY[type(node.op)](*_unsigned_as_numpy(node.left, left, node.right, right))
         if isinstance(node, ast.Compare):
             left = self._eval(node.left, values)
+            left_node = node.left
             out = None
             for op, right_node in zip(node.ops, node.comparators):
                 right = self._eval(right_node, values)
-                part = _COMPARE[type(op)](left, right)
+                part = _COMPARE[type(op)](*_unsigned_as_numpy(left_node, left, right_node, right))
                 out = part if out is None else np.logical_and(out, part)
-                left = right
+                left, left_node = right, right_node
             return out
         if isinstance(node, ast.Call):
             return _FUNCTIONS[node.func.id](self._eval(node.args[0], values))
@@ -171,6 +173,19 @@ class Cut:
 
     def __repr__(self) -> str:
         return f"Cut({self.text!r})"
+
+
+def _unsigned_as_numpy(left_node: ast.AST, left, right_node: ast.AST, right) -> tuple:
+    """The operands of a binary operation; an integer constant beside an unsigned integer
+    array is given as a Python int, which numpy applies in the array's own dtype (an int64
+    constant would turn uint64 values into float64)."""
+    def plain(node, value, other):
+        unsigned = getattr(getattr(other, "dtype", None), "kind", "") == "u"
+        if unsigned and isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        return value
+
+    return plain(left_node, left, right), plain(right_node, right, left)
 
 
 def hit_cut(text: str | None, hit_fields: Iterable[str]) -> Cut | None:

@@ -473,7 +473,11 @@ def read(
             event_arrays = {}
             for name, expression in events.items():
                 branch, index = _split_index(expression)
-                event_arrays[name] = _event_values(arrays[branch], index)
+                try:
+                    event_arrays[name] = _event_values(arrays[branch], index)
+                except ValueError as err:  # e.g. an element of a nested list is itself a list
+                    msg = f"{path}: event.{name}: {expression!r} does not give one number per event ({err})"
+                    raise BranchError(msg) from None
             yield Step(np.arange(first, first + n, dtype=np.int64), offsets, flat, event_arrays)
 
 

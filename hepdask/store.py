@@ -29,7 +29,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,8 +80,9 @@ def output_lock(store: str | Path) -> Iterator[None]:
     ``flock``) while a build prepares, stages and writes it: a second build of the same
     output, from any process that sees the same file system, is refused, naming the first.
     The lock is released with the process however it ends; the file is removed by its holder.
-    A lock file of another user's is locked read-only. Where no lock can be had (a directory
-    that is not writable, a file system without ``flock``) the build goes on unlocked."""
+    Another user's lock file is locked read-only; one this user cannot open is refused, naming
+    it. Only where no lock file can be made at all (a directory this user cannot write) or
+    ``flock`` is missing does the build go on unlocked."""
     import fcntl
     import socket
 
@@ -97,8 +98,9 @@ def output_lock(store: str | Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() if writable else ""
             os.close(fd)
+            holder = holder or f"another build (its lock file {str(path)!r} is {_owner(path)}'s)"
             msg = (f"output {str(store)!r} is being built by {holder}: wait for that build to end "
                    f"(or stop it) before starting another")
             raise StoreError(msg) from None
@@ -119,28 +121,47 @@ def output_lock(store: str | Path) -> Iterator[None]:
         return
     try:
         if writable:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"hepdask process {os.getpid()} on {socket.gethostname()}\n".encode())
+            with suppress(OSError):  # the holder's name is a courtesy (a full disk, a size limit)
+                os.ftruncate(fd, 0)
+                os.write(fd, f"hepdask process {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
     finally:
-        try:
+        with suppress(OSError):  # another user's file in a directory we may not change holds nothing
             path.unlink(missing_ok=True)
-        except OSError:
-            pass  # another user's lock file in a directory we may not change: it holds nothing
-        finally:
+        with suppress(OSError):
             os.close(fd)
 
 
 def _open_lock(path: Path) -> tuple[int | None, bool]:
-    """The lock file open for writing, else read-only (another user's), else None."""
+    """The lock file, open for writing (made if missing, readable by every user, whatever the
+    umask, so that their builds can lock it too), else read-only (another user's). None
+    where no lock file can be made (a directory this user cannot write); ``StoreError`` where
+    one is there that this user cannot open: its holder may be running."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         pass
+    else:
+        with suppress(OSError):
+            os.fchmod(fd, 0o644)
+        return fd, True
     try:
         return os.open(path, os.O_RDONLY), False
-    except OSError:
+    except FileNotFoundError:
         return None, False
+    except OSError:
+        msg = (f"cannot lock the output: {str(path)!r} is {_owner(path)}'s and this user cannot open it; "
+               f"if no build of that output is running, its owner can delete it")
+        raise StoreError(msg) from None
+
+
+def _owner(path: Path) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (ImportError, KeyError, OSError):
+        return "another user"
 
 
 # --------------------------------------------------------------------------------------------

@@ -395,8 +395,10 @@ def test_a_script_without_a_main_guard_is_told_why_its_workers_failed(monkeypatc
     monkeypatch.delattr(main, "main", raising=False)
     with pytest.raises(ClusterError, match=r"Nanny failed to start\. \(a script .*if __name__ == \"__main__\""):
         cluster._start_local(Cluster(), None, n_workers=2, threads_per_worker=1, processes=True)
-    # The hepdask command (its console script's __main__ calls hepdask.cli.main) gets no such hint.
-    monkeypatch.setattr(main, "main", cli, raising=False)
+    # The hepdask command gets no such hint: pip's console script imports hepdask.cli.entry.
+    from hepdask.cli import entry
+
+    monkeypatch.setattr(main, "entry", entry, raising=False)
     with pytest.raises(ClusterError) as err:
         cluster._start_local(Cluster(), None, n_workers=2, threads_per_worker=1, processes=True)
     assert "__main__" not in str(err.value)

@@ -694,21 +694,38 @@ def test_an_output_path_that_is_a_link_replaces_the_store_it_points_to(sound_sto
 
 def test_a_lock_file_this_user_cannot_write_is_still_locked_and_none_at_all_is_no_error(tmp_path, monkeypatch,
                                                                                         caplog):
-    """Another user's lock file in a shared directory: locked read-only, its holder named.
-    No lock file and a directory this user cannot write: the build goes on unlocked."""
+    """Another user's lock file in a shared directory: locked read-only (its stale text is
+    not taken for the holder). One this user cannot open at all: refused, naming it. No lock
+    file and a directory this user cannot write: the build goes on unlocked."""
     out = tmp_path / "o.zarr"
-    store.lock_path(out).write_text("hepdask process 7 on another-node\n")
+    lock = store.lock_path(out)
+    lock.write_text("hepdask process 7 on another-node\n")  # stale: left by a killed build
     real_open = os.open
+    unreadable = False
 
     def no_writing(path, flags, *args):
-        if str(path).endswith(store.LOCK_SUFFIX) and flags & (os.O_RDWR | os.O_WRONLY):
+        if str(path).endswith(store.LOCK_SUFFIX) and (unreadable or flags & (os.O_RDWR | os.O_WRONLY)):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", no_writing)
-    held = pytest.raises(StoreError, match="being built by hepdask process 7 on another-node")
+    held = pytest.raises(StoreError, match=r"being built by another build \(its lock file '.*o\.zarr\.hepdask-lock' is")
     with store.output_lock(out), held, store.output_lock(out):
         pass
-    assert not store.lock_path(out).exists()
+    assert not lock.exists()
     with store.output_lock(out):
         assert "without a lock" in caplog.text
+    lock.write_text("")
+    unreadable = True
+    with pytest.raises(StoreError, match="this user cannot open it; if no build of that output is running"):
+        store.output_lock(out).__enter__()
+
+
+def test_a_lock_file_is_readable_by_every_user_whatever_the_umask(tmp_path):
+    out = tmp_path / "o.zarr"
+    previous = os.umask(0o077)
+    try:
+        with store.output_lock(out):
+            assert store.lock_path(out).stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)

@@ -93,6 +93,13 @@ def test_an_integer_constant_is_compared_exactly_with_float32_values():
     assert Cut("n == 4611686018427387905", ["n"], "selection.events")({"n": big}).tolist() == [True]
 
 
+def test_integer_constants_beside_unsigned_fields_keep_numpys_unsigned_arithmetic():
+    u = np.array([2**63 + 1, 5], np.uint64)
+    cut = Cut("u % 4 == 1 and u > 4", ["u"], "selection.events")
+    assert cut({"u": u}).tolist() == [True, True]
+    assert Cut("u == 9223372036854775808", ["u"], "selection.events")({"u": u}).tolist() == [False, False]
+
+
 def test_event_cut_knows_nhits():
     cut = event_cut("nhits >= 2 and eventNumber > 0", ["eventNumber"])
     assert cut({"nhits": np.array([1, 2, 3]), "eventNumber": np.array([5, 0, 5])}).tolist() == [False, False, True]

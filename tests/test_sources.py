@@ -187,3 +187,12 @@ def test_branches_whose_values_are_fixed_arrays_are_refused_where_a_number_is_ne
         with pytest.raises(BranchError, match=re.escape(message)):
             sources.check_branches(tree, str(path), "t", hits, events)
     assert set(sources.check_branches(tree, str(path), "t", {"x": "x"}, {"a": "a[1]", "n": "n"})) == {"x", "a", "n"}
+
+
+def test_an_element_that_is_itself_a_list_is_named_where_it_is_read():
+    """`trks.fitinf[0]` picks each event's first track's fit list, not a number."""
+    from km3net_testdata import data_path
+
+    partition = sources.Partition(0, "nu", 1, data_path(KM3NET_FILE))
+    with pytest.raises(BranchError, match=r"event\.fit0: 'Evt/trks/trks\.fitinf\[0\]' does not give one number per event"):
+        next(sources.read(partition, "E", {"t": "Evt/hits/hits.t"}, {"fit0": "Evt/trks/trks.fitinf[0]"}, 100))

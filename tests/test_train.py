@@ -149,8 +149,11 @@ def _fake_tensorflow(tmp_path, body: str) -> Path:
     """A 'tensorflow' module that writes to the process's stderr (fd 2) as TensorFlow's C++
     start-up does: a notice hepdask filters out and a line it must pass on."""
     notice = "I0000 00:00:1796410210.300507 5507 port.cc:153] oneDNN custom operations are on. You may see..."
+    fatal = ("F0000 00:00:1796410210.400000 5507 cpu_feature_guard.cc:95] The TensorFlow library was compiled "
+             "to use AVX instructions, but these aren't available on your machine.")
     (tmp_path / "tensorflow.py").write_text(
-        f"import os\nos.write(2, b{notice!r} + b'\\n' + b'E0000 a real problem\\n')\n{body}")
+        f"import os\nos.write(2, b{notice!r} + b'\\n' + b'E0000 a real problem\\n')\n"
+        f"os.write(2, b{fatal!r} + b'\\n')\n{body}")
     return tmp_path
 
 
@@ -174,5 +177,5 @@ def test_tensorflow_start_up_notices_are_filtered_and_nothing_else(tmp_path, bod
                          check=False)
     assert run.returncode == returncode, run.stderr
     assert "oneDNN custom operations" not in run.stderr
-    assert "E0000 a real problem" in run.stderr
+    assert "E0000 a real problem" in run.stderr and "compiled to use AVX instructions" in run.stderr
     assert run.stdout.strip() == printed
