@@ -8,8 +8,10 @@ inline in this process (``hepdask.cluster.InlineClient``) never needs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import socket
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -76,7 +78,12 @@ class _UserErrorFilter(logging.Filter):
         # distributed's worker logs (key, state, task, exception_text, traceback_text).
         args = record.args if isinstance(record.args, tuple) else ()
         exception = args[3] if len(args) > 3 and isinstance(args[3], str) else ""
-        return exception.split("(", 1)[0] not in _user_error_names()
+        return exception.split("(", 1)[0] not in _user_error_names() and not _FULL_DISK.match(exception)
+
+
+#: A write refused by a full or read-only file system (ENOSPC, EDQUOT, EFBIG, EROFS), as
+#: distributed logs it (``repr`` of the exception): the client names where, in one line.
+_FULL_DISK = re.compile(rf"^\w*Error\(({errno.ENOSPC}|{errno.EDQUOT}|{errno.EFBIG}|{errno.EROFS}),")
 
 
 def _user_error_names() -> set[str]:

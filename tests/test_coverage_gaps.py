@@ -477,3 +477,24 @@ def test_a_task_that_met_a_full_disk_names_where_it_wrote():
         build._raise_task_error(future, OSError(errno.ENOSPC, "No space left on device"), "/data/o.zarr")
     with pytest.raises(BuildError, match="task 'write-abc-3' failed: ValueError: odd"):
         build._raise_task_error(future, ValueError("odd"), "/data/o.zarr")
+
+
+def test_workers_leave_full_disk_and_hepdask_errors_to_the_client_and_log_the_rest():
+    """A task that met a full disk, or raised a hepdask error, is reported by the client in
+    one line; any other exception, a bug, is still logged by the worker with its traceback."""
+    import errno
+    import logging
+
+    from hepdask.workers import _UserErrorFilter
+
+    def logged(exception: BaseException) -> bool:
+        record = logging.LogRecord("distributed.worker", logging.ERROR, "", 0,
+                                   "Compute Failed\nKey: %s\nState: %s\nTask: %s\nException: %s\nTraceback: %s",
+                                   ("k", "executing", "t", repr(exception), "tb"), None)
+        return _UserErrorFilter().filter(record)
+
+    assert not logged(OSError(errno.ENOSPC, "No space left on device"))
+    assert not logged(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not logged(hepdask.errors.BranchError("late.root: no branch"))
+    assert logged(OSError(errno.ENOENT, "No such file"))
+    assert logged(ValueError("a bug"))
