@@ -6,7 +6,6 @@ its stage (``sources``, ``selection``, ``binning``, ``store``).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import shutil
@@ -32,6 +31,7 @@ from .config import (
     image_dim_prefix,
 )
 from .errors import (
+    FULL_DISK_ERRNOS,
     BuildError,
     GeometryError,
     HepdaskError,
@@ -762,16 +762,11 @@ def detector_digests(config: Config) -> dict[str, str]:
     return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
 
 
-#: Errors of a file system that is full or refuses writes: the build can be resumed once
-#: the cause is fixed.
-_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
-
-
 def _raise_task_error(future, err: BaseException, where: str | Path) -> None:
     """Raise what task *future* raised, as one line; *where* is the directory it wrote to."""
     if isinstance(err, HepdaskError):
         raise err
-    if isinstance(err, OSError) and err.errno in _FULL:
+    if isinstance(err, OSError) and err.errno in FULL_DISK_ERRNOS:
         msg = (f"task {future.key!r} could not write under {str(where)!r}: {err.strerror} "
                f"({err.filename or 'errno ' + str(err.errno)}); fix that and run the same command again to resume")
         raise BuildError(msg) from err

@@ -96,14 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The ``--set`` overrides, then one per build flag (``Override``: errors name the flag)."""
+def _flagged(label: str, *texts: str) -> list[str]:
+    """The overrides one flag sets, each carrying the flag as typed (``Override``: errors name it)."""
     from .config import Override
 
+    return [Override(text, label) for text in texts]
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, then those of each build flag."""
     overrides: list[str] = list(args.overrides)
 
     def flag(label: str, *texts: str) -> None:
-        overrides.extend(Override(text, label) for text in texts)
+        overrides.extend(_flagged(label, *texts))
 
     if args.overwrite:
         flag("--overwrite", "output.overwrite=true")
@@ -235,22 +240,20 @@ def _import_tensorflow_quietly() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import Override, load_train
+    from .config import load_train
     from .train import fit
 
     overrides: list[str] = list(args.overrides)
     if args.overwrite:
-        overrides.append(Override("overwrite=true", "--overwrite"))
+        overrides += _flagged("--overwrite", "overwrite=true")
     if args.epochs is not None:
-        overrides.append(Override(f"fit.epochs={args.epochs}", f"--epochs {args.epochs}"))
+        overrides += _flagged(f"--epochs {args.epochs}", f"fit.epochs={args.epochs}")
     if args.mirrored is not None:
-        label = " ".join(["--MirroredStrategy", *args.mirrored])
-        overrides += [Override("strategy.kind=mirrored", label),
-                      Override(f"strategy.devices={json.dumps(args.mirrored or None)}", label)]
+        overrides += _flagged(" ".join(["--MirroredStrategy", *args.mirrored]), "strategy.kind=mirrored",
+                              f"strategy.devices={json.dumps(args.mirrored or None)}")
     if args.one_device:
-        label = f"--OneDeviceStrategy {args.one_device}"
-        overrides += [Override("strategy.kind=one_device", label),
-                      Override(f"strategy.devices={json.dumps([args.one_device])}", label)]
+        overrides += _flagged(f"--OneDeviceStrategy {args.one_device}", "strategy.kind=one_device",
+                              f"strategy.devices={json.dumps([args.one_device])}")
     config = load_train(args.config, overrides)
     if not args.verbose:  # TensorFlow's INFO lines (CPU features, malloc patch) and start-up notices
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")

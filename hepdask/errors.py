@@ -11,7 +11,12 @@ one keeps its whole message in ``args`` and nothing else.
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
+
+#: ``errno`` of a write that a full or read-only file system refused (ENOSPC, EDQUOT, EFBIG,
+#: EROFS): a build stopped by one resumes once the cause is fixed.
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class HepdaskError(Exception):

@@ -62,8 +62,7 @@ class Cut:
             msg = f"{where}: {text!r} uses no field: a cut keeps or drops hits or events by their values"
             raise SelectionError(msg)
         if not boolean:
-            msg = f"{where}: {text!r} is a number, not a condition: compare it (e.g. '{text} != 0')"
-            raise SelectionError(msg)
+            self._not_a_condition(self._tree)
 
     def _check(self, node: ast.AST, allowed: set[str] | None, depth: int = 0) -> bool:
         """Check *node*; return whether it gives booleans (a comparison, ``and``/``or``/``not``)."""
@@ -104,9 +103,7 @@ class Cut:
                 if condition and arithmetic:
                     self._not_a_number(child)
                 if logical and not condition:
-                    msg = (f"{self.where}: {ast.unparse(child)!r} is a number, not a condition, in {self.text!r}: "
-                           f"compare it (e.g. '{ast.unparse(child)} != 0')")
-                    raise SelectionError(msg)
+                    self._not_a_condition(child)
             return not arithmetic
         if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCTIONS or node.keywords:
@@ -119,6 +116,12 @@ class Cut:
                 self._not_a_number(node.args[0])
             return False
         msg = f"{self.where}: {type(node).__name__} is not allowed in {self.text!r}"
+        raise SelectionError(msg)
+
+    def _not_a_condition(self, node: ast.AST) -> None:
+        part = ast.unparse(node)
+        where = "" if node is self._tree else f", in {self.text!r}"
+        msg = f"{self.where}: {part!r} is a number, not a condition{where}: compare it (e.g. '{part} != 0')"
         raise SelectionError(msg)
 
     def _not_a_number(self, node: ast.AST) -> None:
@@ -155,14 +158,14 @@ class Cut:
             return -operand if isinstance(node.op, ast.USub) else operand
         if isinstance(node, ast.BinOp):
             left, right = self._eval(node.left, values), self._eval(node.right, values)
-            return _BINARY[type(node.op)](*_unsigned_as_numpy(node.left, left, node.right, right))
+            return _BINARY[type(node.op)](*_beside_unsigned(node.left, left, node.right, right))
         if isinstance(node, ast.Compare):
             left = self._eval(node.left, values)
             left_node = node.left
             out = None
             for op, right_node in zip(node.ops, node.comparators):
                 right = self._eval(right_node, values)
-                part = _COMPARE[type(op)](*_unsigned_as_numpy(left_node, left, right_node, right))
+                part = _COMPARE[type(op)](*_beside_unsigned(left_node, left, right_node, right))
                 out = part if out is None else np.logical_and(out, part)
                 left, left_node = right, right_node
             return out
@@ -175,7 +178,7 @@ class Cut:
         return f"Cut({self.text!r})"
 
 
-def _unsigned_as_numpy(left_node: ast.AST, left, right_node: ast.AST, right) -> tuple:
+def _beside_unsigned(left_node: ast.AST, left, right_node: ast.AST, right) -> tuple:
     """The operands of a binary operation; an integer constant beside an unsigned integer
     array is given as a Python int, which numpy applies in the array's own dtype (an int64
     constant would turn uint64 values into float64)."""

@@ -871,21 +871,19 @@ def chunk_ranges(n: int, chunk_events: int) -> list[tuple[int, int]]:
 class ChunkFiles:
     """Whole chunks of one Zarr array, encoded and decoded here and read or written as files.
 
-    For the layouts hepdask writes (a regular chunk grid in a local directory store;
-    little-endian ``bytes`` or ``vlen-utf8``, then zstd or nothing), this is byte for byte
+    For the layouts hepdask writes (a regular chunk grid along the events only, in a local
+    directory store; little-endian ``bytes`` or ``vlen-utf8``, then zstd or nothing), this is byte for byte
     what zarr writes, without zarr's per-chunk cost: ~1 ms of CPU a chunk through its async
     pipeline, five times the encoding of a per-event array's chunk. ``of`` gives None for any
     other layout; callers then go through zarr.
     """
 
-    def __init__(self, array, encode, decode, compress, decompress) -> None:
+    def __init__(self, array, path: Callable[[int], Path], encode, decode, compress, decompress) -> None:
         self.chunks = tuple(array.chunks)
         self.fill_value = array.metadata.fill_value
+        self.path = path  # chunk index -> its file (``chunk_file``)
         self._encode, self._decode = encode, decode
         self._compress, self._decompress = compress, decompress
-        self._root = Path(array.store.root) / array.path
-        self._key = array.metadata.chunk_key_encoding.encode_chunk_key
-        self._trailing = (0,) * (len(self.chunks) - 1)
         self._made: set[Path] = set()
 
     @classmethod
@@ -893,10 +891,10 @@ class ChunkFiles:
         from numcodecs import VLenUTF8, Zstd
         from zarr.codecs import BytesCodec, VLenUTF8Codec
         from zarr.core.chunk_grids import RegularChunkGrid
-        from zarr.storage import LocalStore
 
         metadata = array.metadata
-        if not isinstance(array.store, LocalStore) or not isinstance(metadata.chunk_grid, RegularChunkGrid):
+        path = chunk_file(array)
+        if path is None or not isinstance(metadata.chunk_grid, RegularChunkGrid):
             return None
         first, rest = metadata.codecs[0], metadata.codecs[1:]
         if isinstance(first, BytesCodec) and getattr(first.endian, "value", first.endian) in (None, "little"):
@@ -919,14 +917,11 @@ class ChunkFiles:
         else:
             return None
         if not rest:
-            return cls(array, encode, decode, bytes, bytes)
+            return cls(array, path, encode, decode, bytes, bytes)
         if len(rest) == 1 and isinstance(rest[0], ZstdCodec):
             zstd = Zstd(level=rest[0].level, checksum=rest[0].checksum)
-            return cls(array, encode, decode, zstd.encode, zstd.decode)
+            return cls(array, path, encode, decode, zstd.encode, zstd.decode)
         return None
-
-    def path(self, index: int) -> Path:
-        return self._root / self._key((index, *self._trailing))
 
     def read(self, index: int) -> np.ndarray:
         """Chunk *index*, whole (an edge chunk with its fill); FileNotFoundError if unwritten."""
@@ -1344,7 +1339,7 @@ def verify(path: str | Path, *, decode: bool = True) -> list[str]:
             missing = _missing_chunks(path, array)
             if missing:
                 problems.append(f"{split}/{name}: {len(missing)} chunk(s) missing, e.g. {missing[0]}")
-            damaged = _damaged_chunks(path, array, missing) if decode else []
+            damaged = _damaged_chunks(array, skip=set(missing)) if decode else []
             if damaged:
                 problems.append(f"{split}/{name}: {len(damaged)} chunk(s) cannot be decoded, e.g. {damaged[0]}")
     return problems
@@ -1359,14 +1354,13 @@ def staging_note(path: str | Path) -> str | None:
     return None
 
 
-def _damaged_chunks(path: Path, array, missing: list[str]) -> list[str]:
-    """The chunks of *array* that exist but do not decode to a whole chunk, read in parallel
-    threads (zstd decodes without the GIL)."""
+def _damaged_chunks(array, *, skip: set[str]) -> list[str]:
+    """The chunks of *array* (but those whose keys are in *skip*) that do not decode to a
+    whole chunk, read in parallel threads (zstd decodes without the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    absent = set(missing)
-    keys = {coords: key for coords, key in _chunk_keys(array).items() if key not in absent}
-    files = ChunkFiles.of(array) if chunk_file(array) is not None else None
+    keys = {coords: key for coords, key in _chunk_keys(array).items() if key not in skip}
+    files = ChunkFiles.of(array)
 
     def damaged(chunk: tuple[int, ...]) -> str | None:
         try:
@@ -1389,6 +1383,10 @@ def _chunk_keys(array) -> dict[tuple[int, ...], str]:
     return {coords: f"{array.path}/{encoding.encode_chunk_key(coords)}" for coords in np.ndindex(*grid)}
 
 
+def _missing_chunks(path: Path, array) -> list[str]:
+    return [key for key in _chunk_keys(array).values() if not (path / key).is_file()]
+
+
 def chunk_file(array) -> Callable[[int], Path] | None:
     """``path(i)``: the file of chunk *i* along the events of *array* (chunked along events
     only), for an array in a local directory store; None for any other."""
@@ -1400,10 +1398,6 @@ def chunk_file(array) -> Callable[[int], Path] | None:
     encode = array.metadata.chunk_key_encoding.encode_chunk_key
     trailing = (0,) * (len(array.shape) - 1)
     return lambda i: root / encode((i, *trailing))
-
-
-def _missing_chunks(path: Path, array) -> list[str]:
-    return [key for key in _chunk_keys(array).values() if not (path / key).is_file()]
 
 
 def _verify_metadata(path: Path, root, attrs: dict) -> list[str]:

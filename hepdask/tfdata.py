@@ -265,11 +265,15 @@ def _chunk_reader(array) -> Callable[[int, int, int], np.ndarray]:
     per_chunk = array.chunks[0]
     chunk_file = store.chunk_file(array)
 
+    def missing(index: int) -> StoreError:
+        # A build writes every chunk: zarr would hand over fill values for a missing one.
+        msg = (f"chunk {index} of {array.path!r} is missing ({chunk_file(index)}): the store is damaged; "
+               f"'hepdask verify' lists what else is")
+        return StoreError(msg)
+
     def via_zarr(i: int, start: int, stop: int) -> np.ndarray:
         if chunk_file is not None and not chunk_file(start // per_chunk).is_file():
-            # zarr would hand over fill values for it
-            msg = f"chunk {start // per_chunk} of {array.path!r} is missing: the store is damaged; 'hepdask verify' lists what else is"
-            raise StoreError(msg)
+            raise missing(start // per_chunk)
         return np.asarray(array[start:stop])
 
     files = store.ChunkFiles.of(array)
@@ -280,11 +284,8 @@ def _chunk_reader(array) -> Callable[[int, int, int], np.ndarray]:
         index, offset = divmod(start, per_chunk)
         try:
             values = files.read(index)
-        except FileNotFoundError as err:
-            # A build writes every chunk: a missing one would read as fill values.
-            msg = (f"chunk {index} of {array.path!r} is missing ({err.filename}): the store is damaged; "
-                   f"'hepdask verify' lists what else is")
-            raise StoreError(msg) from None
+        except FileNotFoundError:
+            raise missing(index) from None
         except (RuntimeError, ValueError) as err:  # zstd's "decompression error", a short chunk
             msg = f"chunk {index} of {array.path!r} cannot be decoded ({err}): the store is damaged"
             raise StoreError(msg) from None
@@ -375,7 +376,8 @@ def _transform(tf, image, transforms: Sequence[str], scale: float | None):
 
 #: Per-epoch seeds of the optional shuffle buffer: ``seed * EPOCH_SEED_STRIDE + epoch``.
 EPOCH_SEED_STRIDE = 1_000_003
-#: Seeds are integers in ``[0, SEED_LIMIT)``: the shuffle buffer's per-epoch seeds stay int64.
+#: Seeds are integers in ``[0, SEED_LIMIT)``: the shuffle buffer's per-epoch seeds stay int64
+#: (``config.ReaderSeed`` says the same; this module does not import the config's pydantic).
 SEED_LIMIT = 2**32
 
 
@@ -452,8 +454,8 @@ def tf_dataset(
     per epoch); every iteration of an endless one starts at ``first_epoch`` (Keras iterates
     it once per ``fit``, after a look at its first batch). A training resumed after
     ``first_epoch`` epochs reads the orders it would have read, and ``skip_steps`` leaves out
-    that many steps of it (a resumed training whose epochs are not whole passes). Arguments of the wrong kind are refused (``ConfigError``)
-    before TensorFlow sees them.
+    that many steps of it (a resumed training whose epochs are not whole passes). Arguments of
+    the wrong kind are refused (``ConfigError``) before TensorFlow sees them.
     ``num_shards``/``shard`` pick this input pipeline's run of each epoch; ``replicas`` is
     how many replicas take its batches in turn (under ``tf.distribute``,
     ``distributed_dataset`` sets all three), and each step's events are split evenly among
@@ -468,9 +470,11 @@ def tf_dataset(
                      shuffle_buffer=(shuffle_buffer, 0, True), parallel_reads=(parallel_reads, 1, True),
                      num_shards=(num_shards, 1, False), shard=(shard, 0, False), replicas=(replicas, 1, False),
                      first_epoch=(first_epoch, 0, False), skip_steps=(skip_steps, 0, False))
-    if seed >= SEED_LIMIT or shard >= num_shards:
-        msg = (f"{where}: seed must be below 2**32, got {seed}" if seed >= SEED_LIMIT
-               else f"{where}: shard must be below num_shards={num_shards}, got {shard}")
+    if seed >= SEED_LIMIT:
+        msg = f"{where}: seed must be below 2**32, got {seed}"
+        raise ConfigError(msg)
+    if shard >= num_shards:
+        msg = f"{where}: shard must be below num_shards={num_shards}, got {shard}"
         raise ConfigError(msg)
     fields = _check_names(where, "fields", fields)
     transforms = _check_names(where, "transforms", transforms)
@@ -532,9 +536,9 @@ def tf_dataset(
     # same in every run; an endless one always starts at first_epoch, however many iterators
     # were opened to look at it. The iteration count is taken once, when an iterator starts,
     # and the epochs within it are counted in the graph: how far prefetching has read ahead
-    # never changes them. Each epoch is batched on
-    # its own, so it takes exactly ``plan.steps`` steps: with ``epochs=None`` and that many
-    # ``steps_per_epoch``, every Keras epoch is one planner epoch. (A from_generator of the
+    # never changes them. Each epoch is batched on its own, so it takes exactly ``plan.steps``
+    # steps: with ``epochs=None`` and that many ``steps_per_epoch``, every Keras epoch is one
+    # planner epoch. (A from_generator of the
     # spans, one Python call per chunk, cost a third of the throughput.)
     iterations = itertools.count()
     per_iteration = 0 if epochs is None else epochs

@@ -8,7 +8,6 @@ inline in this process (``hepdask.cluster.InlineClient``) never needs.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -17,6 +16,7 @@ import socket
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import heap, malloc
+from .errors import FULL_DISK_ERRNOS
 
 
 class TunedMalloc(WorkerPlugin):
@@ -81,9 +81,9 @@ class _UserErrorFilter(logging.Filter):
         return exception.split("(", 1)[0] not in _user_error_names() and not _FULL_DISK.match(exception)
 
 
-#: A write refused by a full or read-only file system (ENOSPC, EDQUOT, EFBIG, EROFS), as
+#: A write refused by a full or read-only file system (``errors.FULL_DISK_ERRNOS``), as
 #: distributed logs it (``repr`` of the exception): the client names where, in one line.
-_FULL_DISK = re.compile(rf"^\w*Error\(({errno.ENOSPC}|{errno.EDQUOT}|{errno.EFBIG}|{errno.EROFS}),")
+_FULL_DISK = re.compile(rf"^\w*Error\(({'|'.join(map(str, sorted(FULL_DISK_ERRNOS)))}),")
 
 
 def _user_error_names() -> set[str]:
