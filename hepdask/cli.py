@@ -23,6 +23,8 @@ from .heap import BUILD_STACK, import_frozen
 
 EXIT_USER_ERROR = 2
 EXIT_VERIFY_FAILED = 1
+#: What a shell reports for a process stopped by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 #: The build summary lists at most this many bad files (all are in the store manifest).
 BAD_FILES_SHOWN = 10
 
@@ -472,7 +474,11 @@ def entry() -> None:
     collector alone.
     """
     args = _parser().parse_args()
-    import_frozen(PRELOAD.get(args.command, ()))
+    try:
+        import_frozen(PRELOAD.get(args.command, ()))
+    except KeyboardInterrupt:  # nothing has started yet
+        print("hepdask: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     status = run(args)
     gc.freeze()
     sys.exit(status)
@@ -494,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
         more = {"build-dataset": "; the new store is not finalised: run the same command to resume",
                 "train": "; run the same command to resume after the last finished epoch"}.get(args.command, "")
         print(f"hepdask: interrupted{more}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

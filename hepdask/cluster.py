@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -294,14 +295,19 @@ def _start_local(spec: Cluster, security, *, n_workers: int, threads_per_worker:
     # A worker in this process talks to the scheduler over inproc:// (no host, no port)
     # unless TLS is asked for.
     network = {"host": "127.0.0.1"} if processes or security is not None else {}
+    interrupted = threading.Event()
     try:
-        with _sigint_ignored_by_children(processes):
-            return LocalCluster(
+        with _sigint_deferred(processes, interrupted), warnings.catch_warnings():
+            # Another cluster on the dashboard's port: Dask takes a free port and warns in
+            # three lines; the link printed next names the port it took.
+            warnings.filterwarnings("ignore", message=PORT_IN_USE, category=UserWarning)
+            cluster = LocalCluster(
                 n_workers=n_workers,
                 threads_per_worker=threads_per_worker,
                 processes=processes,
                 dashboard_address=spec.dashboard(in_process=not processes),
                 memory_limit=spec.memory_limit,
+                **({"preload": [WORKER_PRELOAD]} if processes else {}),
                 **network,
                 **({"security": security, "protocol": "tls://"} if security is not None else {}),
             )
@@ -312,6 +318,10 @@ def _start_local(spec: Cluster, security, *, n_workers: int, threads_per_worker:
             msg += (" (a script that builds on worker processes starts the build under "
                     "'if __name__ == \"__main__\":', because each worker process imports the script again)")
         raise ClusterError(msg) from None
+    if interrupted.is_set():
+        cluster.close()
+        raise KeyboardInterrupt
+    return cluster
 
 
 def _users_script() -> bool:
@@ -332,19 +342,36 @@ def _users_script() -> bool:
 
 
 @contextmanager
-def _sigint_ignored_by_children(spawning: bool) -> Iterator[None]:
-    """Start worker processes with SIGINT ignored (an ignored signal stays ignored across
-    exec, and Python then installs no KeyboardInterrupt handler): Ctrl-C in a terminal
-    reaches the whole process group, and each worker printed its own tracebacks (about 35
-    lines) before the build's one line. The client stops the build and closes the workers.
-    A Ctrl-C while the workers start is ignored."""
-    if not spawning or threading.current_thread() is not threading.main_thread():
+def _sigint_deferred(spawning: bool, interrupted: threading.Event) -> Iterator[None]:
+    """Start worker processes that never see SIGINT, and hold a Ctrl-C back until they run.
+
+    Ctrl-C in a terminal reaches the whole process group, and each worker printed its own
+    tracebacks (about 35 lines) before the build's one line; the client stops the build and
+    closes the workers. SIGINT is blocked in this thread while the cluster starts: the
+    threads made meanwhile (the cluster's event loop, the ones that spawn the workers) and
+    the worker processes inherit the blocked signal. A Ctrl-C in that window sets
+    *interrupted* (the caller closes the new cluster and raises KeyboardInterrupt) instead of
+    stopping the start half-way or being lost."""
+    if (not spawning or not hasattr(signal, "pthread_sigmask")
+            or threading.current_thread() is not threading.main_thread()):
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def record(signum, frame) -> None:
+        interrupted.set()
+
+    from multiprocessing import resource_tracker
+
+    # Starting multiprocessing's resource tracker (once a process, on the first queue the
+    # cluster makes) unblocks SIGINT in the thread that starts it: started here first.
+    resource_tracker.ensure_running()
+    previous = signal.signal(signal.SIGINT, record)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
+        # Unblocked first, so that a SIGINT pending on this thread still reaches *record*.
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         signal.signal(signal.SIGINT, previous)
 
 
@@ -630,6 +657,13 @@ def wait_for_workers(client, cluster, n_workers: int, timeout: float, say: Calla
 #: Seconds a Ctrl-C'd build gives its in-process worker to close (it does not wait for the
 #: running task).
 ABANDON_TIMEOUT_SECONDS = 2.0
+
+#: The module every worker process of a LocalCluster hepdask starts imports first (its
+#: ``dask_setup``).
+WORKER_PRELOAD = "hepdask.workers"
+
+#: Dask's warning when the dashboard's port is taken (it then takes another).
+PORT_IN_USE = r"Port \d+ is already in use"
 
 #: Seconds without a single worker before a running build says so.
 NO_WORKER_GRACE_SECONDS = 30.0

@@ -55,8 +55,10 @@ class QuietUserErrors(WorkerPlugin):
     """Keeps a worker from logging "Compute Failed" with a traceback for a task that raised a
     hepdask error (a bad file, a det_id mismatch): the build reports those in one line on the
     client, and seven lines of worker log per failed task before it buried that line. Any
-    other exception, a bug, is still logged in full. Also quiet: the warning for each task
-    cancelled when a build stops (Ctrl-C, or another task's error)."""
+    other exception, a bug, is still logged in full. Also quiet, when a build stops (Ctrl-C,
+    or another task's error): the warning for each task cancelled, and the error with a
+    40-line traceback for a heartbeat that the closing worker cut off itself (its connection
+    pool closing: dask/distributed#7192)."""
 
     name = "hepdask-quiet-user-errors"
 
@@ -67,18 +69,37 @@ class QuietUserErrors(WorkerPlugin):
                 logger.addFilter(_UserErrorFilter())
 
 
+def dask_setup(worker) -> None:
+    """Dask's preload hook. The LocalCluster a build starts names this module as its workers'
+    preload (``cluster._start_local``), so that a Ctrl-C right after the start, before the
+    build's plugins have reached the workers, finds them quiet already."""
+    QuietUserErrors().setup(worker)
+
+
 class _UserErrorFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not isinstance(record.msg, str):
             return True
         if record.msg.startswith("Async instruction for") and "ended with CancelledError" in record.getMessage():
             return False
+        if record.msg.startswith("Failed to communicate with scheduler during heartbeat"):
+            return not _closing_pool(record.exc_info)
         if not record.msg.startswith("Compute Failed"):
             return True
         # distributed's worker logs (key, state, task, exception_text, traceback_text).
         args = record.args if isinstance(record.args, tuple) else ()
         exception = args[3] if len(args) > 3 and isinstance(args[3], str) else ""
         return exception.split("(", 1)[0] not in _user_error_names() and not _FULL_DISK.match(exception)
+
+
+def _closing_pool(exc_info) -> bool:
+    """Whether a logged exception is the worker's own connection pool closing."""
+    err = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) > 1 else None
+    return type(err).__name__ == "CommClosedError" and str(err).startswith(CLOSING_POOL)
+
+
+#: What distributed's connection pool raises once its worker has begun to close.
+CLOSING_POOL = "ConnectionPool closing"
 
 
 #: A write refused by a full or read-only file system (``errors.FULL_DISK_ERRNOS``), as

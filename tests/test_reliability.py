@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import dask
@@ -646,17 +649,116 @@ def test_ctrl_c_stops_a_build_in_this_process_at_once_with_one_line(ldmx_data, t
     assert err.strip() == "hepdask: interrupted; the new store is not finalised: run the same command to resume"
 
 
-def test_worker_processes_leave_ctrl_c_to_the_client(tmp_path):
+def test_ctrl_c_while_the_command_imports_is_one_line(monkeypatch, capsys):
+    """The console script imports the build stack first (seconds on a loaded login node);
+    a Ctrl-C there printed a 45-line traceback of importlib and zarr."""
+    from hepdask import cli as command
+
+    def interrupted(modules):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "import_frozen", interrupted)
+    monkeypatch.setattr(sys, "argv", ["hepdask", "build-dataset", "c.yaml"])
+    with pytest.raises(SystemExit) as stop:
+        command.entry()
+    assert stop.value.code == command.EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "hepdask: interrupted\n"
+
+
+def _sigint_blocked_and_ignored() -> tuple[bool, bool]:
+    fields = dict(line.split(":\t", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":\t" in line)
+    bit = 1 << (signal.SIGINT - 1)
+    return bool(int(fields["SigBlk"], 16) & bit), bool(int(fields["SigIgn"], 16) & bit)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from /proc")
+def test_worker_processes_leave_ctrl_c_to_the_client():
     """Ctrl-C reaches the whole process group; workers that took it printed their own
-    tracebacks. They start with SIGINT ignored, and the client's handler is back after."""
+    tracebacks. They start with SIGINT blocked, and the client's handler and signal mask
+    are as before."""
     from hepdask.cluster import connect
     from hepdask.config import Cluster
 
     before = signal.getsignal(signal.SIGINT)
     with connect(Cluster(workers=1, dashboard_address=None)) as client:
-        handlers = client.run(lambda: str(signal.getsignal(signal.SIGINT)))
-    assert list(handlers.values()) == [str(signal.SIG_IGN)]
+        workers = client.run(_sigint_blocked_and_ignored)
+    assert list(workers.values()) == [(True, False)]
     assert signal.getsignal(signal.SIGINT) is before
+    assert _sigint_blocked_and_ignored() == (False, False)
+
+
+def test_ctrl_c_while_the_workers_start_stops_after_the_start_and_closes_the_cluster(monkeypatch):
+    """A Ctrl-C in the start used to be ignored, and the build went on. It now waits for
+    the start to finish (no half-started cluster), then closes it and interrupts."""
+    import distributed
+
+    from hepdask.cluster import connect
+    from hepdask.config import Cluster
+
+    started = []
+
+    class Interrupted(distributed.LocalCluster):
+        def __init__(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(distributed, "LocalCluster", Interrupted)
+    with pytest.raises(KeyboardInterrupt), connect(Cluster(workers=1, dashboard_address=None)):
+        pytest.fail("the build went on after a Ctrl-C")
+    assert len(started) == 1 and started[0].status.name == "closed"
+
+
+def test_a_worker_is_quiet_about_a_heartbeat_its_own_closing_cut_off():
+    """After a Ctrl-C, a worker whose heartbeat was in flight logged an error with a 40-line
+    traceback (dask/distributed#7192); a heartbeat that failed otherwise is still logged."""
+    from distributed.comm.core import CommClosedError
+
+    from hepdask.workers import _UserErrorFilter
+
+    def record(err):
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                                 "Failed to communicate with scheduler during heartbeat.", (),
+                                 (type(err), err, None))
+
+    quiet = _UserErrorFilter()
+    assert not quiet.filter(record(CommClosedError("ConnectionPool closing.")))
+    assert quiet.filter(record(CommClosedError("in <TCP (closed)>: Stream is closed")))
+    assert quiet.filter(record(OSError("Timed out trying to connect")))
+
+
+def test_worker_processes_are_quiet_from_their_start():
+    """The filter reaches the workers before a build registers its plugins (a Ctrl-C right
+    after the start), through the LocalCluster's preload."""
+    from hepdask.cluster import connect
+    from hepdask.config import Cluster
+
+    def filtered() -> bool:
+        from hepdask.workers import _UserErrorFilter
+
+        return any(isinstance(f, _UserErrorFilter) for f in logging.getLogger("distributed.worker").filters)
+
+    with connect(Cluster(workers=1, dashboard_address=None)) as client:
+        assert list(client.run(filtered).values()) == [True]
+
+
+def test_a_dashboard_port_in_use_gives_no_warning(tmp_path):
+    """Two builds on one login node: the second's dashboard takes another port, named in
+    its link, without Dask's three-line warning."""
+    from hepdask.cluster import connect, dashboard_link
+    from hepdask.config import Cluster
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        spec = Cluster(workers=1, dashboard_address=f"127.0.0.1:{port}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with connect(spec) as client:
+                link = dashboard_link(client, spec)
+    assert [str(w.message) for w in caught if "already in use" in str(w.message)] == []
+    assert link.startswith("http://127.0.0.1:") and f":{port}/" not in link
 
 
 def test_a_second_build_of_an_output_being_built_is_refused(ldmx_data, tmp_path):
