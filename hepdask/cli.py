@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -184,14 +184,16 @@ def _info(args: argparse.Namespace) -> int:
 #: matched by their text (its fatal "compiled to use AVX" comes from the same source file).
 TF_NOTICES = ("All log messages before absl::InitializeLog() is called", "oneDNN custom operations are on",
               "This TensorFlow binary is optimized to use available CPU instructions",
-              "To enable the following instructions:")
+              "To enable the following instructions:",
+              # tf.distribute's multi-device iterator, once per iterator a training makes
+              "Input of GeneratorDatasetOp::Dataset will not be optimized")
 
 #: How long the stderr filter may take to pass on the last lines once the import is done.
 FILTER_DRAIN_SECONDS = 5.0
 
-#: A filter between TensorFlow's import and the real stderr: every line but the notices
-#: passes, as it comes. It is a process of its own, so that what TensorFlow writes before
-#: an abort still gets through.
+#: A filter between TensorFlow and the real stderr: every line but the notices passes, as
+#: it comes. It is a process of its own, so that what TensorFlow writes before an abort
+#: still gets through.
 _STDERR_FILTER = """
 import re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # it ends when the pipe does
@@ -204,18 +206,21 @@ for line in sys.stdin.buffer:
 """
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its start-up notices (``TF_NOTICES``) filtered out of the
-    process's standard error; everything else it writes passes. A missing TensorFlow is left
-    for ``hepdask.tfdata`` to explain."""
+@contextmanager
+def tensorflow_notices_filtered() -> Iterator[None]:
+    """Import TensorFlow, and run the block, with TensorFlow's notices (``TF_NOTICES``)
+    filtered out of the process's standard error; everything else written there passes. A
+    missing TensorFlow is left for ``hepdask.tfdata`` to explain."""
     import subprocess
 
     if sys.stderr is None:
+        yield
         return
     sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:  # no standard error to filter
+        yield
         return
     read, write = os.pipe()
     try:
@@ -225,15 +230,17 @@ def _import_tensorflow_quietly() -> None:
         os.close(read)
         os.close(write)
         os.close(saved)
+        yield
         return
     os.close(read)
     os.dup2(write, 2)
     os.close(write)
     try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        pass
+        with suppress(ImportError):
+            import tensorflow  # noqa: F401
+        yield
     finally:
+        sys.stderr.flush()
         os.dup2(saved, 2)  # the pipe's last writer is gone: the filter sees its end
         os.close(saved)
         # A process TensorFlow started may hold the pipe: the filter then ends with it.
@@ -257,11 +264,13 @@ def _train(args: argparse.Namespace) -> int:
         overrides += _flagged(f"--OneDeviceStrategy {args.one_device}", "strategy.kind=one_device",
                               f"strategy.devices={json.dumps([args.one_device])}")
     config = load_train(args.config, overrides)
-    if not args.verbose:  # TensorFlow's INFO lines (CPU features, malloc patch) and start-up notices
+    quiet = nullcontext()
+    if not args.verbose:  # TensorFlow's INFO lines (CPU features, malloc patch) and notices
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-        _import_tensorflow_quietly()
-    # Keras' progress bar within each epoch on a terminal; one line an epoch in a log file.
-    result = fit(config, verbose=1 if sys.stdout.isatty() else 2)
+        quiet = tensorflow_notices_filtered()
+    with quiet:
+        # Keras' progress bar within each epoch on a terminal; one line an epoch in a log file.
+        result = fit(config, verbose=1 if sys.stdout.isatty() else 2)
     m = result.metrics
     print(f"trained {config.model.name} on {result.replicas} replica(s); outputs in {result.output}")
     if "auc" in m:
