@@ -275,7 +275,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"trained {config.model.name} on {result.replicas} replica(s); outputs in {result.output}")
     if "auc" in m:
         print(f"test: AUC {m['auc']:.3f}, accuracy {m['accuracy_at_best_threshold']:.3f} at threshold "
-              f"{m['best_threshold']:.3f} (signal acceptance {m['signal_acceptance']:.3f}, "
+              f"{m['best_threshold']:.3f} chosen on {m['threshold_split']} (signal acceptance {m['signal_acceptance']:.3f}, "
               f"background rejection {m['background_rejection']:.3f})")
     else:
         print(f"test: accuracy {m['accuracy']:.3f}")

@@ -62,6 +62,10 @@ class BuildError(HepdaskError, RuntimeError):
     """A build failed; the store is left without its completion marker."""
 
 
+class TrainError(HepdaskError, RuntimeError):
+    """A training ran but its result cannot be evaluated (a model that gives NaN scores)."""
+
+
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest of *choices*, or ``""``."""
     choices = [str(c) for c in choices]

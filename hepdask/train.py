@@ -21,7 +21,7 @@ import numpy as np
 
 from . import store, tfdata
 from .config import TrainConfig
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StoreError, TrainError
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +47,33 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr, thresholds
 
 
-def binary_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
-    """Accuracy at 0.5, AUC, the best threshold and what it gives, the confusion matrix."""
+def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
+    """Accuracy at 0.5, AUC, the working point and what it gives, the confusion matrix.
+
+    The working point is *threshold* (chosen on other events: ``best_threshold`` of the
+    validation split), or else the threshold that minimises misclassification of these
+    events. Labels are 0 (background) and 1 (signal)."""
     labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
     fpr, tpr, thresholds = roc_curve(labels, scores)
     auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
-    positives, negatives = int(labels.sum()), int((1 - labels).sum())
-    errors = (1 - tpr) * positives + fpr * negatives
-    best = int(np.argmin(errors))
-    # "Call nothing signal" is the threshold just above the largest score a sigmoid gives.
-    threshold = float(thresholds[best]) if np.isfinite(thresholds[best]) else float(np.nextafter(1.0, 2.0))
-    predicted = (np.asarray(scores) >= threshold).astype(int)
+    if threshold is None:
+        positives, negatives = int(labels.sum()), int((1 - labels).sum())
+        errors = (1 - tpr) * positives + fpr * negatives
+        best = int(np.argmin(errors))
+        # "Call nothing signal" is the threshold just above the largest score a sigmoid gives.
+        threshold = float(thresholds[best]) if np.isfinite(thresholds[best]) else float(np.nextafter(1.0, 2.0))
+    predicted = (scores >= threshold).astype(int)
     confusion = [[int(((labels == t) & (predicted == p)).sum()) for p in (0, 1)] for t in (0, 1)]
+    signal, background = labels == 1, labels == 0
     return {
         "events": int(labels.size),
-        "accuracy_at_0.5": float(((np.asarray(scores) >= 0.5).astype(int) == labels).mean()) if labels.size else 0.0,
+        "accuracy_at_0.5": float(((scores >= 0.5).astype(int) == labels).mean()) if labels.size else 0.0,
         "auc": auc,
         "best_threshold": threshold,
         "accuracy_at_best_threshold": float((predicted == labels).mean()) if labels.size else 0.0,
-        "signal_acceptance": float(tpr[best]),
-        "background_rejection": float(1 - fpr[best]),
+        "signal_acceptance": float(predicted[signal].mean()) if signal.any() else 0.0,
+        "background_rejection": float(1 - predicted[background].mean()) if background.any() else 1.0,
         "confusion_matrix": {"rows": "true label 0, 1", "columns": "predicted 0, 1", "values": confusion},
         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
     }
@@ -249,7 +256,9 @@ def _inputs(config: TrainConfig, split: str, *, shuffle: bool, epochs: int | Non
 
 
 def _check_store(config: TrainConfig) -> dict[str, int]:
-    """Refuse an incomplete store, a missing split or field, before anything trains."""
+    """Refuse an incomplete store, a missing split or field, labels the model cannot take,
+    a test split that cannot be evaluated and extra inputs that are not finite, before
+    anything trains."""
     sizes = {}
     for split in ("train", "val", "test"):
         source = tfdata.SplitSource.open(config.store, split, (*config.data.fields, *config.data.extra_inputs))
@@ -257,7 +266,51 @@ def _check_store(config: TrainConfig) -> dict[str, int]:
     if sizes["train"] == 0:
         msg = f"store {config.store!r}: the train split is empty"
         raise StoreError(msg)
+    root = store.open_root(config.store)
+    _check_labels(config, root, sizes)
+    _check_extra_inputs(config, root, sizes)
     return sizes
+
+
+def _check_labels(config: TrainConfig, root, sizes: dict[str, int]) -> None:
+    """Labels 0 to ``model.classes - 1`` in every split (binary: 0 background, 1 signal),
+    and a test split with events, of both classes for a binary model's ROC."""
+    field, classes = config.data.fields[1], config.model.classes
+    samples = root.attrs.get(store.PREFIX + "samples", {})
+    for split, n in sizes.items():
+        labels = np.asarray(root[split][field][:]) if n else np.zeros(0, np.int64)
+        outside = np.unique(labels[(labels < 0) | (labels >= classes)]).tolist()
+        if outside:
+            named = [name for name, s in samples.items() if s.get("label") in outside]
+            of = f" (sample {', '.join(named)})" if named else ""
+            msg = (f"store {config.store!r}: split {split!r} has {field} {outside}{of}, outside 0..{classes - 1} "
+                   f"that model.classes: {classes} takes; label the samples 0 to {classes - 1} "
+                   "(binary: background 0, signal 1) or set model.classes")
+            raise ConfigError(msg)
+        if split == "test" and classes == 2 and n and np.unique(labels).size < 2:
+            msg = (f"store {config.store!r}: the test split holds {field} {int(labels[0])} only ({n} events); "
+                   "the ROC and AUC of the evaluation need both classes")
+            raise StoreError(msg)
+    if not sizes["test"]:
+        msg = (f"store {config.store!r}: the test split is empty, and the training is evaluated on it; "
+               "build the store with a test fraction (output.split)")
+        raise StoreError(msg)
+
+
+def _check_extra_inputs(config: TrainConfig, root, sizes: dict[str, int]) -> None:
+    """Every extra input finite: one NaN makes the model's weights NaN in the first step."""
+    samples = root.attrs.get(store.PREFIX + "samples", {})
+    for name in config.data.extra_inputs:
+        for split, n in sizes.items():
+            values = np.asarray(root[split][name][:]) if n else np.zeros(0)
+            bad = int(np.count_nonzero(~np.isfinite(values))) if values.dtype.kind in "fc" else 0
+            if bad:
+                lacking = [s for s, info in samples.items() if name not in info.get("metadata", {})]
+                why = (f" (the samples without metadata {name!r}, {', '.join(lacking)}, store NaN there)"
+                       if lacking else "")
+                msg = (f"store {config.store!r}: data.extra_inputs {name!r} is NaN or infinite for {bad} of {n} "
+                       f"events of split {split!r}{why}; give every sample a finite value")
+                raise ConfigError(msg)
 
 
 def _image_shape(config: TrainConfig) -> tuple[int, ...]:
@@ -297,6 +350,10 @@ def run_hash(config: TrainConfig) -> str:
 
     payload = config.model_dump(mode="json", exclude={"output": True, "overwrite": True, "fit": {"epochs"},
                                                        "strategy": True})
+    # The store's build too: a store rebuilt in place (another seed or split) would put
+    # events the run trained on into its test split.
+    attrs = store.open_root(config.store).attrs
+    payload["store_build"] = {key: attrs.get(store.PREFIX + key) for key in ("config_hash", "created")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -331,8 +388,8 @@ def _prepare_output(config: TrainConfig, output: Path) -> int:
             _keep_history(output / "history.csv", epochs)
             return epochs
         if not config.overwrite:
-            msg = (f"{output} holds an interrupted training of a different config; pass --overwrite "
-                   "(overwrite: true) to discard it, or choose another output")
+            msg = (f"{output} holds an interrupted training of a different config or of a store since rebuilt; "
+                   "pass --overwrite (overwrite: true) to discard it, or choose another output")
             raise ConfigError(msg)
     elif (output / "metrics.json").exists() and not config.overwrite:
         msg = f"{output} already holds a finished training; pass --overwrite (overwrite: true)"
@@ -352,8 +409,21 @@ def _prepare_output(config: TrainConfig, output: Path) -> int:
             else:
                 path.unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
-    (output / RECORD).write_text(json.dumps({"run_hash": digest, "store": config.store}))
+    (output / RECORD).write_text(json.dumps({"run_hash": digest, "store": config.store,
+                                             "inputs": model_inputs(config)}, indent=1))
     return 0
+
+
+def model_inputs(config: TrainConfig) -> dict[str, Any]:
+    """What the model's inputs went through: a user of ``model.keras`` on new images applies
+    the same (``hepdask.tfdata.tf_dataset`` with these arguments does it, ``image_max``
+    included, which ``divide_by_max`` takes from the train split)."""
+    data = config.data
+    record: dict[str, Any] = {"fields": list(data.fields), "extra_inputs": list(data.extra_inputs),
+                              "transforms": list(data.transforms), "cast": data.cast}
+    if "divide_by_max" in data.transforms:
+        record["image_max"] = tfdata.image_maximum(config.store, tfdata.SCALE_SPLIT, data.fields[0])
+    return record
 
 
 def _keep_history(path: Path, epochs: int) -> None:
@@ -455,6 +525,7 @@ def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: 
     metrics = evaluate(config, model)
     metrics["replicas"] = replicas
     metrics["train_events"], metrics["val_events"] = sizes["train"], sizes["val"]
+    metrics["inputs"] = model_inputs(config)
     full_history = _read_history(output / "history.csv") or {k: list(map(float, v)) for k, v in history.history.items()}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot(output, full_history, metrics)
@@ -463,17 +534,36 @@ def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: 
 
 
 def evaluate(config: TrainConfig, model) -> dict[str, Any]:
-    """Metrics of *model* on the test split, every test event once, in store order."""
-    dataset = _inputs(config, "test", shuffle=False, epochs=1)
+    """Metrics of *model* (the last epoch's weights) on the test split, every test event
+    once, in store order. A binary model's working point is the threshold that minimises
+    misclassification of the validation split, so that the test figures at it are not tuned
+    on the test events; without validation events, of the test split itself."""
+    labels, scores = predict(config, model, "test")
+    if config.model.classes != 2:
+        return {"model": "model.keras", **multiclass_metrics(labels, scores)}
+    threshold, chosen_on = None, "test"
+    val_labels, val_scores = predict(config, model, "val")
+    if val_labels.size and np.unique(val_labels).size == 2:
+        threshold, chosen_on = binary_metrics(val_labels, val_scores[:, 0])["best_threshold"], "val"
+    return {"model": "model.keras", **binary_metrics(labels, scores[:, 0], threshold), "threshold_split": chosen_on}
+
+
+def predict(config: TrainConfig, model, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores of every event of *split*, in store order; non-finite scores are
+    refused (a model whose weights went NaN)."""
     labels, scores = [], []
-    for x, y in dataset:
+    for x, y in _inputs(config, split, shuffle=False, epochs=1):
         scores.append(np.asarray(model(x, training=False)))
         labels.append(np.asarray(y))
     scores_array = np.concatenate(scores) if scores else np.zeros((0, 1))
     labels_array = np.concatenate(labels) if labels else np.zeros(0)
-    if config.model.classes == 2:
-        return binary_metrics(labels_array, scores_array[:, 0])
-    return multiclass_metrics(labels_array, scores_array)
+    bad = int(np.count_nonzero(~np.isfinite(scores_array).all(axis=1)))
+    if bad:
+        msg = (f"{config.output}: the trained model gives NaN or infinite scores for {bad} of {len(scores_array)} "
+               f"{split} events (its weights are not finite: history.csv shows where the loss diverged); "
+               "model.keras is saved, the metrics are not")
+        raise TrainError(msg)
+    return labels_array, scores_array
 
 
 def _read_history(path: Path) -> dict[str, list[float]]:

@@ -76,6 +76,8 @@ def test_training_on_two_replicas_learns_and_writes_its_outputs(tf_two_cpus, tra
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["auc"] > 0.7
     assert metrics["events"] == sum(sum(row) for row in metrics["confusion_matrix"]["values"])
+    assert metrics["threshold_split"] == "val" and metrics["model"] == "model.keras"
+    assert metrics["inputs"]["transforms"] == ["log1p", "add_channel_axis"]
     assert not (tmp_path / "run" / "backup").exists()  # BackupAndRestore removes it after a finished fit
 
 
@@ -186,3 +188,16 @@ def test_tensorflow_start_up_notices_are_filtered_and_nothing_else(tmp_path, bod
     assert run.stdout.strip() == (f"Epoch 1/3\n{printed}" if printed else "")
     if printed:
         assert run.stderr.splitlines()[-2:] == ["a warning of the training itself", "after the training"]
+
+
+def test_a_working_point_chosen_elsewhere_is_applied_not_retuned():
+    """The threshold comes from the validation split; on the test events it gives what it
+    gives, not the test split's own best."""
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.3, 0.7, 0.6, 0.62, 0.8, 0.9])
+    m = binary_metrics(labels, scores, threshold=0.75)
+    assert m["best_threshold"] == 0.75
+    assert (m["signal_acceptance"], m["background_rejection"]) == (0.5, 1.0)
+    assert m["confusion_matrix"]["values"] == [[3, 0], [2, 2]]
+    assert m["accuracy_at_best_threshold"] == pytest.approx(5 / 7)
+    assert m["auc"] == binary_metrics(labels, scores)["auc"]

@@ -282,3 +282,120 @@ def test_a_second_training_of_an_output_being_trained_is_refused(tf_two_cpus, tr
     with store.output_lock(output), pytest.raises(StoreError, match=f"is being built by hepdask process {os.getpid()}"):
         fit(config, verbose=0)
     assert not output.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# what the evaluation may trust: checked before training, refused after it
+
+
+@pytest.fixture
+def store_copy(train_store, tmp_path):
+    """A copy of the train store that a test may change."""
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(train_store, copy)
+    return copy
+
+
+def test_labels_outside_the_classes_are_refused_before_training(tf_two_cpus, store_copy, tmp_path):
+    """A sample labelled 2 for a binary model trained with a negative loss and reported a
+    confusion matrix that left its events out."""
+    import zarr
+
+    root = zarr.open_group(str(store_copy), mode="r+")
+    root["val"]["label"][:3] = 2
+    samples = dict(root.attrs["hepdask:samples"])
+    samples["signal"] = {**samples["signal"], "label": 2}
+    root.attrs["hepdask:samples"] = samples
+    with pytest.raises(ConfigError, match=r"split 'val' has label \[2\] \(sample signal\), outside 0\.\.1 that "
+                                          r"model\.classes: 2 takes"):
+        fit(_config(store_copy, tmp_path / "run", **QUICK), verbose=0)
+    assert not (tmp_path / "run").exists()
+    fit(_config(store_copy, tmp_path / "three", **QUICK, **{"model.classes": 3}), verbose=0)
+
+
+def test_a_test_split_of_one_class_is_refused_before_training(tf_two_cpus, store_copy, tmp_path):
+    import zarr
+
+    from hepdask.errors import StoreError
+
+    # 1, not 0: zarr removes a chunk that holds only its fill value, 0.
+    zarr.open_group(str(store_copy), mode="r+")["test"]["label"][:] = 1
+    with pytest.raises(StoreError, match=r"the test split holds label 1 only \(\d+ events\); the ROC and AUC"):
+        fit(_config(store_copy, tmp_path / "run", **QUICK), verbose=0)
+
+
+def _small_store(client, directory, name: str, split: dict, mass: bool):
+    import hepdask
+    from hepdask.config import from_dict
+
+    from .data_generation import demo_config, ldmx_files
+
+    ldmx_files(directory, n_files=2, events=60, seed=8)
+    raw = demo_config(directory, directory / name, **{"selection.events": None, "output.split": split})
+    if mass:
+        raw["samples"][0]["metadata"] = {"mass": 0.5}
+    hepdask.build_dataset(from_dict(raw), client=client, progress=False)
+    return directory / name
+
+
+@pytest.fixture(scope="module")
+def mass_store(client, tmp_path_factory):
+    """Signal with metadata ``mass``, background without it (NaN there)."""
+    return _small_store(client, tmp_path_factory.mktemp("train-mass"), "mass.zarr",
+                        {"train": 0.6, "val": 0.2, "test": 0.2}, mass=True)
+
+
+def test_an_extra_input_that_is_nan_for_a_sample_is_refused(tf_two_cpus, mass_store, tmp_path):
+    """A NaN mass for background events made every weight of its row NaN in the first step,
+    while the logged loss looked healthy."""
+    config = _config(mass_store, tmp_path / "run", **QUICK, **{"data.extra_inputs": ["mass"]})
+    with pytest.raises(ConfigError, match=r"data\.extra_inputs 'mass' is NaN or infinite for \d+ of \d+ events of "
+                                          r"split 'train' \(the samples without metadata 'mass', background, "):
+        fit(config, verbose=0)
+
+
+def test_an_empty_test_split_is_refused_before_training(tf_two_cpus, client, tmp_path):
+    """It gave metrics of 0 events: AUC 0.000, accuracy 0.000."""
+    from hepdask.errors import StoreError
+
+    empty = _small_store(client, tmp_path, "no-test.zarr", {"train": 0.8, "val": 0.2, "test": 0.0}, mass=False)
+    with pytest.raises(StoreError, match="the test split is empty, and the training is evaluated on it"):
+        fit(_config(empty, tmp_path / "run", **QUICK), verbose=0)
+
+
+def test_a_store_rebuilt_in_place_is_not_resumed(store_copy, tmp_path):
+    """The run's hash named the store's path only: a store rebuilt with another seed or
+    split was resumed, and events trained on landed in the test split."""
+    import zarr
+
+    from hepdask.train import run_hash
+
+    config = _config(store_copy, tmp_path / "run")
+    before = run_hash(config)
+    assert run_hash(config) == before
+    zarr.open_group(str(store_copy), mode="r+").attrs["hepdask:created"] = "2030-01-01T00:00:00+00:00"
+    assert run_hash(config) != before
+
+
+def test_model_inputs_record_the_scale_divide_by_max_used(train_store, tmp_path):
+    """Without the train split's maximum, model.keras could not be used on new images."""
+    from hepdask.train import model_inputs
+
+    config = _config(train_store, tmp_path / "run", **{"data.transforms": ["log1p", "divide_by_max"]})
+    record = model_inputs(config)
+    assert record["transforms"] == ["log1p", "divide_by_max"]
+    assert record["image_max"] == tfdata.image_maximum(train_store, "train", "image") > 0
+    assert "image_max" not in model_inputs(_config(train_store, tmp_path / "run"))
+
+
+def test_a_model_with_nan_scores_is_refused_not_evaluated(train_store, tmp_path):
+    from hepdask.errors import TrainError
+    from hepdask.train import predict
+
+    def nan_model(x, training=False):
+        return np.full((int(x.shape[0]), 1), np.nan, np.float32)
+
+    with pytest.raises(TrainError, match=r"gives NaN or infinite scores for \d+ of \d+ test events"):
+        predict(_config(train_store, tmp_path / "run"), nan_model, "test")
