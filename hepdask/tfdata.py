@@ -14,10 +14,12 @@ Under ``tf.distribute``, ``distributed_dataset`` builds the input with
 ``strategy.distribute_datasets_from_function``: each input pipeline (``InputContext``) reads its
 own run of the epoch's chunks and batches at the per-replica batch size, and its replicas take
 its batches in turn, so no event is read twice in an epoch. The runs hold equal numbers of
-events (``shard_events``) and each step's events are split evenly among the replicas, so every
+events (``shard_events``) and each step's events are split equally among the replicas, so every
 replica takes the same number of steps and none is ever handed the empty batch that
 tf.distribute documents for a replica whose data ran out (TensorFlow's CPU ``Conv2D`` fails on
-an empty batch). Fewer events than there are replicas may be left out of an epoch for that.
+an empty batch), nor, in the last step, a batch one event longer than another's (a first step
+of unequal batches fails under MirroredStrategy: ``AddN must have the same size and shape``).
+Fewer events than there are replicas may be left out of an epoch for that.
 
 TensorFlow is imported only inside the adapter functions; ``import hepdask`` never imports it.
 
@@ -61,9 +63,9 @@ def epoch_steps(events: int, batch_size: int, replicas: int = 1, drop_remainder:
     """Steps one input pipeline makes from its *events* of an epoch.
 
     A step is one batch for each of the *replicas* the pipeline feeds: ``replicas *
-    batch_size`` events, split evenly among them. The last step of an epoch may be smaller
-    (left out with *drop_remainder*); it is left out as well when it holds fewer events than
-    there are replicas, since one of them would get an empty batch.
+    batch_size`` events, split equally among them. The last step of an epoch may be smaller
+    (left out with *drop_remainder*): it takes the largest multiple of *replicas* of the events
+    left, and is left out when they are fewer than the replicas.
     """
     full, tail = divmod(events, replicas * batch_size)
     return full + int(not drop_remainder and tail >= replicas)
@@ -129,13 +131,15 @@ class EpochPlan:
 
     @property
     def delivered(self) -> int:
-        """Events this shard delivers in an epoch: :attr:`shard_events`, less a last step that
-        would leave a replica without events (or any partial step, with ``drop_remainder``)."""
+        """Events this shard delivers in an epoch: :attr:`shard_events`, less what its last
+        step cannot split equally among the replicas (fewer than ``replicas`` events; any
+        partial step, with ``drop_remainder``)."""
         events = self.shard_events
         if not self.batch_size:
             return events
-        step = self.replicas * self.batch_size
-        return min(events, epoch_steps(events, self.batch_size, self.replicas, self.drop_remainder) * step)
+        full, tail = divmod(events, self.replicas * self.batch_size)
+        kept = 0 if self.drop_remainder else tail - tail % self.replicas
+        return full * self.replicas * self.batch_size + kept
 
     @property
     def steps(self) -> int:
@@ -401,8 +405,8 @@ def _check_names(where: str, name: str, value) -> tuple[str, ...]:
 
 
 def _split_among(tf, replicas: int):
-    """A ``flat_map`` function cutting each batch into *replicas* consecutive batches whose
-    sizes differ by at most one event (the planner leaves no step smaller than *replicas*)."""
+    """A ``flat_map`` function cutting each batch into *replicas* consecutive batches of equal
+    size (the planner's steps hold a multiple of *replicas* events)."""
 
     def split(*batch):
         size = tf.shape(batch[0], out_type=tf.int64)[0]

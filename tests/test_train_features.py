@@ -399,3 +399,16 @@ def test_a_model_with_nan_scores_is_refused_not_evaluated(train_store, tmp_path)
 
     with pytest.raises(TrainError, match=r"gives NaN or infinite scores for \d+ of \d+ test events"):
         predict(_config(train_store, tmp_path / "run"), nan_model, "test")
+
+
+def test_a_first_step_of_an_odd_number_of_events_trains_on_two_replicas(tf_two_cpus, client, tmp_path):
+    """A validation split of 51 events at a global batch of 64: its only step gave the two
+    replicas 25 and 26 events, and MirroredStrategy failed ('AddN must have the same size
+    and shape'). The step now leaves the odd event out."""
+    import zarr
+
+    odd = _small_store(client, tmp_path, "odd.zarr", {"train": 0.6, "val": 0.2125, "test": 0.1875}, mass=False)
+    sizes = {s: zarr.open_group(str(odd), mode="r")[s]["label"].shape[0] for s in ("train", "val", "test")}
+    assert sizes["val"] % 2 == 1 and sizes["val"] < 64, sizes
+    result = fit(_config(odd, tmp_path / "run", **{**QUICK, "data.steps_per_epoch": None}), verbose=0)
+    assert np.isfinite(result.history["val_loss"][0])
