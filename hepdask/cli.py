@@ -188,6 +188,11 @@ TF_NOTICES = ("All log messages before absl::InitializeLog() is called", "oneDNN
               # tf.distribute's multi-device iterator, once per iterator a training makes
               "Input of GeneratorDatasetOp::Dataset will not be optimized")
 
+#: TensorFlow's warnings that echo, with a Python traceback on the lines after, the error a
+#: failing step raises anyway (a damaged chunk: 150 lines); the filter drops them with their
+#: continuation lines. The error itself reaches the user (one line for a hepdask error).
+TF_ECHOES = ("Local rendezvous is aborting with status", "op_kernel.cc")
+
 #: How long the stderr filter may take to pass on the last lines once the import is done.
 FILTER_DRAIN_SECONDS = 5.0
 
@@ -197,10 +202,20 @@ FILTER_DRAIN_SECONDS = 5.0
 _STDERR_FILTER = """
 import re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # it ends when the pipe does
-notices = [n.encode() for n in sys.argv[1:]]
+cut = sys.argv.index("--")
+notices = [n.encode() for n in sys.argv[1:cut]]
+echoes = [n.encode() for n in sys.argv[cut + 1:]]
 severe = re.compile(rb"^[EF][0-9]{4} ")  # an error or a fatal line always passes
+logged = re.compile(rb"^[IWEF][0-9]{4} ")
+# what follows an echo: its Python traceback, TensorFlow's node lines
+traceback = re.compile(rb"^(\\s|$|Traceback |[\\w.]+(Error|Exception)\\b|The above exception|During handling)")
+echoing = False
 for line in sys.stdin.buffer:
-    if severe.match(line) or not any(n in line for n in notices):
+    if logged.match(line):
+        echoing = not severe.match(line) and any(e in line for e in echoes)
+    elif echoing and not traceback.match(line):
+        echoing = False
+    if not echoing and (severe.match(line) or not any(n in line for n in notices)):
         sys.stdout.buffer.write(line)
         sys.stdout.buffer.flush()
 """
@@ -224,7 +239,7 @@ def tensorflow_notices_filtered() -> Iterator[None]:
         return
     read, write = os.pipe()
     try:
-        filtering = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, *TF_NOTICES], stdin=read,
+        filtering = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, *TF_NOTICES, "--", *TF_ECHOES], stdin=read,
                                      stdout=saved, stderr=saved)
     except OSError:
         os.close(read)

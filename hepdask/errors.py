@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import re
 from collections.abc import Iterable
 
 #: ``errno`` of a write that a full or read-only file system refused (ENOSPC, EDQUOT, EFBIG,
@@ -64,6 +65,30 @@ class BuildError(HepdaskError, RuntimeError):
 
 class TrainError(HepdaskError, RuntimeError):
     """A training ran but its result cannot be evaluated (a model that gives NaN scores)."""
+
+
+def error_classes() -> dict[str, type[HepdaskError]]:
+    """Every class of the family, by name (those defined elsewhere too, once imported)."""
+    found: dict[str, type[HepdaskError]] = {}
+    todo: list[type[HepdaskError]] = [HepdaskError]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def carried_error(err: BaseException) -> HepdaskError | None:
+    """The hepdask error that *err* carries in its message, or None. TensorFlow reports an
+    exception raised inside a tf.data function (a chunk read) as its own error, with the
+    original's class name and message in its text."""
+    if isinstance(err, HepdaskError):
+        return None
+    classes = error_classes()
+    found = re.search(rf"\b({'|'.join(map(re.escape, classes))}): ([^\n]+)", str(err))
+    if found is None:
+        return None
+    return classes[found.group(1)](found.group(2).strip())
 
 
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import numpy as np
 
 from . import store, tfdata
 from .config import TrainConfig
-from .errors import ConfigError, StoreError, TrainError
+from .errors import ConfigError, StoreError, TrainError, carried_error
 
 log = logging.getLogger(__name__)
 
@@ -467,6 +469,24 @@ def fit(config: TrainConfig, *, verbose: int = 2) -> TrainResult:
     Everything that can be checked is checked before the output is touched: the store, the
     devices, the model against the images, the batch size against the replicas.
     """
+    with _carried_errors_raised():
+        return _fit(config, verbose)
+
+
+@contextmanager
+def _carried_errors_raised() -> Iterator[None]:
+    """A hepdask error raised inside the input pipeline (a damaged chunk) reaches the caller as
+    itself, not inside TensorFlow's error for the step that read it."""
+    try:
+        yield
+    except Exception as err:
+        carried = carried_error(err)
+        if carried is None:
+            raise
+        raise carried from err
+
+
+def _fit(config: TrainConfig, verbose: int) -> TrainResult:
     store.open_root(config.store)
     sizes = _check_store(config)
     output = Path(config.output)

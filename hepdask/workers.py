@@ -16,7 +16,7 @@ import socket
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import heap, malloc
-from .errors import FULL_DISK_ERRNOS
+from .errors import FULL_DISK_ERRNOS, error_classes
 
 
 class TunedMalloc(WorkerPlugin):
@@ -89,7 +89,7 @@ class _UserErrorFilter(logging.Filter):
         # distributed's worker logs (key, state, task, exception_text, traceback_text).
         args = record.args if isinstance(record.args, tuple) else ()
         exception = args[3] if len(args) > 3 and isinstance(args[3], str) else ""
-        return exception.split("(", 1)[0] not in _user_error_names() and not _FULL_DISK.match(exception)
+        return exception.split("(", 1)[0] not in error_classes() and not _FULL_DISK.match(exception)
 
 
 def _closing_pool(exc_info) -> bool:
@@ -105,14 +105,3 @@ CLOSING_POOL = "ConnectionPool closing"
 #: A write refused by a full or read-only file system (``errors.FULL_DISK_ERRNOS``), as
 #: distributed logs it (``repr`` of the exception): the client names where, in one line.
 _FULL_DISK = re.compile(rf"^\w*Error\(({'|'.join(map(str, sorted(FULL_DISK_ERRNOS)))}),")
-
-
-def _user_error_names() -> set[str]:
-    from . import errors
-
-    found, todo = set(), [errors.HepdaskError]
-    while todo:
-        cls = todo.pop()
-        found.add(cls.__name__)
-        todo.extend(cls.__subclasses__())
-    return found

@@ -167,6 +167,8 @@ with tensorflow_notices_filtered():
     imported = "tensorflow" in sys.modules
     os.write(2, b"W0000 dataset.cc:997] Input of GeneratorDatasetOp::Dataset will not be optimized because...\\n")
     print("Epoch 1/3", flush=True)
+    os.write(2, b"W0000 op_kernel.cc:1845] UNKNOWN: StoreError: chunk 3 is missing\\nTraceback (most recent call last):\\n"
+                b"  File x, line 1\\n\\nhepdask.errors.StoreError: chunk 3 is missing\\n\\t [[{{node PyFunc}}]]\\n")
     print("a warning of the training itself", file=sys.stderr)
 print("imported" if imported else "not imported", flush=True)
 print("after the training", file=sys.stderr)
@@ -184,6 +186,7 @@ def test_tensorflow_start_up_notices_are_filtered_and_nothing_else(tmp_path, bod
                          check=False)
     assert run.returncode == returncode, run.stderr
     assert "oneDNN custom operations" not in run.stderr and "GeneratorDatasetOp" not in run.stderr
+    assert "chunk 3" not in run.stderr and "Traceback" not in run.stderr  # an echo of the error, and its lines
     assert "E0000 a real problem" in run.stderr and "compiled to use AVX instructions" in run.stderr
     assert run.stdout.strip() == (f"Epoch 1/3\n{printed}" if printed else "")
     if printed:

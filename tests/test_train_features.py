@@ -412,3 +412,29 @@ def test_a_first_step_of_an_odd_number_of_events_trains_on_two_replicas(tf_two_c
     assert sizes["val"] % 2 == 1 and sizes["val"] < 64, sizes
     result = fit(_config(odd, tmp_path / "run", **{**QUICK, "data.steps_per_epoch": None}), verbose=0)
     assert np.isfinite(result.history["val_loss"][0])
+
+
+def test_a_damaged_chunk_stops_the_training_as_the_store_error_it_is(tf_two_cpus, store_copy, tmp_path):
+    """The reader's StoreError came wrapped in TensorFlow's UnknownError with 150 lines of
+    tracebacks; the CLI now prints its one line."""
+    from hepdask.errors import StoreError
+
+    for chunk in sorted((store_copy / "train" / "image" / "c").iterdir())[:1]:
+        for path in chunk.rglob("*"):
+            if path.is_file():
+                path.unlink()
+    with pytest.raises(StoreError, match=r"^chunk 0 of 'train/image' is missing \("):
+        fit(_config(store_copy, tmp_path / "run", **QUICK), verbose=0)
+
+
+def test_an_error_a_tensorflow_error_carries_is_found():
+    from hepdask.errors import StoreError, carried_error
+
+    text = ("Error in user-defined function passed to ParallelMapDatasetV2:66 transformation with iterator: "
+            "Iterator::Root: StoreError: chunk 3 of 'train/image' is missing (/s.zarr/train/image/c/3/0/0): "
+            "the store is damaged\nTraceback (most recent call last):\n\t [[{{node PyFuncStateless}}]]")
+    carried = carried_error(RuntimeError(text))
+    assert type(carried) is StoreError
+    assert str(carried) == "chunk 3 of 'train/image' is missing (/s.zarr/train/image/c/3/0/0): the store is damaged"
+    assert carried_error(RuntimeError("AddN must have the same size and shape")) is None
+    assert carried_error(StoreError("itself")) is None
