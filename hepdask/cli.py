@@ -25,6 +25,8 @@ EXIT_USER_ERROR = 2
 EXIT_VERIFY_FAILED = 1
 #: What a shell reports for a process stopped by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
+#: ``show --events`` at most: a row of the figure an event (1,000 made a PNG of 337,920 pixels' height).
+MAX_EVENTS_SHOWN = 64
 #: The build summary lists at most this many bad files (all are in the store manifest).
 BAD_FILES_SHOWN = 10
 
@@ -77,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("store")
     show.add_argument("--split", default="train", help="the split to plot (default: train)")
     show.add_argument("--image", default="image", help="image array: image or image_<name>")
-    show.add_argument("--events", type=int, default=6, help="how many events (spread over the labels)")
+    show.add_argument("--events", type=_events_shown, default=6,
+                      help=f"how many events (spread over the labels), 1 to {MAX_EVENTS_SHOWN}")
     show.add_argument("--dims", help="two image dims to show, e.g. pos_z,time (default: the first two)")
     show.add_argument("--output", help="PNG path (default: next to the store)")
 
@@ -298,7 +301,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from . import plots
+    from . import plots, store
     from .config import image_dim_prefix
     from .store import open_dataset
 
@@ -324,7 +327,9 @@ def _show(args: argparse.Namespace) -> int:
         msg = f"--dims takes two different dims of {args.image} ({dims}), got {wanted}"
         raise ConfigError(msg)
     with _reading(args.store):
-        picks = _spread_over_labels(ds.label.values, max(1, args.events))
+        for name in ("label", "sample", "entry", args.image):
+            store.require_chunks(args.store, f"{args.split}/{name}")
+        picks = _spread_over_labels(ds.label.values, args.events)
         rows = plots.store_rows(ds, args.image, chosen, picks)
         titles = [f"{ds.sample.values[i]} entry {int(ds.entry.values[i])}\nlabel {int(ds.label.values[i])}"
                   for i in picks]
@@ -480,6 +485,17 @@ PRELOAD = {"build-dataset": BUILD_STACK}
 
 COMMANDS = {"build-dataset": _build, "info": _info, "show": _show, "train": _train, "verify": _verify,
             "make-example-data": _example}
+
+
+def _events_shown(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_EVENTS_SHOWN:
+        msg = f"takes 1 to {MAX_EVENTS_SHOWN} events, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return n
 
 
 def main(argv: Sequence[str] | None = None) -> int:

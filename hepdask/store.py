@@ -1263,6 +1263,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
     for split in attrs.get(PREFIX + "splits", []):
         group = root[split]
         image = group["image"]
+        require_chunks(path, f"{split}/label")
         labels = group["label"][:]
         values, counts = np.unique(labels, return_counts=True)
         info["splits"][split] = {
@@ -1381,6 +1382,17 @@ def _chunk_keys(array) -> dict[tuple[int, ...], str]:
     encoding = array.metadata.chunk_key_encoding
     grid = [-(-n // c) for n, c in zip(array.shape, array.chunks)]
     return {coords: f"{array.path}/{encoding.encode_chunk_key(coords)}" for coords in np.ndindex(*grid)}
+
+
+def require_chunks(path: str | Path, name: str) -> None:
+    """Refuse to read array *name* (``split/array``) of a store with chunk files missing:
+    zarr would read them back as the fill value, without a word."""
+    array = open_root(path)[name]
+    missing = _missing_chunks(Path(path), array)
+    if missing:
+        msg = (f"store {str(path)!r}: {len(missing)} chunk(s) of {name!r} missing, e.g. {missing[0]}: the store is "
+               f"damaged; 'hepdask verify {path}' lists what else is")
+        raise StoreError(msg)
 
 
 def _missing_chunks(path: Path, array) -> list[str]:

@@ -439,6 +439,27 @@ def test_verify_decodes_every_chunk_and_readers_name_the_damage(sound_store, cap
         assert err.startswith("hepdask: error: store") and "hepdask verify" in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize(("array", "command"), [("label", "info"), ("label", "show"), ("image", "show")])
+def test_info_and_show_refuse_a_missing_chunk_instead_of_reading_fill_values(sound_store, capsys, array, command):
+    """zarr reads a missing chunk as its fill value: info counted every train label as 0, and
+    show drew blank images, both with exit status 0."""
+    _first_chunk(sound_store / "train" / array / "c").unlink()
+    args = [command, str(sound_store)] + (["--output", str(sound_store.parent / "s.png")] if command == "show" else [])
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"1 chunk(s) of 'train/{array}' missing, e.g. train/{array}/c/" in err and len(err.splitlines()) == 1, err
+    assert not (sound_store.parent / "s.png").exists()
+
+
+@pytest.mark.parametrize("events", ["0", "65", "many"])
+def test_show_takes_a_sane_number_of_events(sound_store, capsys, events):
+    """--events 0 showed one event, and 100,000 made a PNG 337,920 pixels high."""
+    with pytest.raises(SystemExit) as stop:
+        cli(["show", str(sound_store), "--events", events])
+    assert stop.value.code == 2
+    assert f"takes 1 to 64 events, got '{events}'" in capsys.readouterr().err
+
+
 def test_verify_recomputes_the_config_hash_but_not_under_rules_the_store_predates(sound_store, capsys):
     _edit_json(sound_store / "zarr.json", lambda m: m["attributes"].update({"hepdask:config_hash": "0" * 64}))
     assert "hepdask:config_hash does not match hepdask:config" in _verify_cli(sound_store, capsys)
