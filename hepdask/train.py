@@ -262,7 +262,12 @@ def _check_store(config: TrainConfig) -> dict[str, int]:
     a test split that cannot be evaluated and extra inputs that are not finite, before
     anything trains."""
     sizes = {}
-    for split in ("train", "val", "test"):
+    splits = store.split_names(store.open_root(config.store))
+    if not set(TRAIN_SPLITS) <= set(splits):
+        msg = (f"store {config.store!r}: hepdask train reads the splits {', '.join(TRAIN_SPLITS)}, and this store "
+               f"has {', '.join(splits)}; build it with output.split: {{train: ..., val: ..., test: ...}}")
+        raise StoreError(msg)
+    for split in TRAIN_SPLITS:
         source = tfdata.SplitSource.open(config.store, split, (*config.data.fields, *config.data.extra_inputs))
         sizes[split] = source.n_events
     if sizes["train"] == 0:
@@ -336,6 +341,9 @@ class TrainResult:
     metrics: dict[str, Any]
     replicas: int
 
+
+#: The splits a training reads: it trains on the first, validates on the second, evaluates on the third.
+TRAIN_SPLITS = ("train", "val", "test")
 
 #: The run's hash (``run_hash``), for a rerun to know what it would resume.
 RECORD = "train-record.json"

@@ -438,3 +438,12 @@ def test_an_error_a_tensorflow_error_carries_is_found():
     assert str(carried) == "chunk 3 of 'train/image' is missing (/s.zarr/train/image/c/3/0/0): the store is damaged"
     assert carried_error(RuntimeError("AddN must have the same size and shape")) is None
     assert carried_error(StoreError("itself")) is None
+
+
+def test_a_store_without_the_three_training_splits_is_refused_with_the_fix(tf_two_cpus, client, tmp_path):
+    from hepdask.errors import StoreError
+
+    two = _small_store(client, tmp_path, "two.zarr", {"training": 0.8, "validation": 0.2}, mass=False)
+    with pytest.raises(StoreError, match=r"reads the splits train, val, test, and this store has training, "
+                                         r"validation; build it with output.split: \{train: \.\.\., val"):
+        fit(_config(two, tmp_path / "run", **QUICK), verbose=0)
