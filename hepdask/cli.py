@@ -392,7 +392,8 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence]):
 
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
+        # Folded, not cut with an ellipsis: two bad files' paths cut to one prefix read alike.
+        table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
     for row in rows:
         table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row))
     return table

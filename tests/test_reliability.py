@@ -852,3 +852,23 @@ def test_a_lock_file_is_readable_by_every_user_whatever_the_umask(tmp_path):
             assert store.lock_path(out).stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(previous)
+
+
+def test_a_table_on_a_narrow_terminal_folds_file_paths_instead_of_cutting_them():
+    """On 80 columns two bad files' paths were both cut to '/tmp/.../signal_0000…'."""
+    import io
+
+    from hepdask.cli import _table
+
+    paths = [f"/data/users/physicist/run-2026/a-long-directory-name/signal_{i:04d}.root" for i in (7, 8)]
+    out = io.StringIO()
+    Console(file=out, width=60).print(_table("bad files", ["sample", "file", "error"],
+                                             [("signal", p, "OSError: truncated") for p in paths]))
+    text = out.getvalue()
+    assert "…" not in text
+
+    def folded_in(path: str, text: str) -> bool:  # every character, in order, across the lines
+        rest = iter(text)
+        return all(c in rest for c in path)
+
+    assert all(folded_in(p, text) for p in paths)
