@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
@@ -158,15 +159,40 @@ def _build(args: argparse.Namespace) -> int:
             raise ConfigError(msg)
         print(job_script(config.cluster, slurm_log_directory(config)))
         return 0
-    report = build_dataset(config, dry_run=args.dry_run, progress=not args.no_progress and not args.json,
-                           console=messages)
-    if args.json:
-        print(json.dumps(report.plan | report.to_dict() if args.dry_run else report.to_dict(), indent=2))
-    elif args.dry_run:
-        print_plan(config, report, console)
-    else:
-        print_build(report, console)
+    started = time.time()
+    try:
+        report = build_dataset(config, dry_run=args.dry_run, progress=not args.no_progress and not args.json,
+                               console=messages)
+        if args.json:
+            print(json.dumps(report.plan | report.to_dict() if args.dry_run else report.to_dict(), indent=2))
+        elif args.dry_run:
+            print_plan(config, report, console)
+        else:
+            print_build(report, console)
+    except KeyboardInterrupt:
+        # After the store's last write (closing the cluster, printing the summary) there is
+        # nothing to resume: say so, not "run the same command to resume".
+        if args.dry_run or not _finished_since(config.output.path, started):
+            raise
+        print(f"hepdask: interrupted after the build had finished: {config.output.path} is complete",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
+
+
+def _finished_since(path: str, started: float) -> bool:
+    """Whether the store at *path* is complete and was finished after *started* (a time)."""
+    from datetime import datetime
+
+    from . import store
+
+    if not store.is_complete(path):
+        return False
+    created = store.open_root(path).attrs.get(store.PREFIX + "created")
+    try:
+        return datetime.fromisoformat(created).timestamp() >= int(started)
+    except (TypeError, ValueError):
+        return False
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -670,6 +670,29 @@ def test_ctrl_c_stops_a_build_in_this_process_at_once_with_one_line(ldmx_data, t
     assert err.strip() == "hepdask: interrupted; the new store is not finalised: run the same command to resume"
 
 
+@pytest.mark.parametrize("finished", [True, False], ids=["after-the-last-write", "before"])
+def test_ctrl_c_after_the_store_is_finished_does_not_ask_for_a_resume(ldmx_data, client, tmp_path, monkeypatch,
+                                                                       capsys, finished):
+    """A Ctrl-C while the cluster closed or the summary printed said 'not finalised: run the
+    same command to resume' of a complete store, which that command then refused to replace."""
+    data, _ = ldmx_data
+    path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "o.zarr"))
+    plain = build.build_dataset
+
+    def interrupted(config, **kwargs):
+        if finished:
+            plain(config, client=client, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "build_dataset", interrupted)
+    assert cli(["build-dataset", str(path), "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the dashboard's link, if any
+    if finished:
+        assert err == f"hepdask: interrupted after the build had finished: {tmp_path / 'o.zarr'} is complete"
+    else:
+        assert err.endswith("the new store is not finalised: run the same command to resume")
+
+
 def test_ctrl_c_while_the_command_imports_is_one_line(monkeypatch, capsys):
     """The console script imports the build stack first (seconds on a loaded login node);
     a Ctrl-C there printed a 45-line traceback of importlib and zarr."""
