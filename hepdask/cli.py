@@ -186,12 +186,10 @@ def _finished_since(path: str, started: float) -> bool:
 
     from . import store
 
-    if not store.is_complete(path):
-        return False
-    created = store.open_root(path).attrs.get(store.PREFIX + "created")
-    try:
+    try:  # open_root refuses a store that is missing or incomplete
+        created = store.open_root(path).attrs.get(store.PREFIX + "created")
         return datetime.fromisoformat(created).timestamp() >= int(started)
-    except (TypeError, ValueError):
+    except (StoreError, TypeError, ValueError):
         return False
 
 
@@ -353,8 +351,9 @@ def _show(args: argparse.Namespace) -> int:
         msg = f"--dims takes two different dims of {args.image} ({dims}), got {wanted}"
         raise ConfigError(msg)
     with _reading(args.store):
+        group = store.open_split(args.store, args.split)
         for name in ("label", "sample", "entry", args.image):
-            store.require_chunks(args.store, f"{args.split}/{name}")
+            store.require_chunks(args.store, group[name])
         picks = _spread_over_labels(ds.label.values, args.events)
         rows = plots.store_rows(ds, args.image, chosen, picks)
         titles = [f"{ds.sample.values[i]} entry {int(ds.entry.values[i])}\nlabel {int(ds.label.values[i])}"

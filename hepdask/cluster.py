@@ -295,9 +295,8 @@ def _start_local(spec: Cluster, security, *, n_workers: int, threads_per_worker:
     # A worker in this process talks to the scheduler over inproc:// (no host, no port)
     # unless TLS is asked for.
     network = {"host": "127.0.0.1"} if processes or security is not None else {}
-    interrupted = threading.Event()
     try:
-        with _sigint_deferred(processes, interrupted), warnings.catch_warnings():
+        with _sigint_deferred(processes) as interrupted, warnings.catch_warnings():
             # Another cluster on the dashboard's port: Dask takes a free port and warns in
             # three lines; the link printed next names the port it took.
             warnings.filterwarnings("ignore", message=PORT_IN_USE, category=UserWarning)
@@ -342,19 +341,20 @@ def _users_script() -> bool:
 
 
 @contextmanager
-def _sigint_deferred(spawning: bool, interrupted: threading.Event) -> Iterator[None]:
+def _sigint_deferred(spawning: bool) -> Iterator[threading.Event]:
     """Start worker processes that never see SIGINT, and hold a Ctrl-C back until they run.
 
     Ctrl-C in a terminal reaches the whole process group, and each worker printed its own
     tracebacks (about 35 lines) before the build's one line; the client stops the build and
     closes the workers. SIGINT is blocked in this thread while the cluster starts: the
     threads made meanwhile (the cluster's event loop, the ones that spawn the workers) and
-    the worker processes inherit the blocked signal. A Ctrl-C in that window sets
-    *interrupted* (the caller closes the new cluster and raises KeyboardInterrupt) instead of
+    the worker processes inherit the blocked signal. A Ctrl-C in that window sets the event
+    this yields (the caller closes the new cluster and raises KeyboardInterrupt) instead of
     stopping the start half-way or being lost."""
+    interrupted = threading.Event()
     if (not spawning or not hasattr(signal, "pthread_sigmask")
             or threading.current_thread() is not threading.main_thread()):
-        yield
+        yield interrupted
         return
 
     def record(signum, frame) -> None:
@@ -368,7 +368,7 @@ def _sigint_deferred(spawning: bool, interrupted: threading.Event) -> Iterator[N
     previous = signal.signal(signal.SIGINT, record)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        yield
+        yield interrupted
     finally:
         # Unblocked first, so that a SIGINT pending on this thread still reaches *record*.
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -1263,7 +1263,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
     for split in attrs.get(PREFIX + "splits", []):
         group = root[split]
         image = group["image"]
-        require_chunks(path, f"{split}/label")
+        require_chunks(path, group["label"])
         labels = group["label"][:]
         values, counts = np.unique(labels, return_counts=True)
         info["splits"][split] = {
@@ -1384,14 +1384,13 @@ def _chunk_keys(array) -> dict[tuple[int, ...], str]:
     return {coords: f"{array.path}/{encoding.encode_chunk_key(coords)}" for coords in np.ndindex(*grid)}
 
 
-def require_chunks(path: str | Path, name: str) -> None:
-    """Refuse to read array *name* (``split/array``) of a store with chunk files missing:
-    zarr would read them back as the fill value, without a word."""
-    array = open_root(path)[name]
+def require_chunks(path: str | Path, array) -> None:
+    """Refuse to read *array* of the store at *path* with chunk files missing: zarr would
+    read them back as the fill value, without a word."""
     missing = _missing_chunks(Path(path), array)
     if missing:
-        msg = (f"store {str(path)!r}: {len(missing)} chunk(s) of {name!r} missing, e.g. {missing[0]}: the store is "
-               f"damaged; 'hepdask verify {path}' lists what else is")
+        msg = (f"store {str(path)!r}: {len(missing)} chunk(s) of {array.path!r} missing, e.g. {missing[0]}: the "
+               f"store is damaged; 'hepdask verify {path}' lists what else is")
         raise StoreError(msg)
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,7 +260,8 @@ def _check_store(config: TrainConfig) -> dict[str, int]:
     a test split that cannot be evaluated and extra inputs that are not finite, before
     anything trains."""
     sizes = {}
-    splits = store.split_names(store.open_root(config.store))
+    root = store.open_root(config.store)
+    splits = store.split_names(root)
     if not set(TRAIN_SPLITS) <= set(splits):
         msg = (f"store {config.store!r}: hepdask train reads the splits {', '.join(TRAIN_SPLITS)}, and this store "
                f"has {', '.join(splits)}; build it with output.split: {{train: ..., val: ..., test: ...}}")
@@ -273,7 +272,6 @@ def _check_store(config: TrainConfig) -> dict[str, int]:
     if sizes["train"] == 0:
         msg = f"store {config.store!r}: the train split is empty"
         raise StoreError(msg)
-    root = store.open_root(config.store)
     _check_labels(config, root, sizes)
     _check_extra_inputs(config, root, sizes)
     return sizes
@@ -367,7 +365,7 @@ def run_hash(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_output(config: TrainConfig, output: Path) -> int:
+def _prepare_output(config: TrainConfig, output: Path, inputs: dict[str, Any]) -> int:
     """Make room for the run; return the epochs an interrupted run of the same config has
     finished (0 for a new run), which it resumes from its backup.
 
@@ -419,8 +417,8 @@ def _prepare_output(config: TrainConfig, output: Path) -> int:
             else:
                 path.unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
-    (output / RECORD).write_text(json.dumps({"run_hash": digest, "store": config.store,
-                                             "inputs": model_inputs(config)}, indent=1))
+    (output / RECORD).write_text(json.dumps({"run_hash": digest, "store": config.store, "inputs": inputs},
+                                            indent=1))
     return 0
 
 
@@ -477,17 +475,11 @@ def fit(config: TrainConfig, *, verbose: int = 2) -> TrainResult:
     Everything that can be checked is checked before the output is touched: the store, the
     devices, the model against the images, the batch size against the replicas.
     """
-    with _carried_errors_raised():
-        return _fit(config, verbose)
-
-
-@contextmanager
-def _carried_errors_raised() -> Iterator[None]:
-    """A hepdask error raised inside the input pipeline (a damaged chunk) reaches the caller as
-    itself, not inside TensorFlow's error for the step that read it."""
     try:
-        yield
+        return _fit(config, verbose)
     except Exception as err:
+        # A hepdask error raised inside the input pipeline (a damaged chunk) reaches the
+        # caller as itself, not inside TensorFlow's error for the step that read it.
         carried = carried_error(err)
         if carried is None:
             raise
@@ -495,7 +487,6 @@ def _carried_errors_raised() -> Iterator[None]:
 
 
 def _fit(config: TrainConfig, verbose: int) -> TrainResult:
-    store.open_root(config.store)
     sizes = _check_store(config)
     output = Path(config.output)
 
@@ -521,7 +512,8 @@ def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: 
     import keras
 
     replicas = strategy.num_replicas_in_sync
-    finished_epochs = _prepare_output(config, output)
+    inputs = model_inputs(config)  # divide_by_max's maximum may take a pass over the train split
+    finished_epochs = _prepare_output(config, output, inputs)
     if finished_epochs:
         log.info("resuming %s after %d finished epoch(s)", output, finished_epochs)
     # Both inputs repeat, batched one planner epoch at a time, and each Keras epoch takes
@@ -553,7 +545,7 @@ def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: 
     metrics = evaluate(config, model)
     metrics["replicas"] = replicas
     metrics["train_events"], metrics["val_events"] = sizes["train"], sizes["val"]
-    metrics["inputs"] = model_inputs(config)
+    metrics["inputs"] = inputs
     full_history = _read_history(output / "history.csv") or {k: list(map(float, v)) for k, v in history.history.items()}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot(output, full_history, metrics)
