@@ -315,6 +315,8 @@ def _train(args: argparse.Namespace) -> int:
         result = fit(config, verbose=1 if sys.stdout.isatty() else 2)
     m = result.metrics
     print(f"trained {config.model.name} on {result.replicas} replica(s); outputs in {result.output}")
+    print(f"evaluated {m['model']} (epoch {m['epoch']} of {len(next(iter(result.history.values()), []))}, "
+          f"by {m['monitor']}; fit.evaluate={config.fit.evaluate})")
     if "auc" in m:
         print(f"test: AUC {m['auc']:.3f}, accuracy {m['accuracy_at_best_threshold']:.3f} at threshold "
               f"{m['best_threshold']:.3f} chosen on {m['threshold_split']} (signal acceptance {m['signal_acceptance']:.3f}, "

@@ -991,8 +991,12 @@ class Model(_Model):
 
 
 class Fit(_Model):
+    """``evaluate``: which weights the test metrics are of: ``best`` (the epoch with the lowest
+    validation loss, saved as best.keras; the training loss without a val split) or ``last``."""
+
     epochs: Annotated[int, Field(gt=0)] = 5
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    evaluate: Literal["best", "last"] = "best"
 
 
 class Strategy(_Model):

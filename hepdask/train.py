@@ -542,33 +542,54 @@ def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: 
     history = model.fit(train, epochs=config.fit.epochs, steps_per_epoch=steps, validation_data=val,
                         validation_steps=val_steps or None, callbacks=callbacks, verbose=verbose, shuffle=False)
     model.save(output / "model.keras")
-    metrics = evaluate(config, model)
+    full_history = _read_history(output / "history.csv") or {k: list(map(float, v)) for k, v in history.history.items()}
+    evaluated = _evaluated_weights(config, model, output, full_history, monitor)
+    metrics = {**evaluated, **evaluate(config, model, evaluated["model"])}
     metrics["replicas"] = replicas
     metrics["train_events"], metrics["val_events"] = sizes["train"], sizes["val"]
     metrics["inputs"] = inputs
-    full_history = _read_history(output / "history.csv") or {k: list(map(float, v)) for k, v in history.history.items()}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot(output, full_history, metrics)
     shutil.rmtree(output / BACKUP, ignore_errors=True)
     return TrainResult(output, full_history, metrics, replicas)
 
 
-def evaluate(config: TrainConfig, model) -> dict[str, Any]:
-    """Metrics of *model* (the last epoch's weights) on the test split, every test event
-    once, in store order. A binary model's working point is the threshold that minimises
+def _evaluated_weights(config: TrainConfig, model, output: Path, history: dict[str, list[float]],
+                       monitor: str) -> dict[str, Any]:
+    """Give *model* the weights ``fit.evaluate`` asks for and say which they are: best.keras's
+    (the epoch of lowest *monitor*; a resumed run's history covers every epoch) or the last
+    epoch's, which it already holds."""
+    epochs = len(next(iter(history.values()), []))
+    record: dict[str, Any] = {"model": "model.keras", "epoch": epochs, "monitor": monitor}
+    values = np.asarray(history.get(monitor, []), np.float64)
+    best = output / "best.keras"
+    if config.fit.evaluate == "last":
+        return record
+    if not best.exists() or not np.isfinite(values).any():
+        log.warning("no epoch had a finite %s, so best.keras was not written: evaluating the last epoch's "
+                    "weights (model.keras)", monitor)
+        return record
+    model.load_weights(best)
+    # ModelCheckpoint saves on a strict improvement, so the first of equal minima is the one saved.
+    return {**record, "model": "best.keras", "epoch": int(np.nanargmin(values)) + 1}
+
+
+def evaluate(config: TrainConfig, model, name: str = "model.keras") -> dict[str, Any]:
+    """Metrics of *model* (saved as *name*) on the test split, every test event once, in
+    store order. A binary model's working point is the threshold that minimises
     misclassification of the validation split, so that the test figures at it are not tuned
     on the test events; without validation events, of the test split itself."""
-    labels, scores = predict(config, model, "test")
+    labels, scores = predict(config, model, "test", name)
     if config.model.classes != 2:
-        return {"model": "model.keras", **multiclass_metrics(labels, scores)}
+        return {"model": name, **multiclass_metrics(labels, scores)}
     threshold, chosen_on = None, "test"
-    val_labels, val_scores = predict(config, model, "val")
+    val_labels, val_scores = predict(config, model, "val", name)
     if val_labels.size and np.unique(val_labels).size == 2:
         threshold, chosen_on = binary_metrics(val_labels, val_scores[:, 0])["best_threshold"], "val"
-    return {"model": "model.keras", **binary_metrics(labels, scores[:, 0], threshold), "threshold_split": chosen_on}
+    return {"model": name, **binary_metrics(labels, scores[:, 0], threshold), "threshold_split": chosen_on}
 
 
-def predict(config: TrainConfig, model, split: str) -> tuple[np.ndarray, np.ndarray]:
+def predict(config: TrainConfig, model, split: str, name: str = "model.keras") -> tuple[np.ndarray, np.ndarray]:
     """Labels and scores of every event of *split*, in store order; non-finite scores are
     refused (a model whose weights went NaN)."""
     labels, scores = [], []
@@ -581,7 +602,7 @@ def predict(config: TrainConfig, model, split: str) -> tuple[np.ndarray, np.ndar
     if bad:
         msg = (f"{config.output}: the trained model gives NaN or infinite scores for {bad} of {len(scores_array)} "
                f"{split} events (its weights are not finite: history.csv shows where the loss diverged); "
-               "model.keras is saved, the metrics are not")
+               f"{name} is saved, the metrics are not")
         raise TrainError(msg)
     return labels_array, scores_array
 

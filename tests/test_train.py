@@ -76,7 +76,15 @@ def test_training_on_two_replicas_learns_and_writes_its_outputs(tf_two_cpus, tra
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["auc"] > 0.7
     assert metrics["events"] == sum(sum(row) for row in metrics["confusion_matrix"]["values"])
-    assert metrics["threshold_split"] == "val" and metrics["model"] == "model.keras"
+    assert metrics["threshold_split"] == "val" and metrics["model"] == "best.keras"
+    assert metrics["epoch"] == int(np.argmin(result.history["val_loss"])) + 1
+    # The figures are best.keras's: its own scores of the test split give the same AUC.
+    import keras
+
+    from hepdask.train import predict
+
+    labels, scores = predict(_config(train_store, tmp_path / "run"), keras.models.load_model(tmp_path / "run" / "best.keras"), "test")
+    assert metrics["auc"] == pytest.approx(_rank_auc(labels, scores[:, 0]), abs=1e-9)
     assert metrics["inputs"]["transforms"] == ["log1p", "add_channel_axis"]
     assert not (tmp_path / "run" / "backup").exists()  # BackupAndRestore removes it after a finished fit
 
@@ -204,3 +212,38 @@ def test_a_working_point_chosen_elsewhere_is_applied_not_retuned():
     assert m["confusion_matrix"]["values"] == [[3, 0], [2, 2]]
     assert m["accuracy_at_best_threshold"] == pytest.approx(5 / 7)
     assert m["auc"] == binary_metrics(labels, scores)["auc"]
+
+
+def _rank_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The Mann-Whitney AUC (ties count half), computed apart from hepdask's ROC."""
+    signal, background = scores[labels == 1], scores[labels == 0]
+    wins = (signal[:, None] > background[None, :]).sum() + 0.5 * (signal[:, None] == background[None, :]).sum()
+    return float(wins / (signal.size * background.size))
+
+
+class _Weights:
+    """A stand-in model that records which weights it was given."""
+
+    def __init__(self):
+        self.loaded = []
+
+    def load_weights(self, path):
+        self.loaded.append(Path(path).name)
+
+
+@pytest.mark.parametrize(("evaluate", "best_written", "history", "expected"), [
+    ("best", True, {"val_loss": [0.5, 0.3, 0.3, 0.4]}, ("best.keras", 2, ["best.keras"])),
+    ("last", True, {"val_loss": [0.5, 0.3, 0.4]}, ("model.keras", 3, [])),
+    ("best", False, {"val_loss": [float("nan")] * 2}, ("model.keras", 2, [])),
+])
+def test_the_metrics_are_of_the_weights_fit_evaluate_names(tmp_path, evaluate, best_written, history, expected):
+    """best.keras holds the first epoch of lowest val_loss (ModelCheckpoint saves on a strict
+    improvement); a run in which no epoch had a finite loss has none, and the last is used."""
+    from hepdask.train import _evaluated_weights
+
+    if best_written:
+        (tmp_path / "best.keras").write_bytes(b"")
+    model = _Weights()
+    record = _evaluated_weights(_config("s.zarr", tmp_path, **{"fit.evaluate": evaluate}), model, tmp_path,
+                                {"loss": [1.0] * len(history["val_loss"]), **history}, "val_loss")
+    assert (record["model"], record["epoch"], model.loaded) == expected
