@@ -1216,13 +1216,17 @@ def open_root(path: str | Path, *, require_complete: bool = True):
         msg = f"{path} is not a hepdask Zarr store ({err})"
         raise StoreError(msg) from None
     if require_complete and not root.attrs.get(COMPLETE, False):
-        if not any(key.startswith(PREFIX) for key in root.attrs) and is_hepdask_store(path.parent):
-            msg = (f"{str(path)!r} is the group {path.name!r} inside the store {str(path.parent)!r}: "
-                   f"give the store's path (and the split, {path.name!r}, on its own)")
-            raise StoreError(msg)
+        _refuse_a_group_inside(path, root)
         msg = f"store {str(path)!r} is incomplete (no {COMPLETE!r} marker): its build did not finish"
         raise StoreError(msg)
     return root
+
+
+def _refuse_a_group_inside(path: Path, root) -> None:
+    """A split's group (``STORE/train``) given where a store's path is asked for."""
+    if not any(key.startswith(PREFIX) for key in root.attrs) and is_hepdask_store(path.parent):
+        msg = f"{str(path)!r} is the group {path.name!r} inside the store {str(path.parent)!r}: give the store's path"
+        raise StoreError(msg)
 
 
 def split_names(root) -> list[str]:
@@ -1305,13 +1309,15 @@ def verify(path: str | Path, *, decode: bool = True) -> list[str]:
     (a truncated or overwritten one would fail every reader); leftover temporary files
     (zarr's ``*.partial``; a staging area beside a store that is not complete); metadata
     that no longer matches the arrays. A staging area beside a complete store is an
-    interrupted replacement (``staging_note``), not a fault of the store.
+    interrupted replacement (``staging_note``), not a fault of the store. A path that is no
+    store to check (missing, or a split's group inside one) raises ``StoreError``.
     """
     path = Path(path)
     if not path.exists():
         staging = staging_path(path)
-        return [f"{path} does not exist" + (f" (an interrupted build's staging area is there: {staging})"
-                                           if staging.exists() else "")]
+        msg = f"store {str(path)!r} does not exist" + (
+            f" (an interrupted build's staging area is there: {staging})" if staging.exists() else "")
+        raise StoreError(msg)
     problems: list[str] = []
     leftovers = sorted(str(p.relative_to(path)) for p in path.rglob("*.partial"))
     if leftovers:
@@ -1322,6 +1328,7 @@ def verify(path: str | Path, *, decode: bool = True) -> list[str]:
         return [*problems, f"{path} is not a Zarr v3 group ({err})"]
     attrs = dict(root.attrs)
     if not attrs.get(COMPLETE, False):
+        _refuse_a_group_inside(path, root)
         problems.append(f"no {COMPLETE!r} marker: the build did not finish")
         if staging_path(path).exists():
             problems.append(f"staging area {staging_path(path)} is still there (an interrupted or failed build)")

@@ -409,6 +409,15 @@ def test_verify_catches_a_missing_marker(sound_store, capsys):
     assert cli(["info", str(sound_store)]) == 2
 
 
+def test_verify_refuses_what_is_no_store_to_check_as_a_user_error(sound_store, tmp_path, capsys):
+    """Exit 1 says a store is damaged; a wrong path is the command's error (2), in one line."""
+    for path, says in [(tmp_path / "typo.zarr", "does not exist"),
+                       (sound_store / "train", "is the group 'train' inside the store")]:
+        assert cli(["verify", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and says in captured.err and len(captured.err.splitlines()) == 1
+
+
 def test_verify_catches_a_missing_chunk(sound_store, capsys):
     chunk = next((sound_store / "train" / "image" / "c").rglob("*"))
     while chunk.is_dir():
