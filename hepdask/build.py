@@ -80,7 +80,7 @@ class Bar:
         if enabled and console is None:  # progress is not output: stderr, as the CLI does
             from rich.console import Console
 
-            console = Console(stderr=True)
+            console = Console(stderr=True, soft_wrap=True)
         self.enabled = enabled
         self.console = console
         self._progress = None
@@ -100,16 +100,20 @@ class Bar:
             )
 
     def __enter__(self) -> Bar:
-        if self._progress is not None:
-            self._progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._progress.live.is_started:
             self._progress.stop()
 
     def add(self, description: str, total: int):
-        return self._progress.add_task(description, total=total) if self._progress else None
+        """A new bar; the display starts with the first (without a terminal, rich prints the
+        final display when it stops: a build refused before any bar left a blank line)."""
+        if self._progress is None:
+            return None
+        if not self._progress.live.is_started:
+            self._progress.start()
+        return self._progress.add_task(description, total=total)
 
     def advance(self, task, n: int = 1) -> None:
         if self._progress is not None and task is not None:

@@ -139,6 +139,12 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _console(console_class, *, stderr: bool = False):
+    """A rich console whose sentences are not broken at 80 columns when the output is a log
+    file or a pipe (tables still fit the width)."""
+    return console_class(stderr=stderr, soft_wrap=True)
+
+
 def _build(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -147,8 +153,8 @@ def _build(args: argparse.Namespace) -> int:
 
     # Progress and messages go to stderr, so that stdout holds only the result (the summary,
     # the plan, or with --json a JSON document that a pipe can parse).
-    messages = Console(stderr=True)
-    console = Console()
+    messages = _console(Console, stderr=True)
+    console = _console(Console)
     config = load(args.config, _flag_overrides(args))
     if args.print_job_script:
         from .build import slurm_log_directory
@@ -203,7 +209,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
-        print_info(info, Console())
+        print_info(info, _console(Console))
     return 0
 
 

@@ -498,3 +498,24 @@ def test_workers_leave_full_disk_and_hepdask_errors_to_the_client_and_log_the_re
     assert not logged(hepdask.errors.BranchError("late.root: no branch"))
     assert logged(OSError(errno.ENOENT, "No such file"))
     assert logged(ValueError("a bug"))
+
+
+def test_a_log_file_gets_no_blank_line_from_an_unused_progress_bar_and_unbroken_sentences(capsys):
+    """Without a terminal rich prints the final progress display when it stops: a build refused
+    before any bar left an empty line before its error. And a sentence in a log stays one line."""
+    from rich.console import Console
+
+    from hepdask.build import Bar
+    from hepdask.cli import _console
+
+    unused = io.StringIO()
+    with Bar(enabled=True, console=Console(file=unused)):
+        pass
+    assert unused.getvalue() == ""
+    used = io.StringIO()
+    with Bar(enabled=True, console=Console(file=used)) as bar:
+        bar.advance(bar.add("read + bin", 2), 2)
+    assert "read + bin" in used.getvalue() and "2/2" in used.getvalue()
+    sentence = "wrote 1,000,000 events to " + "/a/long/path" * 8 + "/store.zarr in 12.5 s (80,000 events/s read)"
+    _console(Console).print(sentence)
+    assert capsys.readouterr().out == sentence + "\n"
