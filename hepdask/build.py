@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -491,6 +491,26 @@ def _generate_examples(config: Config, missing: dict[str, int], progress: Callab
                           events_per_file=gen.events_per_file, seed=gen.seed, progress=progress)
 
 
+def _without_extra_examples(config: Config, partitions: list[sources.Partition], bar: Bar) -> list[sources.Partition]:
+    """A sample with a ``generate:`` block holds the first ``n_files`` example files: those
+    its ``files`` pattern also matches from a run that generated more are left out, and said so."""
+    extra: set[str] = set()
+    for sample in config.samples:
+        gen = sample.generate
+        if gen is None:
+            continue
+        paths = [p.file for p in partitions if p.sample == sample.name]
+        left_out = examples.beyond(paths, gen.directory, signal=gen.signal, n_files=gen.n_files)
+        if left_out:
+            bar.print(f"sample {sample.name!r}: {len(left_out)} example file(s) in {gen.directory} beyond "
+                      f"generate.n_files={gen.n_files} left out (from a run that generated more)")
+        extra |= left_out
+    if not extra:
+        return partitions
+    kept = [p for p in partitions if p.file not in extra]
+    return [replace(p, index=i) for i, p in enumerate(kept)]
+
+
 #: Under ``on_bad_file: skip``, the probe tries up to this many files of a sample.
 PROBE_FILES = 10
 
@@ -621,6 +641,7 @@ def build_dataset(
         partitions = sources.plan(
             [(s.name, s.label, s.files) for s in config.samples if s.name not in pending], must_exist=not skip,
         )
+        partitions = _without_extra_examples(config, partitions, bar)
         first_entries = probe(config, partitions)
         if config.read.entries_per_partition and len(partitions) == 1:
             # The probe opened the only file: its entry ranges are known without another open.

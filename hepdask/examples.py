@@ -87,6 +87,16 @@ def file_paths(directory: str | os.PathLike, *, signal: bool, n_files: int) -> l
     return [Path(directory) / f"{_prefix(signal)}_{i:05d}.root" for i in range(n_files)]
 
 
+def beyond(paths: list[str], directory: str | os.PathLike, *, signal: bool, n_files: int) -> set[str]:
+    """Those of *paths* that are example files of this kind in *directory* numbered
+    ``n_files`` or more: left over from a run that generated more."""
+    kept = {path.resolve() for path in file_paths(directory, signal=signal, n_files=n_files)}
+    directory, prefix = Path(directory).resolve(), _prefix(signal)
+    return {path for path in paths
+            if (p := Path(path).resolve()).parent == directory and p.match(f"{prefix}_[0-9][0-9][0-9][0-9][0-9].root")
+            and p not in kept}
+
+
 def _prefix(signal: bool) -> str:
     return "signal" if signal else "background"
 

@@ -245,6 +245,29 @@ def test_generate_block_tops_up_missing_files(tmp_path):
     assert (data / "signal_00001.root").exists()
 
 
+def test_lowering_n_files_builds_from_that_many_example_files(tmp_path):
+    """The pattern still matches the files an earlier run with more generated: the sample holds
+    the first n_files, and the build says what it left out; other files it matches stay in."""
+    raw = _generate_config(tmp_path)
+    raw["samples"] = raw["samples"][:1]
+    raw["samples"][0]["generate"]["n_files"] = 3
+    assert hepdask.build_dataset(from_dict(raw), progress=False).events_written == 60
+    data = tmp_path / "data"
+    mine = data / "signal_mine.root"
+    mine.write_bytes((data / "signal_00000.root").read_bytes())
+    raw["samples"][0]["generate"]["n_files"] = 1
+    raw["output"]["overwrite"] = True
+    told = io.StringIO()
+    from rich.console import Console
+
+    assert hepdask.build_dataset(from_dict(raw), dry_run=True, progress=False).samples["signal"]["files"] == 2
+    report = hepdask.build_dataset(from_dict(raw), progress=False, console=Console(file=told, width=200))
+    assert report.events_written == 40
+    files = {Path(str(f)).name for f in hepdask.open_dataset(tmp_path / "gen.zarr", "train").source_file.values}
+    assert files == {"signal_00000.root", "signal_mine.root"}
+    assert f"sample 'signal': 2 example file(s) in {data} beyond generate.n_files=1 left out" in told.getvalue()
+
+
 def test_make_example_data_cli(tmp_path, capsys):
     out = tmp_path / "examples"
     assert cli(["make-example-data", str(out), "--signal", "--files", "3", "--events", "7", "--seed", "5"]) == 0
