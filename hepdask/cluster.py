@@ -94,8 +94,9 @@ def connect(spec: Cluster, *, say: Callable[[str], None] = log.info,
         return
     security = _security(spec)
     if spec.kind == "address":
+        _refuse_a_refused_address(spec.address)
         try:
-            client = Client(spec.address, timeout="30s", security=security)
+            client = Client(spec.address, timeout=CONNECT_TIMEOUT, security=security)
         except (OSError, TimeoutError) as err:
             msg = f"cannot reach the Dask scheduler at cluster.address={spec.address!r}: {err}"
             raise ClusterError(msg) from None
@@ -461,6 +462,34 @@ def _security(spec: Cluster):
         tls_scheduler_cert=spec.tls.cert, tls_scheduler_key=spec.tls.key,
         tls_worker_cert=spec.tls.cert, tls_worker_key=spec.tls.key, require_encryption=True,
     )
+
+
+#: How long the client waits for a scheduler at ``cluster.address`` that does not answer.
+CONNECT_TIMEOUT = "30s"
+#: How long the first look at a ``cluster.address`` waits for its host to answer at all.
+PROBE_SECONDS = 5.0
+
+
+def _refuse_a_refused_address(address: str) -> None:
+    """Fail at once where nothing listens at a TCP *address* (the host refuses): Dask's client
+    would retry for CONNECT_TIMEOUT first. A host that does not answer is left to Dask."""
+    import socket
+
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+
+    protocol, location = parse_address(address)
+    if protocol not in ("tcp", "tls"):
+        return
+    host, port = parse_host_port(location)
+    try:
+        socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+    except ConnectionRefusedError:
+        msg = (f"cannot reach the Dask scheduler at cluster.address={address!r}: nothing listens there "
+               f"(connection refused); is the scheduler running, and is that its port?")
+        raise ClusterError(msg) from None
+    except OSError:
+        return
 
 
 def dashboard_link(client, spec: Cluster | None = None) -> str | None:

@@ -427,6 +427,21 @@ def test_a_script_without_a_main_guard_is_told_why_its_workers_failed(monkeypatc
     assert "__main__" not in str(err.value)
 
 
+def test_an_address_where_nothing_listens_is_refused_at_once(ldmx_data, tmp_path, capsys):
+    """Dask's client retries a refused connection for its whole timeout (30 s): the build
+    looks first, and says nothing listens there."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = write_config(tmp_path / "c.yaml", demo_config(ldmx_data[0], tmp_path / "a.zarr"))
+    assert cli(["build-dataset", str(path), "--address", f"tcp://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"hepdask: error: cannot reach the Dask scheduler at cluster.address='tcp://127.0.0.1:{port}': "
+                   "nothing listens there (connection refused); is the scheduler running, and is that its port?")
+
+
 def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_bytes("name: x\n".encode("utf-16"))
