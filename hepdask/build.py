@@ -615,6 +615,7 @@ def plan_report(config: Config, partitions, first_entries: dict[str, int], gener
         "note": "events estimated from the first file of each sample (or its generator) times its number of files"
                 + ("; so are the partitions" if split_later or len(counted) < len(config.samples) else ""),
         "output_exists": output.exists() and not _empty_directory(output),
+        "output_plan": output_plan(config).describe(config.output.path),
     }
     return report
 
@@ -658,9 +659,11 @@ def build_dataset(
 
 
 def _build_locked(config: Config, partitions: list[sources.Partition], client, bar, started: float) -> BuildReport:
-    """The build proper, under the output's lock: prepare the output, connect, stage, write."""
-    if _prepare_output(config):
-        bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
+    """The build proper, under the output's lock: check the output, connect, prepare the
+    output, stage, write. (A cluster that does not come leaves no staging area behind.)"""
+    refusal = output_plan(config).refusal
+    if refusal is not None:
+        raise StoreError(refusal)
     in_process = config.cluster.in_process(len(partitions), small_input=_small_input(partitions))
     context = nullcontext(client) if client is not None else _connect(config, bar, in_process)
     # A LocalCluster started without a dashboard still has Dask's HTTP server, whose link
@@ -670,6 +673,8 @@ def _build_locked(config: Config, partitions: list[sources.Partition], client, b
     # The build's client is Dask's current one while it runs: Dask helpers that look up the
     # default client (the performance report) must not find a user's other, or a closed, one.
     with context as active, active.as_current():
+        if _prepare_output(config):
+            bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
         link = cluster.dashboard_link(active, config.cluster if client is None else None) if dashboard else None
         report_path = Path(config.output.path + ".performance-report.html")
         with _performance_report(report_path if config.cluster.performance_report else None):
@@ -710,6 +715,68 @@ def _performance_report(path: Path | None):
     return performance_report(filename=str(path))
 
 
+@dataclass(frozen=True)
+class OutputPlan:
+    """What a build will do with its output and staging area (``output_plan``), decided
+    without touching either: the dry run reports it, ``_prepare_output`` carries it out."""
+
+    refusal: str | None = None  # the StoreError the build raises before writing anything
+    resume: bool = False  # an interrupted build of the same config is resumed
+    discard_staging: bool = False
+    discard_output: bool = False  # an incomplete store with nothing to resume, replaced
+    replaces: bool = False  # a complete store is replaced once the new build writes
+
+    def describe(self, output: str) -> str:
+        """One sentence for the dry run."""
+        staging = store.staging_path(output)
+        if self.refusal is not None:
+            return f"the build will refuse: {self.refusal}"
+        if self.resume:
+            return f"the build will resume the interrupted build in {staging}"
+        done = (["discard the staging area an interrupted build left, which cannot be resumed"] if self.discard_staging
+                else []) + (["replace the incomplete store there"] if self.discard_output else [])
+        if self.replaces:
+            done.append("replace the complete store once it starts writing")
+        return f"the build will {' and '.join(done)}" if done else "the build will write a new store"
+
+
+def output_plan(config: Config) -> OutputPlan:
+    """Decide what a build of *config* does with its output (see ``_prepare_output``)."""
+    output = Path(config.output.path)
+    staging = store.staging_path(output)
+    for path, ours in ((output, store.is_hepdask_store(output)), (staging, store.read_build_record(staging) is not None)):
+        if path.exists() and not ours and not _empty_directory(path):
+            return OutputPlan(refusal=(
+                f"{str(path)!r} exists and is not a hepdask {'store' if path == output else 'staging area'}; "
+                "hepdask replaces only what it made: choose another output.path (--output) or move it away"))
+    complete = store.is_complete(output)
+    overwrite = config.output.overwrite
+    discard_staging = False
+    if staging.exists() and not store.has_finished_work(staging):
+        # Left by a build that failed or was stopped before it finished anything (a bad cut,
+        # a cluster that never came): nothing to resume.
+        discard_staging = True
+    record = store.read_build_record(staging) if staging.exists() and not discard_staging else None
+    if record is not None:
+        problem = _staged_elsewise(config, record)
+        if problem is None and (overwrite or not complete or record.get("replaces")):
+            # The store is kept: if it was prepared for the same write plan, the chunks its
+            # finished write tasks wrote are kept too (``_run`` decides once it has the plan).
+            return OutputPlan(resume=True)
+        if problem is not None and not overwrite:
+            return OutputPlan(refusal=(f"{str(staging)!r} holds an interrupted build {problem}; pass --overwrite "
+                                       "(output.overwrite=true) to discard it and start over"))
+        discard_staging = True
+    if complete and not overwrite:
+        return OutputPlan(refusal=(f"output {str(output)!r} exists (a complete store); pass --overwrite "
+                                   "(output.overwrite=true) to replace it"))
+    discard_output = not complete and output.exists() and not _empty_directory(output)
+    if discard_output and not overwrite:
+        return OutputPlan(refusal=(f"output {str(output)!r} exists (an incomplete store with nothing to resume); "
+                                   "pass --overwrite (output.overwrite=true) to replace it"))
+    return OutputPlan(discard_staging=discard_staging, discard_output=discard_output, replaces=complete)
+
+
 def _prepare_output(config: Config) -> bool:
     """Make room for the build; return True when an interrupted build of the same config resumes.
 
@@ -719,46 +786,24 @@ def _prepare_output(config: Config) -> bool:
     is replaced only by a build given ``overwrite`` (or resuming one that was), and only once
     the new build starts writing (``_run``): a build that fails while reading its inputs
     leaves it as it was. A staging area of another config is refused, never mixed; with
-    ``overwrite`` it is discarded.
+    ``overwrite`` it is discarded. Anything that is not hepdask's is refused.
     """
+    plan = output_plan(config)
+    if plan.refusal is not None:
+        raise StoreError(plan.refusal)
     output = Path(config.output.path)
     staging = store.staging_path(output)
-    for path, ours in ((output, store.is_hepdask_store(output)), (staging, store.read_build_record(staging) is not None)):
-        if path.exists() and not ours and not _empty_directory(path):
-            msg = (f"{str(path)!r} exists and is not a hepdask {'store' if path == output else 'staging area'}; "
-                   "hepdask replaces only what it made: choose another output.path (--output) or move it away")
-            raise StoreError(msg)
-    complete = store.is_complete(output)
-    overwrite = config.output.overwrite
-    if staging.exists() and not store.has_finished_work(staging):
-        # Left by a build that failed or was stopped before it finished anything (a bad cut,
-        # a cluster that never came): nothing to resume.
+    if plan.resume:
+        store.clean_staging(staging)
+        return True
+    if plan.discard_staging:
         shutil.rmtree(staging, ignore_errors=True)
-    record = store.read_build_record(staging) if staging.exists() else None
-    if record is not None:
-        problem = _staged_elsewise(config, record)
-        if problem is None and (overwrite or not complete or record.get("replaces")):
-            # The store is kept: if it was prepared for the same write plan, the chunks its
-            # finished write tasks wrote are kept too (``_run`` decides once it has the plan).
-            store.clean_staging(staging)
-            return True
-        if problem is not None and not overwrite:
-            msg = f"{str(staging)!r} holds an interrupted build {problem}; pass --overwrite (output.overwrite=true) to discard it and start over"
-            raise StoreError(msg)
-        shutil.rmtree(staging, ignore_errors=True)
-    if complete and not overwrite:
-        msg = f"output {str(output)!r} exists (a complete store); pass --overwrite (output.overwrite=true) to replace it"
-        raise StoreError(msg)
-    if not complete and output.exists() and not _empty_directory(output):
-        if not overwrite:
-            msg = (f"output {str(output)!r} exists (an incomplete store with nothing to resume); "
-                   "pass --overwrite (output.overwrite=true) to replace it")
-            raise StoreError(msg)
+    if plan.discard_output:
         shutil.rmtree(output, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
         store.write_build_record(staging, {"config_hash": config.content_hash(), "version": __version__,
-                                           "detectors": detector_digests(config), "replaces": complete})
+                                           "detectors": detector_digests(config), "replaces": plan.replaces})
     except OSError as err:
         msg = f"cannot create the output {str(output)!r}: {err.strerror or err} ({err.filename or output})"
         raise StoreError(msg) from err

@@ -447,9 +447,7 @@ def print_plan(config, report, console) -> None:
     console.print(f"estimated output: {plan['estimated_events']:,} events, "
                   f"{plan['estimated_uncompressed_bytes'] / 2**20:,.1f} MiB uncompressed ({plan['note']})")
     console.print(f"output: {config.output.path}")
-    if plan["output_exists"] and not config.output.overwrite:
-        console.print("note: the output exists; the build will refuse to replace it without --overwrite "
-                      "(or resume an interrupted build of the same config)")
+    console.print(f"output plan: {plan['output_plan']}")
 
 
 def print_build(report, console) -> None:

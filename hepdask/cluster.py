@@ -423,6 +423,19 @@ def _restored_environ(values: dict[str, str | None]):
 
 @contextmanager
 def _slurm_client(spec: Cluster, say: Callable[[str], None], log_directory: str | Path | None) -> Iterator:
+    made = log_directory is not None and not Path(log_directory).exists()
+    try:
+        with _slurm_cluster_client(spec, say, log_directory) as client:
+            yield client
+    except BaseException:
+        # A start that failed before any job wrote a log leaves no empty log directory.
+        if made and Path(log_directory).is_dir() and not any(Path(log_directory).iterdir()):
+            Path(log_directory).rmdir()
+        raise
+
+
+@contextmanager
+def _slurm_cluster_client(spec: Cluster, say: Callable[[str], None], log_directory: str | Path | None) -> Iterator:
     from distributed import Client
 
     cluster = slurm_cluster(spec, log_directory)

@@ -442,6 +442,25 @@ def test_an_address_where_nothing_listens_is_refused_at_once(ldmx_data, tmp_path
                    "nothing listens there (connection refused); is the scheduler running, and is that its port?")
 
 
+def test_the_dry_run_says_what_the_build_will_do_with_its_output(ldmx_data, tmp_path, capsys):
+    """A directory that is not a store is refused even with --overwrite: the dry run says so,
+    in the words the build then uses."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    path = write_config(tmp_path / "c.yaml", demo_config(ldmx_data[0], out, **{"output.overwrite": True}))
+    assert cli(["build-dataset", str(path), "--dry-run"]) == 0
+    planned = capsys.readouterr().out
+    assert cli(["build-dataset", str(path), "--no-progress"]) == 2
+    refusal = capsys.readouterr().err.strip().removeprefix("hepdask: error: ")
+    assert "is not a hepdask store" in refusal
+    assert f"output plan: the build will refuse: {refusal}" in planned
+    assert (out / "notes.txt").read_text() == "keep" and [p.name for p in tmp_path.iterdir() if p.name.startswith("mine")] == ["mine"]
+    fresh = write_config(tmp_path / "d.yaml", demo_config(ldmx_data[0], tmp_path / "new.zarr"))
+    assert cli(["build-dataset", str(fresh), "--dry-run"]) == 0
+    assert "output plan: the build will write a new store" in capsys.readouterr().out
+
+
 def test_a_config_that_is_not_text_is_one_line(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_bytes("name: x\n".encode("utf-16"))

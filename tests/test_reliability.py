@@ -236,8 +236,19 @@ def test_resume_refuses_another_config_and_rebuilds_changed_files(ldmx_data, cli
 
     changed = json.loads(json.dumps(raw))
     changed["output"]["chunk_events"] = 5
-    with pytest.raises(StoreError, match="different config"):
+    with pytest.raises(StoreError, match="different config") as refused:
         hepdask.build_dataset(from_dict(changed), client=client, progress=False)
+
+    def planned(config: dict) -> str:
+        return hepdask.build_dataset(from_dict(config), dry_run=True, progress=False).plan["output_plan"]
+
+    # The dry run foresees both: the refusal word for word, and the resume.
+    assert planned(changed) == f"the build will refuse: {refused.value}"
+    assert planned(raw) == f"the build will resume the interrupted build in {staging}"
+    overwritten = json.loads(json.dumps(changed))
+    overwritten["output"]["overwrite"] = True
+    assert planned(overwritten) == ("the build will discard the staging area an interrupted build left, "
+                                    "which cannot be resumed")
 
     touched = files["background"][1]
     os.utime(touched, (time.time() + 60, time.time() + 60))

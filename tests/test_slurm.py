@@ -114,6 +114,8 @@ def test_impossible_partition_is_refused_with_slurms_message(ldmx_data, tmp_path
     assert time.monotonic() - started < 60
     assert "SLURM refuses the worker job" in err
     assert "Invalid partition name specified" in err
+    # Nothing is left beside the output: no staging area, no empty log directory.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("x.zarr")) == []
     from hepdask.cluster import connect
 
     spec = from_dict(demo_config(data, tmp_path / "y.zarr", cluster={
