@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,6 +29,16 @@ from pydantic import (
 
 from .errors import ConfigError, SelectionError, did_you_mean
 
+
+def _not_empty(path: str) -> str:
+    if not path:
+        msg = "is empty: give a path (an empty one would name the config's own directory)"
+        raise ValueError(msg)
+    return path
+
+
+#: A path in a config: an empty one is refused (resolved, it would name the config's directory).
+PathText = Annotated[str, AfterValidator(_not_empty)]
 #: dtypes an image may be stored as; integer images count hits and saturate at their maximum.
 ImageDtype = Literal["uint8", "uint16", "uint32", "float32", "float64"]
 INTEGER_DTYPES = ("uint8", "uint16", "uint32")
@@ -57,19 +68,19 @@ class ExampleData(_Model):
     n_files: Annotated[int, Field(gt=0)] = 100
     events_per_file: Annotated[int, Field(gt=0)] = 500
     seed: Seed = 0
-    directory: str
+    directory: PathText
 
 
 class Sample(_Model):
     """One labelled sample: files given by glob patterns or explicit paths."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")]
-    files: list[str]
+    files: list[PathText]
     label: int
     metadata: dict[str, float | int | str | bool] = {}
     generate: ExampleData | None = None
     #: This sample's detector file, overriding ``geometry.file`` (each run has its own).
-    geometry: str | None = None
+    geometry: PathText | None = None
 
     @field_validator("files", mode="before")
     @classmethod
@@ -228,7 +239,7 @@ class Geometry(_Model):
     slewing of ``tot`` when ``time_slewing`` is on (KM3NeT's default, as OrcaSong does).
     """
 
-    file: str | None = None
+    file: PathText | None = None
     keys: dict[str, str] | None = None
     time: str | None = None
     tot: str | None = None
@@ -309,7 +320,7 @@ class Shuffle(_Model):
 
 
 class Output(_Model):
-    path: str
+    path: PathText
     split: dict[str, Annotated[float, Field(ge=0, le=1)]] = {"train": 0.8, "val": 0.1, "test": 0.1}
     shuffle: Shuffle = Shuffle()
     chunk_events: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
@@ -398,7 +409,7 @@ class Cluster(_Model):
     memory_limit: str = "auto"
     dashboard_address: str | None = "auto"
     tls: Tls | None = None
-    profile: str | None = None
+    profile: PathText | None = None
     jobs: Annotated[int, Field(gt=0)] = 4
     minimum_jobs: Annotated[int, Field(ge=0)] = 1
     worker_timeout: Annotated[float, Field(gt=0)] = 600
@@ -839,6 +850,8 @@ def _testdata(path: str) -> str:
 
 
 def _resolve(path: str, base: Path) -> str:
+    if not path:  # left for validation to refuse (PathText), not taken as the config's directory
+        return path
     if path.startswith(TESTDATA_SCHEME):
         return _testdata(path)
     expanded = os.path.expanduser(os.path.expandvars(path))
@@ -1021,8 +1034,8 @@ class TrainConfig(_Model):
     """A training run on a store."""
 
     name: str
-    store: str
-    output: str
+    store: PathText
+    output: PathText
     data: TrainData = TrainData()
     model: Model = Model()
     fit: Fit = Fit()

@@ -282,3 +282,21 @@ def test_a_key_given_twice_is_refused(tmp_path):
     raw = _config(tmp_path)
     raw["samples"][0]["metadata"] = {"name": "a"}
     assert load(write_config(tmp_path / "ok.yaml", raw)).samples[0].metadata == {"name": "a"}
+
+
+@pytest.mark.parametrize("override", ["output.path=", "samples.0.files=", "cluster.profile="])
+def test_an_empty_path_is_refused_not_taken_as_the_configs_directory(tmp_path, override):
+    """Resolved against the config file, an empty output.path named its directory (and a
+    training's empty output wrote its model and plots among the configs)."""
+    path = write_config(tmp_path / "c.yaml", demo_config(tmp_path / "data", tmp_path / "o.zarr"))
+    key = override.rstrip("=")
+    with pytest.raises(ConfigError, match=re.escape(f"--set {override!r}: {key}") + r"(\.0)?: is empty: give a path"):
+        load(path, [override])
+
+
+def test_an_empty_training_output_is_refused(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "store": "s.zarr", "output": ""}))
+    with pytest.raises(ConfigError, match=r"output: is empty: give a path"):
+        load_train(path)
+    assert load_train(path, ["output=run"]).output == str(tmp_path / "run")
