@@ -72,20 +72,22 @@ def epoch_steps(events: int, batch_size: int, replicas: int = 1, drop_remainder:
 
 
 def shard_events(n_events: int, num_shards: int, batch_size: int | None = None, *, replicas: int = 1,
-                 drop_remainder: bool = False) -> list[int]:
+                 drop_remainder: bool = False, equal: bool = False) -> list[int]:
     """How many events each of *num_shards* input pipelines reads in an epoch.
 
     Every shard gets ``n_events // num_shards``; the ``n_events % num_shards`` left over go one
     each to the first shards when that gives no shard more steps (:func:`epoch_steps`) than
     another, and are otherwise left out of the epoch (fewer than *num_shards* events, a
     different few each shuffled epoch), so that every replica takes the same number of steps.
+    With *equal* (each shard feeds one replica of a synchronous step) they are always left
+    out: every step then gives every replica a batch of the same size.
     """
     if num_shards < 1:
         msg = f"num_shards must be positive, got {num_shards}"
         raise ValueError(msg)
     base, extra = divmod(n_events, num_shards)
-    if extra and batch_size and (epoch_steps(base + 1, batch_size, replicas, drop_remainder)
-                                 != epoch_steps(base, batch_size, replicas, drop_remainder)):
+    if extra and (equal or (batch_size and (epoch_steps(base + 1, batch_size, replicas, drop_remainder)
+                                           != epoch_steps(base, batch_size, replicas, drop_remainder)))):
         extra = 0
     return [base + (s < extra) for s in range(num_shards)]
 
@@ -113,6 +115,7 @@ class EpochPlan:
     batch_size: int | None = None
     drop_remainder: bool = False
     replicas: int = 1
+    equal_shards: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard < self.num_shards:
@@ -126,8 +129,11 @@ class EpochPlan:
     @property
     def shard_events(self) -> int:
         """Events this shard reads in an epoch."""
+        return self._sizes()[self.shard]
+
+    def _sizes(self) -> list[int]:
         return shard_events(self.n_events, self.num_shards, self.batch_size, replicas=self.replicas,
-                            drop_remainder=self.drop_remainder)[self.shard]
+                            drop_remainder=self.drop_remainder, equal=self.equal_shards)
 
     @property
     def delivered(self) -> int:
@@ -152,9 +158,7 @@ class EpochPlan:
     def spans(self, epoch: int) -> np.ndarray:
         """``(epoch, chunk, start, stop)`` rows (int64): this shard reads positions
         ``[start, stop)`` of each chunk's permuted rows in *epoch*, in this order."""
-        sizes = shard_events(self.n_events, self.num_shards, self.batch_size, replicas=self.replicas,
-                             drop_remainder=self.drop_remainder)
-        first = sum(sizes[: self.shard])
+        first = sum(self._sizes()[: self.shard])
         last = first + self.delivered
         rows = []
         position = 0
@@ -434,6 +438,7 @@ def tf_dataset(
     num_shards: int = 1,
     shard: int = 0,
     replicas: int = 1,
+    equal_shards: bool = False,
     as_dict: bool | None = None,
     malloc_tuning: bool = True,
     first_epoch: int = 0,
@@ -463,7 +468,8 @@ def tf_dataset(
     ``num_shards``/``shard`` pick this input pipeline's run of each epoch; ``replicas`` is
     how many replicas take its batches in turn (under ``tf.distribute``,
     ``distributed_dataset`` sets all three), and each step's events are split evenly among
-    them, so none gets an empty batch.
+    them, so none gets an empty batch. ``equal_shards`` gives every shard the same number of
+    events (each shard feeds one replica: ``distributed_dataset`` on CPUs).
     ``malloc_tuning`` applies ``hepdask.malloc.tune`` (glibc only; process-wide).
     """
     tf = _import_tf()
@@ -502,7 +508,7 @@ def tf_dataset(
                f"number per event: put the image field first (or give cast=None and no transforms)")
         raise ConfigError(msg)
     plan = EpochPlan(source.n_events, source.chunk_events, seed, shuffle, num_shards, shard, batch_size,
-                     drop_remainder, replicas)
+                     drop_remainder, replicas, equal_shards)
     if source.n_events and not plan.steps:
         msg = (f"store {str(store_path)!r}, split {split!r}: {source.n_events} event(s) are too few for "
                f"{num_shards} input pipeline(s) feeding {replicas} replica(s) each in batches of {batch_size}")
@@ -573,6 +579,11 @@ def tf_dataset(
         lambda unused: tf.numpy_function(first_of_iteration, [unused], tf.int64, stateful=True)).flat_map(epochs_from)
     options = tf.data.Options()
     options.deterministic = True
+    # No model-based autotuning: deleting an iterator waited for its tuning thread to sleep
+    # out its period, which doubles up to 60 s (2 to 16 s here, at random; Keras deletes the
+    # validation iterator every epoch). Without it, AUTOTUNE reads min(16, cores) chunks at a
+    # time and the prefetch buffer grows on demand, as fast as the model's tuning measured.
+    options.autotune.enabled = False
     dataset = numbered.flat_map(one_epoch)
     if skip_steps:
         dataset = dataset.skip(skip_steps * replicas)  # a step takes one batch per replica of this pipeline
@@ -613,12 +624,34 @@ def distributed_dataset(strategy, store_path: str | Path, split: str = "train", 
         msg = f"global batch size {global_batch_size} is not divisible by the {replicas} replicas"
         raise ConfigError(msg)
 
+    options = _input_options(strategy)
+    per_replica = options.experimental_replication_mode == _import_tf().distribute.InputReplicationMode.PER_REPLICA
+
     def dataset_fn(context):
         dataset = tf_dataset(
             store_path, split, batch_size=context.get_per_replica_batch_size(global_batch_size),
             num_shards=context.num_input_pipelines, shard=context.input_pipeline_id,
-            replicas=replicas // context.num_input_pipelines, **kwargs,
+            replicas=replicas // context.num_input_pipelines, equal_shards=per_replica, **kwargs,
         )
         return dataset if map_fn is None else dataset.map(map_fn)
 
-    return strategy.distribute_datasets_from_function(dataset_fn)
+    return strategy.distribute_datasets_from_function(dataset_fn, options)
+
+
+def _input_options(strategy):
+    """How the strategy takes its input. Where every replica is on a CPU (logical CPUs), each
+    replica gets a pipeline of its own (one shard of every epoch) and nothing is fetched to
+    the devices. On accelerators, one pipeline per worker feeds its replicas in turn and
+    prefetches to them: that goes through a MultiDeviceIterator, whose per-device datasets
+    tf.data autotunes, and deleting it (Keras does for the validation input every epoch and
+    for the training input at the end of ``fit``) waited at random for the tuning thread
+    to sleep out its period, which doubles up to 60 s: 2 to 17 s here on CPUs."""
+    import tensorflow as tf
+
+    devices = strategy.extended.worker_devices
+    if not all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices):
+        return tf.distribute.InputOptions()
+    if isinstance(strategy, tf.distribute.MirroredStrategy):  # the one strategy that takes PER_REPLICA
+        return tf.distribute.InputOptions(experimental_fetch_to_device=False,
+                                          experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA)
+    return tf.distribute.InputOptions(experimental_fetch_to_device=False)

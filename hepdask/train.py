@@ -13,6 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -456,6 +460,52 @@ def _best_so_far(path: Path, monitor: str) -> float | None:
     return float(np.nanmin(values)) if np.isfinite(values).any() else None
 
 
+@contextmanager
+def _interrupt_between_steps() -> Iterator[threading.Event | None]:
+    """Hold a Ctrl-C back to the end of the step it lands in (``_StopOnInterrupt`` and
+    ``_stop_if_interrupted`` raise it there); a second Ctrl-C interrupts at once.
+
+    Python raises KeyboardInterrupt in whatever code runs when the signal comes, and during a
+    training that is often a TensorFlow object's ``__del__``: Python prints "Exception
+    ignored" there and the training ran on to its end with exit status 0. Only Python's own
+    handler in the main thread is replaced; one a user installed is left alone."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield None
+        return
+    pressed = threading.Event()
+
+    def hold(signum, frame) -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    _stop_if_interrupted(pressed)
+
+
+def _stop_if_interrupted(pressed: threading.Event | None) -> None:
+    if pressed is not None and pressed.is_set():
+        raise KeyboardInterrupt
+
+
+def _stop_on_interrupt(keras, pressed: threading.Event | None):
+    """A callback that raises a held-back Ctrl-C after the training or validation step it came in."""
+
+    class StopOnInterrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            _stop_if_interrupted(pressed)
+
+        def on_test_batch_end(self, batch, logs=None):
+            _stop_if_interrupted(pressed)
+
+    return StopOnInterrupt()
+
+
 def _retune_malloc(keras):
     """A callback that applies ``hepdask.malloc.tune`` once the first batch has run:
     TensorFlow's generator op resets glibc's trim threshold when a strategy's input starts."""
@@ -503,11 +553,12 @@ def _fit(config: TrainConfig, verbose: int) -> TrainResult:
     with strategy.scope():
         model = build_model(config, image_shape, len(config.data.extra_inputs))
     # One training of an output at a time (a second would mix its checkpoints and history in).
-    with store.output_lock(output):
-        return _train(config, model, strategy, sizes, output, verbose)
+    with store.output_lock(output), _interrupt_between_steps() as pressed:
+        return _train(config, model, strategy, sizes, output, verbose, pressed)
 
 
-def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: Path, verbose: int) -> TrainResult:
+def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: Path, verbose: int,
+           pressed: threading.Event | None = None) -> TrainResult:
     """Train *model* into *output* (resuming what a killed run left), evaluate and plot."""
     import keras
 
@@ -534,6 +585,7 @@ def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: 
                                         initial_value_threshold=_best_so_far(output / "history.csv", monitor)),
         keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
         _retune_malloc(keras),
+        _stop_on_interrupt(keras, pressed),
         # Last: an epoch is backed up once everything else has its record of it. The backup
         # outlives fit and goes once the metrics are written, so a kill at any point before
         # resumes (a run whose epochs are all done just saves and evaluates again).
@@ -541,10 +593,11 @@ def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: 
     ]
     history = model.fit(train, epochs=config.fit.epochs, steps_per_epoch=steps, validation_data=val,
                         validation_steps=val_steps or None, callbacks=callbacks, verbose=verbose, shuffle=False)
+    _stop_if_interrupted(pressed)
     model.save(output / "model.keras")
     full_history = _read_history(output / "history.csv") or {k: list(map(float, v)) for k, v in history.history.items()}
     evaluated = _evaluated_weights(config, model, output, full_history, monitor)
-    metrics = {**evaluated, **evaluate(config, model, evaluated["model"])}
+    metrics = {**evaluated, **evaluate(config, model, evaluated["model"], pressed)}
     metrics["replicas"] = replicas
     metrics["train_events"], metrics["val_events"] = sizes["train"], sizes["val"]
     metrics["inputs"] = inputs
@@ -574,28 +627,30 @@ def _evaluated_weights(config: TrainConfig, model, output: Path, history: dict[s
     return {**record, "model": "best.keras", "epoch": int(np.nanargmin(values)) + 1}
 
 
-def evaluate(config: TrainConfig, model, name: str = "model.keras") -> dict[str, Any]:
+def evaluate(config: TrainConfig, model, name: str = "model.keras", pressed: threading.Event | None = None) -> dict[str, Any]:
     """Metrics of *model* (saved as *name*) on the test split, every test event once, in
     store order. A binary model's working point is the threshold that minimises
     misclassification of the validation split, so that the test figures at it are not tuned
     on the test events; without validation events, of the test split itself."""
-    labels, scores = predict(config, model, "test", name)
+    labels, scores = predict(config, model, "test", name, pressed)
     if config.model.classes != 2:
         return {"model": name, **multiclass_metrics(labels, scores)}
     threshold, chosen_on = None, "test"
-    val_labels, val_scores = predict(config, model, "val", name)
+    val_labels, val_scores = predict(config, model, "val", name, pressed)
     if val_labels.size and np.unique(val_labels).size == 2:
         threshold, chosen_on = binary_metrics(val_labels, val_scores[:, 0])["best_threshold"], "val"
     return {"model": name, **binary_metrics(labels, scores[:, 0], threshold), "threshold_split": chosen_on}
 
 
-def predict(config: TrainConfig, model, split: str, name: str = "model.keras") -> tuple[np.ndarray, np.ndarray]:
+def predict(config: TrainConfig, model, split: str, name: str = "model.keras",
+            pressed: threading.Event | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Labels and scores of every event of *split*, in store order; non-finite scores are
     refused (a model whose weights went NaN)."""
     labels, scores = [], []
     for x, y in _inputs(config, split, shuffle=False, epochs=1):
         scores.append(np.asarray(model(x, training=False)))
         labels.append(np.asarray(y))
+        _stop_if_interrupted(pressed)
     scores_array = np.concatenate(scores) if scores else np.zeros((0, 1))
     labels_array = np.concatenate(labels) if labels else np.zeros(0)
     bad = int(np.count_nonzero(~np.isfinite(scores_array).all(axis=1)))

@@ -46,6 +46,15 @@ def test_left_over_events_go_out_only_when_they_would_not_add_a_batch():
     assert shard_events(10, 1, 3) == [10]
 
 
+def test_shards_that_each_feed_a_replica_are_equal():
+    """One shard per replica of a synchronous step: the last batches must be of one size too."""
+    assert shard_events(1001, 2, 64, equal=True) == [500, 500]
+    assert shard_events(117, 2, 256, equal=True) == [58, 58]
+    plans = [EpochPlan(1001, 128, num_shards=2, shard=s, batch_size=64, equal_shards=True) for s in range(2)]
+    parts = [p.events(1) for p in plans]
+    assert [p.size for p in parts] == [500, 500] and np.unique(np.concatenate(parts)).size == 1000
+
+
 def test_chunk_order_is_seeded_and_changes_per_epoch():
     a = chunk_order(50, epoch=0, seed=1, shuffle=True)
     assert np.array_equal(a, chunk_order(50, epoch=0, seed=1, shuffle=True))
@@ -213,6 +222,30 @@ def test_mirrored_strategy_replicas_see_every_event_once(tf_two_cpus, train_stor
     together = np.concatenate(keys)
     assert together.size == n
     assert np.unique(together).size == n
+
+
+def test_iterators_delete_without_waiting_for_tf_datas_tuning_thread(tf_two_cpus, train_store):
+    """Deleting an iterator whose tf.data model-based autotuning ran waited, at random, for the
+    tuning thread to sleep out its period (up to 60 s; Keras deletes the validation iterator
+    every epoch): the pipelines are built without it, and a MirroredStrategy on CPUs gives each
+    replica its own pipeline (the MultiDeviceIterator's per-device datasets are autotuned)."""
+    tf = tf_two_cpus
+    assert tfdata.tf_dataset(train_store, "val", batch_size=8).options().autotune.enabled is False
+    mirrored = tfdata._input_options(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    assert mirrored.experimental_replication_mode == tf.distribute.InputReplicationMode.PER_REPLICA
+    assert mirrored.experimental_fetch_to_device is False
+    assert tfdata._input_options(tf.distribute.OneDeviceStrategy("/cpu:0")).experimental_fetch_to_device is False
+
+
+def test_every_replica_gets_a_batch_of_one_size_at_every_step(tf_two_cpus, train_store):
+    """Unequal batches in a step failed under MirroredStrategy (AddN must have the same size)."""
+    tf = tf_two_cpus
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    n = zarr.open_group(str(train_store), mode="r")["val"]["image"].shape[0]
+    dist = tfdata.distributed_dataset(strategy, train_store, "val", global_batch_size=48, fields=FIELDS, seed=2)
+    sizes = [[int(t.shape[0]) for t in strategy.experimental_local_results(batch["label"])] for batch in dist]
+    assert all(a == b > 0 for a, b in sizes)
+    assert len(sizes) == tfdata.steps_per_epoch(n, 48, replicas=2) and sum(map(sum, sizes)) == n - n % 2
 
 
 @pytest.mark.parametrize("shuffle_buffer", [None, 300])

@@ -247,3 +247,25 @@ def test_the_metrics_are_of_the_weights_fit_evaluate_names(tmp_path, evaluate, b
     record = _evaluated_weights(_config("s.zarr", tmp_path, **{"fit.evaluate": evaluate}), model, tmp_path,
                                 {"loss": [1.0] * len(history["val_loss"]), **history}, "val_loss")
     assert (record["model"], record["epoch"], model.loaded) == expected
+
+
+def test_a_ctrl_c_is_raised_between_steps_not_in_whatever_code_it_lands_in():
+    """Python raises KeyboardInterrupt in the code the signal interrupts, and in a training that
+    was often a TensorFlow object's __del__, where it is printed and dropped ("Exception
+    ignored"): the training then ran to its end and exited 0. The first Ctrl-C is held back to
+    the end of the step; a second interrupts at once."""
+    import signal
+
+    from hepdask.train import _interrupt_between_steps, _stop_if_interrupted
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt), _interrupt_between_steps() as pressed:
+        signal.raise_signal(signal.SIGINT)  # held back: the code goes on
+        assert pressed.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            _stop_if_interrupted(pressed)  # where the step ends
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # a second Ctrl-C
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with _interrupt_between_steps() as pressed:  # nothing pressed: nothing raised
+        _stop_if_interrupted(pressed)
