@@ -258,14 +258,18 @@ def test_a_ctrl_c_is_raised_between_steps_not_in_whatever_code_it_lands_in():
 
     from hepdask.train import _interrupt_between_steps, _stop_if_interrupted
 
+    def a_training_step_pressed_twice() -> None:
+        with _interrupt_between_steps() as pressed:
+            signal.raise_signal(signal.SIGINT)  # held back: the code goes on
+            assert pressed.is_set()
+            with pytest.raises(KeyboardInterrupt):
+                _stop_if_interrupted(pressed)  # where the step ends
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)  # a second Ctrl-C
+
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(KeyboardInterrupt), _interrupt_between_steps() as pressed:
-        signal.raise_signal(signal.SIGINT)  # held back: the code goes on
-        assert pressed.is_set()
-        with pytest.raises(KeyboardInterrupt):
-            _stop_if_interrupted(pressed)  # where the step ends
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # a second Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        a_training_step_pressed_twice()  # and leaving the block raises the held-back one
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with _interrupt_between_steps() as pressed:  # nothing pressed: nothing raised
         _stop_if_interrupted(pressed)
