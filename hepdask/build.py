@@ -12,7 +12,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -648,22 +648,22 @@ def build_dataset(
             # The probe opened the only file: its entry ranges are known without another open.
             counts = [first_entries.get(partitions[0].sample)]
             partitions = sources.split_entries(partitions, counts, config.read.entries_per_partition)
-        if dry_run:
-            return plan_report(config, partitions, first_entries, generated)
         if Path(config.output.path).is_symlink():
             # A link to a store: build (and replace) the store it points to, as --output does.
             target = str(Path(config.output.path).resolve())
             config = config.model_copy(update={"output": config.output.model_copy(update={"path": target})})
+        if dry_run:
+            return plan_report(config, partitions, first_entries, generated)
         with store.output_lock(config.output.path):
             return _build_locked(config, partitions, client, bar, started)
 
 
 def _build_locked(config: Config, partitions: list[sources.Partition], client, bar, started: float) -> BuildReport:
-    """The build proper, under the output's lock: check the output, connect, prepare the
-    output, stage, write. (A cluster that does not come leaves no staging area behind.)"""
-    refusal = output_plan(config).refusal
-    if refusal is not None:
-        raise StoreError(refusal)
+    """The build proper, under the output's lock: prepare the output, connect, stage, write.
+    A cluster that does not come leaves no new staging area behind."""
+    resumed = _prepare_output(config)
+    if resumed:
+        bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
     in_process = config.cluster.in_process(len(partitions), small_input=_small_input(partitions))
     context = nullcontext(client) if client is not None else _connect(config, bar, in_process)
     # A LocalCluster started without a dashboard still has Dask's HTTP server, whose link
@@ -672,9 +672,14 @@ def _build_locked(config: Config, partitions: list[sources.Partition], client, b
                  or config.cluster.dashboard(in_process) is not None)
     # The build's client is Dask's current one while it runs: Dask helpers that look up the
     # default client (the performance report) must not find a user's other, or a closed, one.
-    with context as active, active.as_current():
-        if _prepare_output(config):
-            bar.print(f"resuming the interrupted build in {store.staging_path(config.output.path)}")
+    with ExitStack() as stack:
+        try:
+            active = stack.enter_context(context)
+        except BaseException:
+            if not resumed:  # nothing can have run: the staging area is the one just made
+                shutil.rmtree(store.staging_path(config.output.path), ignore_errors=True)
+            raise
+        stack.enter_context(active.as_current())
         link = cluster.dashboard_link(active, config.cluster if client is None else None) if dashboard else None
         report_path = Path(config.output.path + ".performance-report.html")
         with _performance_report(report_path if config.cluster.performance_report else None):

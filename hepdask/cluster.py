@@ -27,7 +27,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 from . import heap, malloc
@@ -428,9 +428,11 @@ def _slurm_client(spec: Cluster, say: Callable[[str], None], log_directory: str 
         with _slurm_cluster_client(spec, say, log_directory) as client:
             yield client
     except BaseException:
-        # A start that failed before any job wrote a log leaves no empty log directory.
+        # A build that failed before any job wrote a log (SLURM refused the jobs, none
+        # started) leaves no empty log directory; a job writing its first log meanwhile keeps it.
         if made and Path(log_directory).is_dir() and not any(Path(log_directory).iterdir()):
-            Path(log_directory).rmdir()
+            with suppress(OSError):
+                Path(log_directory).rmdir()
         raise
 
 
@@ -479,29 +481,38 @@ def _security(spec: Cluster):
 
 #: How long the client waits for a scheduler at ``cluster.address`` that does not answer.
 CONNECT_TIMEOUT = "30s"
-#: How long the first look at a ``cluster.address`` waits for its host to answer at all.
-PROBE_SECONDS = 5.0
+#: How long a ``cluster.address`` where nothing listens is tried (a scheduler started by the
+#: same script may take a second or two to listen) before the build says so.
+REFUSED_SECONDS = 5.0
 
 
 def _refuse_a_refused_address(address: str) -> None:
-    """Fail at once where nothing listens at a TCP *address* (the host refuses): Dask's client
-    would retry for CONNECT_TIMEOUT first. A host that does not answer is left to Dask."""
+    """Fail within REFUSED_SECONDS where nothing listens at a ``tcp://`` *address* (the host
+    refuses): Dask's client retries for CONNECT_TIMEOUT first. A host that does not answer,
+    and a ``tls://`` scheduler (a bare connection would be a failed handshake in its log), are
+    left to Dask."""
     import socket
 
     from distributed.comm import parse_address
     from distributed.comm.addressing import parse_host_port
 
     protocol, location = parse_address(address)
-    if protocol not in ("tcp", "tls"):
+    if protocol != "tcp":
         return
     host, port = parse_host_port(location)
-    try:
-        socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
-    except ConnectionRefusedError:
-        msg = (f"cannot reach the Dask scheduler at cluster.address={address!r}: nothing listens there "
-               f"(connection refused); is the scheduler running, and is that its port?")
-        raise ClusterError(msg) from None
-    except OSError:
+    deadline = time.monotonic() + REFUSED_SECONDS
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=REFUSED_SECONDS).close()
+        except ConnectionRefusedError:
+            if time.monotonic() < deadline:
+                time.sleep(0.25)
+                continue
+            msg = (f"cannot reach the Dask scheduler at cluster.address={address!r}: nothing listens there "
+                   f"(connection refused for {REFUSED_SECONDS:g} s); is the scheduler running, and is that its port?")
+            raise ClusterError(msg) from None
+        except OSError:
+            return
         return
 
 

@@ -646,7 +646,7 @@ def _input_options(strategy):
     tf.data autotunes, and deleting it (Keras does for the validation input every epoch and
     for the training input at the end of ``fit``) waited at random for the tuning thread
     to sleep out its period, which doubles up to 60 s: 2 to 17 s here on CPUs."""
-    import tensorflow as tf
+    tf = _import_tf()
 
     devices = strategy.extended.worker_devices
     if not all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices):

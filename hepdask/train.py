@@ -357,11 +357,12 @@ OUTPUTS = ("model.keras", "best.keras", "history.csv", "metrics.json", "history.
 
 def run_hash(config: TrainConfig) -> str:
     """What an interrupted training must share with the command that resumes it: everything
-    but the output, ``overwrite``, the number of epochs and where it runs."""
+    but the output, ``overwrite``, the number of epochs, which weights are evaluated and
+    where it runs."""
     import hashlib
 
-    payload = config.model_dump(mode="json", exclude={"output": True, "overwrite": True, "fit": {"epochs"},
-                                                       "strategy": True})
+    payload = config.model_dump(mode="json", exclude={"output": True, "overwrite": True,
+                                                       "fit": {"epochs", "evaluate"}, "strategy": True})
     # The store's build too: a store rebuilt in place (another seed or split) would put
     # events the run trained on into its test split.
     attrs = store.open_root(config.store).attrs
@@ -460,10 +461,20 @@ def _best_so_far(path: Path, monitor: str) -> float | None:
     return float(np.nanmin(values)) if np.isfinite(values).any() else None
 
 
+class _Pressed:
+    """Whether a held-back Ctrl-C came (a plain flag: a signal handler must take no lock)."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def is_set(self) -> bool:
+        return self.pressed
+
+
 @contextmanager
-def _interrupt_between_steps() -> Iterator[threading.Event | None]:
+def _interrupt_between_steps() -> Iterator[_Pressed | None]:
     """Hold a Ctrl-C back to the end of the step it lands in (``_StopOnInterrupt`` and
-    ``_stop_if_interrupted`` raise it there); a second Ctrl-C interrupts at once.
+    ``_stop_if_interrupted`` raise it there), saying so; a second Ctrl-C interrupts at once.
 
     Python raises KeyboardInterrupt in whatever code runs when the signal comes, and during a
     training that is often a TensorFlow object's ``__del__``: Python prints "Exception
@@ -473,27 +484,27 @@ def _interrupt_between_steps() -> Iterator[threading.Event | None]:
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield None
         return
-    pressed = threading.Event()
+    held = _Pressed()
 
     def hold(signum, frame) -> None:
-        if pressed.is_set():
+        if held.pressed:
             raise KeyboardInterrupt
-        pressed.set()
+        held.pressed = True
+        log.warning("Ctrl-C: stopping after this step (press it again to stop at once)")
 
     signal.signal(signal.SIGINT, hold)
     try:
-        yield pressed
+        yield held
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    _stop_if_interrupted(pressed)
 
 
-def _stop_if_interrupted(pressed: threading.Event | None) -> None:
+def _stop_if_interrupted(pressed: _Pressed | None) -> None:
     if pressed is not None and pressed.is_set():
         raise KeyboardInterrupt
 
 
-def _stop_on_interrupt(keras, pressed: threading.Event | None):
+def _stop_on_interrupt(keras, pressed: _Pressed | None):
     """A callback that raises a held-back Ctrl-C after the training or validation step it came in."""
 
     class StopOnInterrupt(keras.callbacks.Callback):
@@ -553,12 +564,11 @@ def _fit(config: TrainConfig, verbose: int) -> TrainResult:
     with strategy.scope():
         model = build_model(config, image_shape, len(config.data.extra_inputs))
     # One training of an output at a time (a second would mix its checkpoints and history in).
-    with store.output_lock(output), _interrupt_between_steps() as pressed:
-        return _train(config, model, strategy, sizes, output, verbose, pressed)
+    with store.output_lock(output):
+        return _train(config, model, strategy, sizes, output, verbose)
 
 
-def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: Path, verbose: int,
-           pressed: threading.Event | None = None) -> TrainResult:
+def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: Path, verbose: int) -> TrainResult:
     """Train *model* into *output* (resuming what a killed run left), evaluate and plot."""
     import keras
 
@@ -580,24 +590,29 @@ def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: 
     val_steps = tfdata.steps_per_epoch(sizes["val"], config.data.batch_size, replicas=replicas)
     val = _inputs(config, "val", shuffle=False, epochs=None, strategy=strategy) if val_steps else None
     monitor = "val_loss" if val else "loss"
-    callbacks = [
-        keras.callbacks.ModelCheckpoint(str(output / "best.keras"), monitor=monitor, save_best_only=True,
-                                        initial_value_threshold=_best_so_far(output / "history.csv", monitor)),
-        keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
-        _retune_malloc(keras),
-        _stop_on_interrupt(keras, pressed),
-        # Last: an epoch is backed up once everything else has its record of it. The backup
-        # outlives fit and goes once the metrics are written, so a kill at any point before
-        # resumes (a run whose epochs are all done just saves and evaluates again).
-        keras.callbacks.BackupAndRestore(str(output / BACKUP), delete_checkpoint=False),
-    ]
-    history = model.fit(train, epochs=config.fit.epochs, steps_per_epoch=steps, validation_data=val,
-                        validation_steps=val_steps or None, callbacks=callbacks, verbose=verbose, shuffle=False)
-    _stop_if_interrupted(pressed)
-    model.save(output / "model.keras")
-    full_history = _read_history(output / "history.csv") or {k: list(map(float, v)) for k, v in history.history.items()}
-    evaluated = _evaluated_weights(config, model, output, full_history, monitor)
-    metrics = {**evaluated, **evaluate(config, model, evaluated["model"], pressed)}
+    # A Ctrl-C from the first step to the metrics is raised where a step ends; once the
+    # metrics are final the run is finished, and one then is Python's again.
+    with _interrupt_between_steps() as pressed:
+        callbacks = [
+            keras.callbacks.ModelCheckpoint(str(output / "best.keras"), monitor=monitor, save_best_only=True,
+                                            initial_value_threshold=_best_so_far(output / "history.csv", monitor)),
+            keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
+            _retune_malloc(keras),
+            _stop_on_interrupt(keras, pressed),
+            # Last: an epoch is backed up once everything else has its record of it. The backup
+            # outlives fit and goes once the metrics are written, so a kill at any point before
+            # resumes (a run whose epochs are all done just saves and evaluates again).
+            keras.callbacks.BackupAndRestore(str(output / BACKUP), delete_checkpoint=False),
+        ]
+        history = model.fit(train, epochs=config.fit.epochs, steps_per_epoch=steps, validation_data=val,
+                            validation_steps=val_steps or None, callbacks=callbacks, verbose=verbose, shuffle=False)
+        _stop_if_interrupted(pressed)
+        model.save(output / "model.keras")
+        full_history = (_read_history(output / "history.csv")
+                        or {k: list(map(float, v)) for k, v in history.history.items()})
+        evaluated = _evaluated_weights(config, model, output, full_history, monitor)
+        metrics = {**evaluated, **evaluate(config, model, evaluated["model"], pressed)}
+        _stop_if_interrupted(pressed)
     metrics["replicas"] = replicas
     metrics["train_events"], metrics["val_events"] = sizes["train"], sizes["val"]
     metrics["inputs"] = inputs
@@ -618,16 +633,20 @@ def _evaluated_weights(config: TrainConfig, model, output: Path, history: dict[s
     best = output / "best.keras"
     if config.fit.evaluate == "last":
         return record
-    if not best.exists() or not np.isfinite(values).any():
+    if not np.isfinite(values).any():
         log.warning("no epoch had a finite %s, so best.keras was not written: evaluating the last epoch's "
                     "weights (model.keras)", monitor)
+        return record
+    if not best.exists():
+        log.warning("%s is missing (removed since it was written?): evaluating the last epoch's weights "
+                    "(model.keras)", best)
         return record
     model.load_weights(best)
     # ModelCheckpoint saves on a strict improvement, so the first of equal minima is the one saved.
     return {**record, "model": "best.keras", "epoch": int(np.nanargmin(values)) + 1}
 
 
-def evaluate(config: TrainConfig, model, name: str = "model.keras", pressed: threading.Event | None = None) -> dict[str, Any]:
+def evaluate(config: TrainConfig, model, name: str = "model.keras", pressed: _Pressed | None = None) -> dict[str, Any]:
     """Metrics of *model* (saved as *name*) on the test split, every test event once, in
     store order. A binary model's working point is the threshold that minimises
     misclassification of the validation split, so that the test figures at it are not tuned
@@ -643,7 +662,7 @@ def evaluate(config: TrainConfig, model, name: str = "model.keras", pressed: thr
 
 
 def predict(config: TrainConfig, model, split: str, name: str = "model.keras",
-            pressed: threading.Event | None = None) -> tuple[np.ndarray, np.ndarray]:
+            pressed: _Pressed | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Labels and scores of every event of *split*, in store order; non-finite scores are
     refused (a model whose weights went NaN)."""
     labels, scores = [], []

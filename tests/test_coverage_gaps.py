@@ -429,7 +429,8 @@ def test_a_script_without_a_main_guard_is_told_why_its_workers_failed(monkeypatc
 
 def test_an_address_where_nothing_listens_is_refused_at_once(ldmx_data, tmp_path, capsys):
     """Dask's client retries a refused connection for its whole timeout (30 s): the build
-    looks first, and says nothing listens there."""
+    tries for 5 s (a scheduler the same script starts may not listen yet) and says nothing
+    listens there."""
     import socket
 
     with socket.socket() as sock:
@@ -439,7 +440,32 @@ def test_an_address_where_nothing_listens_is_refused_at_once(ldmx_data, tmp_path
     assert cli(["build-dataset", str(path), "--address", f"tcp://127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"hepdask: error: cannot reach the Dask scheduler at cluster.address='tcp://127.0.0.1:{port}': "
-                   "nothing listens there (connection refused); is the scheduler running, and is that its port?")
+                   "nothing listens there (connection refused for 5 s); is the scheduler running, and is that its port?")
+
+
+def test_a_scheduler_that_listens_a_moment_later_is_reached():
+    import socket
+    import threading
+
+    from hepdask.cluster import _refuse_a_refused_address
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = socket.socket()
+
+    def listen_later():
+        threading.Event().wait(0.6)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+    later = threading.Thread(target=listen_later)
+    later.start()
+    try:
+        _refuse_a_refused_address(f"tcp://127.0.0.1:{port}")  # refused at first, then it listens
+    finally:
+        later.join()
+        server.close()
 
 
 def test_the_dry_run_says_what_the_build_will_do_with_its_output(ldmx_data, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -852,6 +853,12 @@ def test_an_output_path_that_is_a_link_replaces_the_store_it_points_to(sound_sto
     link = tmp_path / "link.zarr"
     link.symlink_to(sound_store)
     raw = demo_config(data, link, **{"output.overwrite": True, "output.shuffle": {"enabled": True, "seed": 5}})
+    # The dry run looks where the build will: at the store the link points to.
+    store.staging_path(sound_store).mkdir()
+    (store.staging_path(sound_store) / "notes.txt").write_text("not hepdask's")
+    planned = hepdask.build_dataset(from_dict(raw), dry_run=True, progress=False).plan["output_plan"]
+    assert planned.startswith(f"the build will refuse: {str(store.staging_path(sound_store))!r} exists and is not")
+    shutil.rmtree(store.staging_path(sound_store))
     hepdask.build_dataset(from_dict(raw), progress=False)
     assert link.is_symlink() and store.is_complete(link) and store.verify(sound_store) == []
     assert "seed: 5" in zarr.open_group(str(link), mode="r").attrs["hepdask:config"]  # the new build's
