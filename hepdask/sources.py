@@ -129,20 +129,47 @@ def _as_input_error(path: str, err: BaseException) -> InputFileError:
     if isinstance(err, FileNotFoundError):
         return MissingInputError(f"{path}: file does not exist")
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    start = _first_bytes(path)
+    header = _first_bytes(path)
+    start = header[: len(ROOT_MAGIC)] if header is not None else None
     if start is not None and start != ROOT_MAGIC:
         return InputFileError(f"{path}: not a ROOT file (it starts with {start!r}, not {ROOT_MAGIC!r})")
+    end = _recorded_end(header) if header is not None else None
+    size = _size(path)
+    if end is not None and size is not None and size < end:
+        return InputFileError(f"{path}: truncated: {size:,} of the {end:,} bytes its ROOT header says it holds "
+                              f"(an interrupted copy or write?)")
     return InputFileError(f"{path}: cannot read ({type(err).__name__}: {text})")
 
 
 #: The first bytes of every ROOT file.
 ROOT_MAGIC = b"root"
+#: The ROOT file header: magic, fVersion, fBEGIN, fEND (big-endian; fEND is 64-bit from
+#: fVersion 1000000 on, the "large file" format).
+_HEADER = struct.Struct(">4sii")
+_LARGE_FILE_VERSION = 1_000_000
 
 
 def _first_bytes(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
-            return f.read(len(ROOT_MAGIC))
+            return f.read(_HEADER.size + 8)
+    except OSError:
+        return None
+
+
+def _recorded_end(header: bytes) -> int | None:
+    """Where the file's ROOT header says the file ends (fEND), or None if it is too short."""
+    if len(header) < _HEADER.size + 4:
+        return None
+    _, version, _ = _HEADER.unpack_from(header)
+    if version >= _LARGE_FILE_VERSION:
+        return struct.unpack_from(">q", header, _HEADER.size)[0] if len(header) >= _HEADER.size + 8 else None
+    return struct.unpack_from(">i", header, _HEADER.size)[0]
+
+
+def _size(path: str) -> int | None:
+    try:
+        return Path(path).stat().st_size
     except OSError:
         return None
 
