@@ -148,6 +148,7 @@ def _console(console_class, *, stderr: bool = False):
 def _build(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from . import store
     from .build import build_dataset
     from .config import load
 
@@ -178,11 +179,15 @@ def _build(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # After the store's last write (closing the cluster, printing the summary) there is
         # nothing to resume: say so, not "run the same command to resume".
-        if args.dry_run or not _finished_since(config.output.path, started):
-            raise
-        print(f"hepdask: interrupted after the build had finished: {config.output.path} is complete",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        if not args.dry_run and _finished_since(config.output.path, started):
+            print(f"hepdask: interrupted after the build had finished: {config.output.path} is complete",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if not args.dry_run and not store.staging_path(config.output.path).exists():
+            # Stopped before the build began writing (while the cluster started).
+            print(f"hepdask: interrupted before the build began: {config.output.path} is as it was", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
     return 0
 
 

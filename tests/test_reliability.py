@@ -696,27 +696,32 @@ def test_ctrl_c_stops_a_build_in_this_process_at_once_with_one_line(ldmx_data, t
     assert err.strip() == "hepdask: interrupted; the new store is not finalised: run the same command to resume"
 
 
-@pytest.mark.parametrize("finished", [True, False], ids=["after-the-last-write", "before"])
+@pytest.mark.parametrize("reached", ["finished", "staging", "nothing"])
 def test_ctrl_c_after_the_store_is_finished_does_not_ask_for_a_resume(ldmx_data, client, tmp_path, monkeypatch,
-                                                                       capsys, finished):
+                                                                       capsys, reached):
     """A Ctrl-C while the cluster closed or the summary printed said 'not finalised: run the
-    same command to resume' of a complete store, which that command then refused to replace."""
+    same command to resume' of a complete store, which that command then refused to replace;
+    one before the build made its staging area (while the cluster started) has nothing to resume."""
     data, _ = ldmx_data
-    path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "o.zarr"))
+    out = tmp_path / "o.zarr"
+    path = write_config(tmp_path / "c.yaml", demo_config(data, out))
     plain = build.build_dataset
 
     def interrupted(config, **kwargs):
-        if finished:
+        if reached == "finished":
             plain(config, client=client, **kwargs)
+        elif reached == "staging":
+            store.staging_path(out).mkdir()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(build, "build_dataset", interrupted)
     assert cli(["build-dataset", str(path), "--no-progress"]) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the dashboard's link, if any
-    if finished:
-        assert err == f"hepdask: interrupted after the build had finished: {tmp_path / 'o.zarr'} is complete"
-    else:
-        assert err.endswith("the new store is not finalised: run the same command to resume")
+    assert err == {
+        "finished": f"hepdask: interrupted after the build had finished: {out} is complete",
+        "staging": "hepdask: interrupted; the new store is not finalised: run the same command to resume",
+        "nothing": f"hepdask: interrupted before the build began: {out} is as it was",
+    }[reached]
 
 
 def test_ctrl_c_while_the_command_imports_is_one_line(monkeypatch, capsys):
