@@ -738,8 +738,11 @@ class OutputPlan:
             return f"the build will refuse: {self.refusal}"
         if self.resume:
             return f"the build will resume the interrupted build in {staging}"
-        done = (["discard the staging area an interrupted build left, which cannot be resumed"] if self.discard_staging
-                else []) + (["replace the incomplete store there"] if self.discard_output else [])
+        done = []
+        if self.discard_staging:
+            done.append("discard the staging area an interrupted build left, which cannot be resumed")
+        if self.discard_output:
+            done.append("replace the incomplete store there")
         if self.replaces:
             done.append("replace the complete store once it starts writing")
         return f"the build will {' and '.join(done)}" if done else "the build will write a new store"

@@ -504,16 +504,16 @@ def _refuse_a_refused_address(address: str) -> None:
     while True:
         try:
             socket.create_connection((host, port), timeout=REFUSED_SECONDS).close()
+            return
         except ConnectionRefusedError:
-            if time.monotonic() < deadline:
-                time.sleep(0.25)
-                continue
-            msg = (f"cannot reach the Dask scheduler at cluster.address={address!r}: nothing listens there "
-                   f"(connection refused for {REFUSED_SECONDS:g} s); is the scheduler running, and is that its port?")
-            raise ClusterError(msg) from None
+            if time.monotonic() >= deadline:
+                msg = (f"cannot reach the Dask scheduler at cluster.address={address!r}: nothing listens there "
+                       f"(connection refused for {REFUSED_SECONDS:g} s); is the scheduler running, and is that "
+                       f"its port?")
+                raise ClusterError(msg) from None
+            time.sleep(0.25)
         except OSError:
             return
-        return
 
 
 def dashboard_link(client, spec: Cluster | None = None) -> str | None:

@@ -91,10 +91,9 @@ def beyond(paths: list[str], directory: str | os.PathLike, *, signal: bool, n_fi
     """Those of *paths* that are example files of this kind in *directory* numbered
     ``n_files`` or more: left over from a run that generated more."""
     kept = {path.resolve() for path in file_paths(directory, signal=signal, n_files=n_files)}
-    directory, prefix = Path(directory).resolve(), _prefix(signal)
+    directory, pattern = Path(directory).resolve(), _pattern(_prefix(signal))
     return {path for path in paths
-            if (p := Path(path).resolve()).parent == directory and p.match(f"{prefix}_[0-9][0-9][0-9][0-9][0-9].root")
-            and p not in kept}
+            if (p := Path(path).resolve()).parent == directory and p.match(pattern) and p not in kept}
 
 
 def _prefix(signal: bool) -> str:
@@ -105,8 +104,13 @@ def _record_path(directory: Path, prefix: str) -> Path:
     return directory / f".{prefix}.hepdask-generate.json"
 
 
+def _pattern(prefix: str) -> str:
+    """The glob pattern of a sample's example files (``file_paths``' names)."""
+    return f"{prefix}_[0-9][0-9][0-9][0-9][0-9].root"
+
+
 def _existing(directory: Path, prefix: str) -> list[Path]:
-    return sorted(directory.glob(f"{prefix}_[0-9][0-9][0-9][0-9][0-9].root"))
+    return sorted(directory.glob(_pattern(prefix)))
 
 
 def check_settings(directory: str | os.PathLike, *, signal: bool, events_per_file: int, seed: int) -> None:

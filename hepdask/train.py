@@ -473,8 +473,9 @@ class _Pressed:
 
 @contextmanager
 def _interrupt_between_steps() -> Iterator[_Pressed | None]:
-    """Hold a Ctrl-C back to the end of the step it lands in (``_StopOnInterrupt`` and
-    ``_stop_if_interrupted`` raise it there), saying so; a second Ctrl-C interrupts at once.
+    """Hold a Ctrl-C back to the end of the step it lands in (the ``_stop_on_interrupt``
+    callback and ``_stop_if_interrupted`` raise it there), saying so; a second Ctrl-C
+    interrupts at once.
 
     Python raises KeyboardInterrupt in whatever code runs when the signal comes, and during a
     training that is often a TensorFlow object's ``__del__``: Python prints "Exception
@@ -629,10 +630,10 @@ def _evaluated_weights(config: TrainConfig, model, output: Path, history: dict[s
     epoch's, which it already holds."""
     epochs = len(next(iter(history.values()), []))
     record: dict[str, Any] = {"model": "model.keras", "epoch": epochs, "monitor": monitor}
-    values = np.asarray(history.get(monitor, []), np.float64)
-    best = output / "best.keras"
     if config.fit.evaluate == "last":
         return record
+    values = np.asarray(history.get(monitor, []), np.float64)
+    best = output / "best.keras"
     if not np.isfinite(values).any():
         log.warning("no epoch had a finite %s, so best.keras was not written: evaluating the last epoch's "
                     "weights (model.keras)", monitor)
