@@ -76,6 +76,7 @@ def test_unknown_key_is_rejected_with_a_suggestion(tmp_path):
         ({"selection": {"hits": "1 > 0"}}, "uses no field"),
         ({"output.shuffle": {"seed": -1}}, "output.shuffle.seed: Input should be greater than or equal to 0"),
         ({"output.path": "/"}, "output.path: '/' names no directory to build the store in"),
+        ({"output.compressor": {"name": "blosc-lz4", "level": 12}}, "output.compressor: .*'blosc-lz4': level 12 is above its highest, 9"),
         ({"cluster": {"kind": "address"}}, "needs cluster.address"),
         ({"cluster": {"processes": False, "workers": 2}}, "cluster.workers is 2"),
         ({"cluster": {"processes": False, "kind": "address", "address": "tcp://h:1"}}, "cluster.kind is 'address'"),

@@ -309,7 +309,7 @@ def test_a_coordinate_equal_to_the_fill_value_is_written(tmp_path):
     assert store._missing_chunks(tmp_path / "s.zarr", zarr.open_group(str(tmp_path / "s.zarr"))["train"]["x"]) == []
 
 
-@pytest.mark.parametrize("compressor", [("zstd", 1), ("zstd", 5), ("none", 0)])
+@pytest.mark.parametrize("compressor", [("zstd", 1), ("zstd", 5), ("none", 0), ("blosc-lz4", 1), ("blosc-lz4", 5)])
 def test_chunk_files_are_the_bytes_zarr_writes(tmp_path, compressor):
     """Chunks written as files (``ChunkFiles``) equal zarr's own, the edge chunk's fill
     included, and read back through zarr and through ``ChunkFiles.read``."""
@@ -317,16 +317,17 @@ def test_chunk_files_are_the_bytes_zarr_writes(tmp_path, compressor):
     rng = np.random.default_rng(3)
     values = {
         "image": rng.poisson(0.3, (n, 5, 6)).astype(np.float32),
+        "counts": rng.poisson(0.3, (n, 5, 7)).astype(np.uint8),  # one-byte values: blosc's typesize 2
         "label": rng.integers(0, 3, n).astype(np.int32),
         "truth": rng.normal(size=n),
         "source_file": np.array([f"/data/run_{i // 50:03d}.root" for i in range(n)], dtype=object),
     }
-    codec = store.compressors(*compressor)
     stores = {}
     for how in ("zarr", "files"):
         group = zarr.open_group(tmp_path / f"{how}.zarr", mode="w", zarr_format=3).create_group("train")
         for name, v in values.items():
             dtype = str if v.dtype == object else v.dtype
+            codec = store.compressors(*compressor, "str" if dtype is str else v.dtype.str)
             array = group.create_array(name, shape=v.shape, chunks=(chunk, *v.shape[1:]), dtype=dtype,
                                        compressors=codec, fill_value=store._fill("str" if dtype is str else v.dtype.str))
             array = array.with_config({"write_empty_chunks": True})
@@ -349,14 +350,28 @@ def test_chunk_files_are_the_bytes_zarr_writes(tmp_path, compressor):
 
 
 def test_other_layouts_are_left_to_zarr(tmp_path):
-    from zarr.codecs import BytesCodec
+    from zarr.codecs import BloscCodec, BytesCodec, GzipCodec
 
     group = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
-    blosc = group.create_array("blosc", shape=(10,), chunks=(5,), dtype="int32", compressors=store.compressors("blosc-lz4", 1))
+    gzip = group.create_array("gzip", shape=(10,), chunks=(5,), dtype="int32", compressors=GzipCodec())
+    zstd_lz4 = group.create_array("two", shape=(10,), chunks=(5,), dtype="int32",
+                                  compressors=[store.compressors("zstd", 1), BloscCodec(cname="lz4")])
     big = group.create_array("big", shape=(10,), chunks=(5,), dtype="int32", compressors=None,
                              serializer=BytesCodec(endian="big"))
-    assert store.ChunkFiles.of(blosc) is None
+    assert store.ChunkFiles.of(gzip) is None
+    assert store.ChunkFiles.of(zstd_lz4) is None
     assert store.ChunkFiles.of(big) is None
+
+
+def test_blosc_shuffles_one_byte_values_in_pairs(tmp_path):
+    """Blosc's bit-unshuffle of one-byte elements is a scalar loop; pairs take its SSE2 path.
+    Other arrays shuffle by their item size."""
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    expected = {"uint8": store.BLOSC_BYTE_TYPESIZE, "bool": store.BLOSC_BYTE_TYPESIZE, "float32": 4, "int64": 8}
+    for dtype, typesize in expected.items():
+        array = group.create_array(dtype, shape=(10,), chunks=(5,), dtype=dtype,
+                                   compressors=store.compressors("blosc-lz4", 1, dtype))
+        assert array.metadata.codecs[-1].typesize == typesize, dtype
 
 
 def _assigned(plans) -> dict[str, list[tuple[int, int]]]:
