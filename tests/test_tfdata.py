@@ -114,6 +114,17 @@ def test_no_step_gives_a_replica_an_empty_batch(n_events, steps, delivered):
         assert np.unique(np.concatenate(parts)).size == delivered
 
 
+@pytest.mark.parametrize("rows", [slice(0, 37), slice(5, 20), np.array([36, 0, 7, 7, 12])])
+@pytest.mark.parametrize("dtype", ["uint8", "int32", "float32"])
+def test_chunk_rows_are_handed_over_aligned_for_tensorflow(rows, dtype):
+    """TensorFlow takes a numpy_function's array without copying it only at this alignment."""
+    values = np.arange(37 * 3 * 5).reshape(37, 3, 5).astype(dtype)[:, :, 1:]  # not contiguous
+    out = tfdata._aligned_rows(values, rows)
+    assert out.ctypes.data % tfdata.TENSOR_ALIGNMENT == 0
+    assert out.flags.c_contiguous and out.dtype == values.dtype
+    np.testing.assert_array_equal(out, values[rows])
+
+
 def test_import_hepdask_does_not_import_tensorflow():
     code = "import sys, hepdask, hepdask.tfdata; print('tensorflow' in sys.modules, 'matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
