@@ -205,12 +205,14 @@ class RSSSampler(threading.Thread):
         return max(self.peak, self.rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def timed(batches, sampler: RSSSampler, *, seconds: float, min_images: int, to_numpy) -> dict:
+def timed(batches, sampler: RSSSampler, *, seconds: float, min_images: int) -> dict:
     """Pull batches (the first one untimed) until both *seconds* and *min_images* are reached,
-    or the batches end."""
+    or the batches end. Each batch is taken with ``np.asarray``, a view of the tensor's own
+    memory, as a training step takes it: ``.numpy()`` copies every batch (TensorFlow hands out
+    a writable copy), which cost the measuring thread a seventh of the CPU at ~800k images/s."""
     iterator = iter(batches)
     x, _ = next(iterator)
-    to_numpy(x)
+    np.asarray(x)
     images, n_batches = 0, 0
     started = time.perf_counter()
     while True:
@@ -218,7 +220,7 @@ def timed(batches, sampler: RSSSampler, *, seconds: float, min_images: int, to_n
             x, _ = next(iterator)
         except StopIteration:
             break
-        images += to_numpy(x).shape[0]
+        images += np.asarray(x).shape[0]
         n_batches += 1
         elapsed = time.perf_counter() - started
         if elapsed >= seconds and images >= min_images:
@@ -243,10 +245,6 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
 
     import tensorflow as tf
 
-    # Each delivered batch is taken as a numpy view of the tensor's own memory: ``.numpy()``
-    # copies every batch (TensorFlow hands out a writable copy), a copy no training step
-    # makes; it cost the measuring thread a seventh of the CPU at ~800k images/s.
-    to_numpy = np.asarray
     if kind == "tf_dataset":
         from hepdask.tfdata import tf_dataset
 
@@ -266,7 +264,6 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
         ds = pydataset_fit_batches(Path(args.hdf5), B, workers=int(kind.split("-")[2]))
     elif kind.startswith("pydataset"):
         ds = pydataset_batches(Path(args.hdf5), B)
-        to_numpy = np.asarray
     elif kind.startswith("stages:"):
         ds = stage_pipeline(tf, path, kind.split(":", 1)[1], B, buffer, args.parallel_reads)
     else:
@@ -275,7 +272,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     sampler = RSSSampler()
     base = sampler.rss()
     sampler.start()
-    result = timed(ds, sampler, seconds=args.seconds, min_images=n_events, to_numpy=to_numpy)
+    result = timed(ds, sampler, seconds=args.seconds, min_images=n_events)
     result.update(rss_base=base, rss_peak=sampler.stop(), events=n_events)
     return result
 

@@ -315,11 +315,11 @@ MAX_LEVEL = {"zstd": 22, "blosc-lz4": 9}
 
 class Compressor(_Model):
     """``zstd`` suits most images; ``blosc-lz4`` (bit-shuffled LZ4) decodes noisy integer
-    count images 3-4x faster at about the same size, which lets training read them faster
-    (``configs/km3net-mu-vs-nu.yaml``; benchmarks/RESULTS.md)."""
+    count images 3.5x faster at about the same size, which lets training read them faster
+    (README, "The store"; benchmarks/RESULTS.md)."""
 
     name: Literal["zstd", "blosc-lz4", "none"] = "zstd"
-    level: Annotated[int, Field(ge=0, le=22)] = 1
+    level: Annotated[int, Field(ge=0)] = 1
 
     @model_validator(mode="after")
     def _level_in_range(self) -> Compressor:

@@ -880,11 +880,17 @@ def chunk_ranges(n: int, chunk_events: int) -> list[tuple[int, int]]:
 BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
+def _value(setting):
+    """A codec setting as zarr's metadata spells it: the value of an enum member, or the
+    string itself (zarr moves from enums to literal strings)."""
+    return getattr(setting, "value", setting)
+
+
 class ChunkFiles:
     """Whole chunks of one Zarr array, encoded and decoded here and read or written as files.
 
     For the layouts hepdask writes (a regular chunk grid along the events only, in a local
-    directory store; little-endian ``bytes`` or ``vlen-utf8``, then zstd or nothing), this is byte for byte
+    directory store; little-endian ``bytes`` or ``vlen-utf8``, then zstd, Blosc or nothing), this is byte for byte
     what zarr writes, without zarr's per-chunk cost: ~1 ms of CPU a chunk through its async
     pipeline, five times the encoding of a per-event array's chunk. ``of`` gives None for any
     other layout; callers then go through zarr.
@@ -909,7 +915,7 @@ class ChunkFiles:
         if path is None or not isinstance(metadata.chunk_grid, RegularChunkGrid):
             return None
         first, rest = metadata.codecs[0], metadata.codecs[1:]
-        if isinstance(first, BytesCodec) and getattr(first.endian, "value", first.endian) in (None, "little"):
+        if isinstance(first, BytesCodec) and _value(first.endian) in (None, "little"):
             dtype = np.dtype(array.dtype).newbyteorder("<")
             shape = tuple(array.chunks)
 
@@ -933,13 +939,15 @@ class ChunkFiles:
         if len(rest) == 1 and isinstance(rest[0], ZstdCodec):
             zstd = Zstd(level=rest[0].level, checksum=rest[0].checksum)
             return cls(array, path, encode, decode, zstd.encode, zstd.decode)
-        if len(rest) == 1 and isinstance(rest[0], BloscCodec) and rest[0].typesize is not None:
+        if len(rest) == 1 and isinstance(rest[0], BloscCodec):
             # The numcodecs codec zarr's BloscCodec itself encodes with (its ``_blosc_codec``):
-            # the same bytes. zarr turns off Blosc's global thread pool, so each call runs
-            # on the calling thread, without the GIL.
-            blosc = Blosc.from_config({"cname": rest[0].cname.value, "clevel": rest[0].clevel,
-                                       "shuffle": BLOSC_SHUFFLE[rest[0].shuffle.value],
-                                       "blocksize": rest[0].blocksize, "typesize": rest[0].typesize})
+            # the same bytes. zarr turns off Blosc's global thread pool when it is imported,
+            # so each call runs on the calling thread, without the GIL, and encodes the same
+            # bytes every time.
+            codec = rest[0]
+            blosc = Blosc.from_config({"cname": _value(codec.cname), "clevel": codec.clevel,
+                                       "shuffle": BLOSC_SHUFFLE[_value(codec.shuffle)],
+                                       "blocksize": codec.blocksize, "typesize": codec.typesize})
             return cls(array, path, encode, decode, blosc.encode, blosc.decode)
         return None
 
