@@ -8,9 +8,10 @@ marker), chunked as a build chunks them (``AUTO_CHUNK_BYTES`` = 4 MiB), one ``tr
 (``configs/km3net-mu-vs-nu.yaml``) and OrcaSong (``histogramdd(...).astype(uint8)``) write for
 these count images; ``float32`` gives the 4x larger images of energy-weighted builds.
 ``--compressor`` gives the ``output.compressor.name`` of the stores, level 1, as a build
-writes them: by default one store of each size with ``zstd`` (the build's default) and one
-with ``blosc-lz4`` (bit-shuffled LZ4, which decodes these noisy count images 3-4x faster at
-about the same size); (a) reads each. Existing stores are reused.
+writes them: by default one store of each size with ``blosc-lz4`` (bit-shuffled LZ4, what
+a build's default ``auto`` writes for uint8 images) and one with ``zstd`` (the default
+before ``auto``, and what it writes for other dtypes); (a) reads each. Existing stores are
+reused.
 
 Measurements, each in a fresh subprocess (independent RSS and TensorFlow state), every one
 warmed up by one batch that is not timed, then timed for at least ``--seconds`` seconds and at
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--dtype", choices=["uint8", "float32"], default="uint8", help="image dtype")
     parser.add_argument("--compressor", choices=["zstd", "blosc-lz4", "none"], nargs="+",
-                        default=["zstd", "blosc-lz4"], help="output.compressor.name of the stores: (a) reads each")
+                        default=["blosc-lz4", "zstd"], help="output.compressor.name of the stores: (a) reads each")
     parser.add_argument("--seconds", type=float, default=30.0, help="minimum timed seconds per measurement")
     parser.add_argument("--profile", action="store_true", help="also break (a) down by stage")
     parser.add_argument("--profile-seconds", type=float, default=12.0)

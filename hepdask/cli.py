@@ -446,9 +446,15 @@ def print_plan(config, report, console) -> None:
     cut = (f"files cut into ranges of at most {config.read.entries_per_partition:,} entries"
            if config.read.entries_per_partition else "one per file")
     console.print(f"partitions: {report.n_partitions:,} ({cut}, read {config.read.step_size:,} entries at a time)")
-    console.print(f"image: shape {tuple(report.image_shape)} {report.image_dtype}, {report.chunk_events:,} events per chunk")
+    from .store import compressor_name
+
+    def codec(dtype: str) -> str:
+        return compressor_name(config.output.compressor.name, dtype)
+
+    console.print(f"image: shape {tuple(report.image_shape)} {report.image_dtype}, {report.chunk_events:,} events "
+                  f"per chunk, {codec(report.image_dtype)}")
     for name, image in report.images.items():
-        console.print(f"{name}: shape {tuple(image['shape'])} {image['dtype']}")
+        console.print(f"{name}: shape {tuple(image['shape'])} {image['dtype']}, {codec(image['dtype'])}")
     console.print(f"estimated output: {plan['estimated_events']:,} events, "
                   f"{plan['estimated_uncompressed_bytes'] / 2**20:,.1f} MiB uncompressed ({plan['note']})")
     console.print(f"output: {config.output.path}")

@@ -309,16 +309,17 @@ class Labels(_Model):
     default: int | None = None
 
 
-#: The highest level of each compressor (``none`` takes any, and ignores it).
-MAX_LEVEL = {"zstd": 22, "blosc-lz4": 9}
+#: The highest level of each compressor (``none`` takes any, and ignores it; ``auto`` may
+#: pick either of the other two).
+MAX_LEVEL = {"zstd": 22, "blosc-lz4": 9, "auto": 9}
 
 
 class Compressor(_Model):
-    """``zstd`` suits most images; ``blosc-lz4`` (bit-shuffled LZ4) decodes noisy integer
-    count images 3.5x faster at about the same size, which lets training read them faster
-    (README, "The store"; benchmarks/RESULTS.md)."""
+    """``auto``: ``blosc-lz4`` (bit-shuffled LZ4) for one-byte count images, which it decodes
+    up to 3.5x faster than zstd, so training reads them faster; ``zstd`` for the rest
+    (``store.compressors``; README, "The store")."""
 
-    name: Literal["zstd", "blosc-lz4", "none"] = "zstd"
+    name: Literal["auto", "zstd", "blosc-lz4", "none"] = "auto"
     level: Annotated[int, Field(ge=0)] = 1
 
     @model_validator(mode="after")

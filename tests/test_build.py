@@ -448,6 +448,16 @@ def test_dry_run_writes_nothing(ldmx_data, tmp_path, capsys):
     assert not store.staging_path(tmp_path / "out.zarr").exists()
 
 
+def test_dry_run_names_the_compressor_auto_picks_for_each_image(ldmx_data, tmp_path, capsys):
+    data, _ = ldmx_data
+    counts = {"image.weight": None, "image.dtype": "uint8"}
+    for changes, codec in (({}, "zstd"), (counts, "blosc-lz4"), ({**counts, "output.compressor": {"name": "zstd"}}, "zstd")):
+        path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "out.zarr", **changes))
+        assert cli(["build-dataset", str(path), "--dry-run"]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("image: shape"))
+        assert line.endswith(f"events per chunk, {codec}"), line
+
+
 def test_cli_build_and_info(ldmx_data, tmp_path, capsys):
     data, _ = ldmx_data
     path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "out.zarr"))

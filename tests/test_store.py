@@ -363,6 +363,22 @@ def test_other_layouts_are_left_to_zarr(tmp_path):
     assert store.ChunkFiles.of(big) is None
 
 
+def test_auto_compresses_one_byte_arrays_with_blosc_and_the_rest_with_zstd(tmp_path):
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    from hepdask.config import Compressor
+
+    assert Compressor().name == "auto"
+    arrays = {"counts": store.ArraySpec("uint8", (3, 4)), "energy": store.ArraySpec("float32", (3, 4)),
+              "label": store.ArraySpec("int32"), "flag": store.ArraySpec("bool"), "sample": store.ArraySpec("str")}
+    dims = {"counts": ("y", "x"), "energy": ("y", "x"), "label": (), "flag": (), "sample": ()}
+    store.prepare(tmp_path / "s.zarr", {"train": 10}, arrays, dims, [], chunk_events=5, compressor=("auto", 1), attrs={})
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r")["train"]
+    kinds = {name: type(group[name].metadata.codecs[-1]) for name in arrays}
+    assert kinds == {"counts": BloscCodec, "energy": ZstdCodec, "label": ZstdCodec, "flag": BloscCodec, "sample": ZstdCodec}
+    assert all(store.ChunkFiles.of(group[name]) is not None for name in arrays)
+
+
 def test_blosc_shuffles_one_byte_values_in_pairs(tmp_path):
     """Blosc's bit-unshuffle of one-byte elements is a scalar loop; pairs take its SSE2 path.
     Other arrays shuffle by their item size."""
