@@ -507,9 +507,13 @@ def print_info(info: dict, console) -> None:
              s["chunk_events"], " ".join(f"{k}:{v:,}" for k, v in s["labels"].items()))
             for split, s in info["splits"].items()]
     console.print(_table("splits", ["split", "events", "image", "dims", "dtype", "chunk", "labels"], rows))
+    compressors = sorted({s["compressor"] for s in info["splits"].values()})
+    if compressors:
+        console.print(f"image compressor: {', '.join(compressors)}")
     more = {name: image for s in info["splits"].values() for name, image in s.get("more_images", {}).items()}
     for name, image in more.items():
-        console.print(f"{name}: {'x'.join(map(str, image['shape']))} {image['dtype']} ({', '.join(image['dims'])})")
+        console.print(f"{name}: {'x'.join(map(str, image['shape']))} {image['dtype']} ({', '.join(image['dims'])}), "
+                      f"{image['compressor']}")
     bad = any(s.get("bad_files") for s in info["samples"].values())
     rows = [(name, s["label"], s["files"], *([s.get("bad_files", 0)] if bad else []), s["entries"], s["selected"],
              " ".join(f"{k}={v}" for k, v in s.get("metadata", {}).items()))

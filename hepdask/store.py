@@ -736,6 +736,20 @@ def compressor_name(name: str, dtype: str | np.dtype | None) -> str:
     return "blosc-lz4" if _one_byte(dtype) else "zstd"
 
 
+def compressor_label(array) -> str:
+    """How *array*'s chunks are compressed, in ``output.compressor`` words with the level:
+    ``zstd-1``, ``blosc-lz4-1``, ``none``; zarr's codec names for anything else."""
+    labels = []
+    for codec in array.metadata.codecs[1:]:
+        if isinstance(codec, ZstdCodec):
+            labels.append(f"zstd-{codec.level}")
+        elif isinstance(codec, BloscCodec):
+            labels.append(f"blosc-{_value(codec.cname)}-{codec.clevel}")
+        else:
+            labels.append(type(codec).__name__)
+    return "+".join(labels) or "none"
+
+
 def _one_byte(dtype: str | np.dtype | None) -> bool:
     return dtype is not None and _zarr_dtype(str(dtype)) is not str and np.dtype(dtype).itemsize == 1
 
@@ -1322,10 +1336,11 @@ def store_info(path: str | Path) -> dict[str, Any]:
             "image_dims": list(image.metadata.dimension_names[1:]),
             "dtype": str(image.dtype),
             "chunk_events": int(image.chunks[0]),
+            "compressor": compressor_label(image),
             "labels": {int(v): int(c) for v, c in zip(values, counts)},
             "more_images": {
                 name: {"shape": list(group[name].shape[1:]), "dims": list(group[name].metadata.dimension_names[1:]),
-                       "dtype": str(group[name].dtype)}
+                       "dtype": str(group[name].dtype), "compressor": compressor_label(group[name])}
                 for name in sorted(group.array_keys()) if name.startswith("image_")
             },
         }

@@ -469,6 +469,9 @@ def test_cli_build_and_info(ldmx_data, tmp_path, capsys):
     assert set(info["splits"]) == {"train", "val", "test"}
     assert info["samples"]["signal"]["files"] == 4
     assert info["splits"]["train"]["image_shape"] == [17, 16]
+    assert info["splits"]["train"]["compressor"] == "zstd-1"  # auto, for float32 images
+    assert cli(["info", str(tmp_path / "out.zarr")]) == 0
+    assert "image compressor: zstd-1\n" in capsys.readouterr().out
 
 
 def test_cli_start_up_imports_only_what_the_command_needs():

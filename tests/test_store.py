@@ -377,6 +377,11 @@ def test_auto_compresses_one_byte_arrays_with_blosc_and_the_rest_with_zstd(tmp_p
     kinds = {name: type(group[name].metadata.codecs[-1]) for name in arrays}
     assert kinds == {"counts": BloscCodec, "energy": ZstdCodec, "label": ZstdCodec, "flag": BloscCodec, "sample": ZstdCodec}
     assert all(store.ChunkFiles.of(group[name]) is not None for name in arrays)
+    assert store.compressor_label(group["counts"]) == "blosc-lz4-1"
+    assert store.compressor_label(group["energy"]) == "zstd-1"
+    plain = zarr.open_group(tmp_path / "p.zarr", mode="w", zarr_format=3).create_array(
+        "x", shape=(4,), chunks=(2,), dtype="int32", compressors=store.compressors("none", 0))
+    assert store.compressor_label(plain) == "none"
 
 
 def test_blosc_shuffles_one_byte_values_in_pairs(tmp_path):
