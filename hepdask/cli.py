@@ -303,7 +303,7 @@ def tensorflow_notices_filtered() -> Iterator[None]:
 
 def _train(args: argparse.Namespace) -> int:
     from .config import load_train
-    from .train import fit
+    from .train import epochs_trained, fit
 
     overrides: list[str] = list(args.overrides)
     if args.overwrite:
@@ -326,7 +326,7 @@ def _train(args: argparse.Namespace) -> int:
         result = fit(config, verbose=1 if sys.stdout.isatty() else 2)
     m = result.metrics
     print(f"trained {config.model.name} on {result.replicas} replica(s); outputs in {result.output}")
-    print(f"evaluated {m['model']} (epoch {m['epoch']} of {len(next(iter(result.history.values()), []))}, "
+    print(f"evaluated {m['model']} (epoch {m['epoch']} of {epochs_trained(result.history)}, "
           f"by {m['monitor']}; fit.evaluate={config.fit.evaluate})")
     if "auc" in m:
         print(f"test: AUC {m['auc']:.3f}, accuracy {m['accuracy_at_best_threshold']:.3f} at threshold "

@@ -623,13 +623,17 @@ def _train(config: TrainConfig, model, strategy, sizes: dict[str, int], output: 
     return TrainResult(output, full_history, metrics, replicas)
 
 
+def epochs_trained(history: dict[str, list[float]]) -> int:
+    """The epochs a training's history (one list per metric) records."""
+    return len(next(iter(history.values()), []))
+
+
 def _evaluated_weights(config: TrainConfig, model, output: Path, history: dict[str, list[float]],
                        monitor: str) -> dict[str, Any]:
     """Give *model* the weights ``fit.evaluate`` asks for and say which they are: best.keras's
     (the epoch of lowest *monitor*; a resumed run's history covers every epoch) or the last
     epoch's, which it already holds."""
-    epochs = len(next(iter(history.values()), []))
-    record: dict[str, Any] = {"model": "model.keras", "epoch": epochs, "monitor": monitor}
+    record: dict[str, Any] = {"model": "model.keras", "epoch": epochs_trained(history), "monitor": monitor}
     if config.fit.evaluate == "last":
         return record
     values = np.asarray(history.get(monitor, []), np.float64)

@@ -327,9 +327,9 @@ def test_chunk_files_are_the_bytes_zarr_writes(tmp_path, compressor):
         group = zarr.open_group(tmp_path / f"{how}.zarr", mode="w", zarr_format=3).create_group("train")
         for name, v in values.items():
             dtype = str if v.dtype == object else v.dtype
-            codec = store.compressors(*compressor, "str" if dtype is str else v.dtype.str)
+            spelled = "str" if dtype is str else v.dtype.str  # as a build's ArraySpec spells it
             array = group.create_array(name, shape=v.shape, chunks=(chunk, *v.shape[1:]), dtype=dtype,
-                                       compressors=codec, fill_value=store._fill("str" if dtype is str else v.dtype.str))
+                                       compressors=store.compressors(*compressor, spelled), fill_value=store._fill(spelled))
             array = array.with_config({"write_empty_chunks": True})
             if how == "zarr":
                 array[:] = v
