@@ -196,3 +196,51 @@ def test_an_element_that_is_itself_a_list_is_named_where_it_is_read():
     partition = sources.Partition(0, "nu", 1, data_path(KM3NET_FILE))
     with pytest.raises(BranchError, match=r"event\.fit0: 'Evt/trks/trks\.fitinf\[0\]' does not give one number per event"):
         next(sources.read(partition, "E", {"t": "Evt/hits/hits.t"}, {"fit0": "Evt/trks/trks.fitinf[0]"}, 100))
+
+
+def _zlib_tree(path, n_events=2000):
+    """A ZLIB-compressed tree of random jagged hits, large enough for several baskets."""
+    import uproot
+
+    rng = np.random.default_rng(7)
+    x = ak.unflatten(rng.normal(size=n_events * 5), np.full(n_events, 5))
+    with uproot.recreate(path, compression=uproot.ZLIB(1)) as f:
+        f.mktree("t", {"x": x.type, "n": np.int32})
+        f["t"].extend({"x": x, "n": np.arange(n_events, dtype=np.int32)})
+    return path
+
+
+def test_fast_inflate_reads_zlib_baskets_with_isal_to_the_same_values(tmp_path, monkeypatch):
+    import uproot
+
+    pytest.importorskip("isal")
+    decompressor = uproot.compression._decompress_ZLIB
+    path = _zlib_tree(tmp_path / "z.root")
+    monkeypatch.setattr(decompressor, "library", "zlib")
+    assert sources.fast_inflate() == "isal"
+    assert decompressor.library == "isal"
+    assert uproot.ZLIB(1).library == "zlib"  # uproot's writing is left alone
+    calls = []
+    isal_zlib = uproot.extras.isal().isal_zlib
+    original = isal_zlib.decompress
+    monkeypatch.setattr(isal_zlib, "decompress", lambda *a, **k: calls.append(1) or original(*a, **k))
+    decompressor.library = "zlib"
+    with_isal = _read_all(path)  # reading sets it again
+    assert calls  # the baskets went through ISA-L
+    monkeypatch.setattr(decompressor, "library", "zlib")
+    monkeypatch.setattr(sources, "fast_inflate", lambda: "zlib")
+    with_zlib = _read_all(path)
+    np.testing.assert_array_equal(with_isal[0], with_zlib[0])
+    np.testing.assert_array_equal(with_isal[1], with_zlib[1])
+
+
+def test_fast_inflate_leaves_zlib_where_isal_is_missing(monkeypatch):
+    import uproot
+
+    decompressor = uproot.compression._decompress_ZLIB
+    monkeypatch.setattr(decompressor, "library", "zlib")
+    monkeypatch.setattr(sources, "_isal_zlib", None)
+    assert sources.fast_inflate() == "zlib"
+    assert decompressor.library == "zlib"
+    monkeypatch.setattr(uproot.compression, "_decompress_ZLIB", object())  # an uproot without it
+    assert sources.fast_inflate() == "zlib"
