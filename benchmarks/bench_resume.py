@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def chunk_hashes(path: Path) -> dict[str, str]:
     return {
         str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(path.rglob("*")) if f.is_file() and "/c/" in f.as_posix()
+        for f in sorted(path.rglob("*")) if f.is_file() and f.name.startswith("c.")
     }
 
 

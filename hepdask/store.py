@@ -754,6 +754,13 @@ def _one_byte(dtype: str | np.dtype | None) -> bool:
     return dtype is not None and _zarr_dtype(str(dtype)) is not str and np.dtype(dtype).itemsize == 1
 
 
+#: Chunk files named ``c.<i>.0.0`` beside the array's ``zarr.json`` instead of zarr's default
+#: ``c/<i>/0/0``: the same number of entries in the array's directory, without the two
+#: directories per chunk that each write task had to create (368 ``mkdir`` calls, 9 % of the
+#: demo's write phase in one process).
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
+
+
 def prepare(
     path: str | Path,
     sizes: Mapping[str, int],
@@ -801,6 +808,7 @@ def prepare(
                     name, shape=(n, *spec.shape), chunks=(chunk_of(name, n), *spec.shape),
                     dtype=_zarr_dtype(spec.dtype), compressors=compressors(*compressor, spec.dtype), dimension_names=["event", *dims[name]],
                     fill_value=_fill(spec.dtype), attributes=dict(array_attrs.get(name, {})),
+                    chunk_key_encoding=CHUNK_KEY_ENCODING,
                 ))
             made.extend(_coordinate(group, coord) for coord in coords)
         await asyncio.gather(*made)
@@ -815,6 +823,7 @@ async def _coordinate(group, coord: Coordinate) -> None:
         coord.name, shape=coord.values.shape, chunks=coord.values.shape,
         dtype=_zarr_dtype(str(coord.values.dtype)), dimension_names=[coord.name],
         attributes=coord.attrs, compressors=None, config={"write_empty_chunks": True},
+        chunk_key_encoding=CHUNK_KEY_ENCODING,
     )
     await array.setitem(..., coord.values)  # written even if all zeros (one bin centred on 0)
 

@@ -148,3 +148,18 @@ class SlowReads(WorkerPlugin):
             return original(*args, **kwargs)
 
         sources.read = read
+
+
+def chunk_file(path: Path, split: str, array: str, index: int) -> Path:
+    """The file of chunk *index* (along the events) of ``split/array`` in the store at *path*,
+    named by the array's own chunk key encoding."""
+    import zarr
+
+    from hepdask import store
+
+    return store.chunk_file(zarr.open_array(str(path / split / array), mode="r"))(index)
+
+
+def chunk_files(path: Path) -> list[Path]:
+    """Every chunk file under *path* (a store, a split or an array), in name order."""
+    return sorted(f for f in Path(path).rglob("*") if f.is_file() and f.name != "zarr.json" and not f.name.endswith(".partial"))

@@ -27,6 +27,7 @@ from hepdask.config import from_dict
 from hepdask.errors import StoreError
 
 from .data_generation import (
+    chunk_files,
     demo_config,
     flat_branch_file,
     not_root_file,
@@ -40,7 +41,7 @@ def chunk_hashes(path: Path) -> dict[str, str]:
     never empty, so that two stores without chunks cannot compare equal."""
     hashes = {
         str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(path.rglob("*")) if f.is_file() and "/c/" in f.as_posix()
+        for f in chunk_files(path)
     }
     assert hashes, f"no chunk files under {path}"
     return hashes

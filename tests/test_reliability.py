@@ -30,6 +30,8 @@ from hepdask.errors import BuildError, StoreError
 
 from .data_generation import (
     PoisonFiles,
+    chunk_file,
+    chunk_files,
     corrupted_basket_file,
     demo_config,
     ldmx_files,
@@ -283,9 +285,7 @@ def _fail_writes_of(split):
 
     def failing(path, this_split, ranges, *args, **kwargs):
         if this_split == split:
-            chunks = Path(path) / this_split / "image" / "c"
-            chunks.mkdir(parents=True, exist_ok=True)
-            (chunks / f"{ranges[0][0]}.dead.partial").write_bytes(b"half")
+            (Path(path) / this_split / "image" / f"c.{ranges[0][0]}.0.0.dead.partial").write_bytes(b"half")
             # The failure cancels the build's other write tasks: let those submitted before
             # this one (the train split's, a few ms each here) finish first, as a build
             # stopped late in its write phase would have them.
@@ -317,7 +317,7 @@ def test_a_build_stopped_in_its_write_phase_resumes_without_rewriting_finished_c
     _build_failing_in_write_phase(raw, client)
     out = tmp_path / "w.zarr"
     assert not store.is_complete(out)
-    train_chunks = sorted((out / "train" / "image" / "c").iterdir())
+    train_chunks = chunk_files(out / "train" / "image")
     assert train_chunks, "the train split's write tasks finished before the failure"
     before = {p: p.stat().st_mtime_ns for p in train_chunks}
 
@@ -436,25 +436,18 @@ def test_verify_refuses_what_is_no_store_to_check_as_a_user_error(sound_store, t
 
 
 def test_verify_catches_a_missing_chunk(sound_store, capsys):
-    chunk = next((sound_store / "train" / "image" / "c").rglob("*"))
-    while chunk.is_dir():
-        chunk = next(chunk.iterdir())
-    chunk.unlink()
+    chunk_file(sound_store, "train", "image", 0).unlink()
     assert "train/image: 1 chunk(s) missing" in _verify_cli(sound_store, capsys)
-
-
-def _first_chunk(directory: Path) -> Path:
-    return next(p for p in sorted(directory.rglob("*")) if p.is_file())
 
 
 @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
 def test_verify_decodes_every_chunk_and_readers_name_the_damage(sound_store, capsys, damage):
-    image, label = _first_chunk(sound_store / "train" / "image" / "c"), _first_chunk(sound_store / "val" / "label" / "c")
+    image, label = chunk_file(sound_store, "train", "image", 0), chunk_file(sound_store, "val", "label", 0)
     for chunk in (image, label):
         raw = chunk.read_bytes()
         chunk.write_bytes(raw[:10] if damage == "truncated" else bytes(reversed(raw)))
     out = _verify_cli(sound_store, capsys)
-    assert "train/image: 1 chunk(s) cannot be decoded, e.g. train/image/c/" in out
+    assert "train/image: 1 chunk(s) cannot be decoded, e.g. train/image/c." in out
     assert "val/label: 1 chunk(s) cannot be decoded" in out
     assert cli(["verify", "--quick", str(sound_store)]) == 0  # every chunk is there
     capsys.readouterr()
@@ -469,11 +462,11 @@ def test_verify_decodes_every_chunk_and_readers_name_the_damage(sound_store, cap
 def test_info_and_show_refuse_a_missing_chunk_instead_of_reading_fill_values(sound_store, capsys, array, command):
     """zarr reads a missing chunk as its fill value: info counted every train label as 0, and
     show drew blank images, both with exit status 0."""
-    _first_chunk(sound_store / "train" / array / "c").unlink()
+    chunk_file(sound_store, "train", array, 0).unlink()
     args = [command, str(sound_store)] + (["--output", str(sound_store.parent / "s.png")] if command == "show" else [])
     assert cli(args) == 2
     err = capsys.readouterr().err.strip()
-    assert f"1 chunk(s) of 'train/{array}' missing, e.g. train/{array}/c/" in err and len(err.splitlines()) == 1, err
+    assert f"1 chunk(s) of 'train/{array}' missing, e.g. train/{array}/c." in err and len(err.splitlines()) == 1, err
     assert not (sound_store.parent / "s.png").exists()
 
 
@@ -520,7 +513,7 @@ def test_a_staging_area_beside_a_complete_store_is_a_note_not_a_fault(sound_stor
 
 
 def test_verify_catches_leftover_temporary_files(sound_store, capsys):
-    (sound_store / "val" / "image" / "c" / "0.3f2a.partial").write_bytes(b"half a chunk")
+    (sound_store / "val" / "image" / "c.0.0.0.3f2a.partial").write_bytes(b"half a chunk")
     assert "temporary files left by an interrupted write" in _verify_cli(sound_store, capsys)
 
 

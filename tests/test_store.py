@@ -9,6 +9,8 @@ import zarr
 
 from hepdask import store
 
+from .data_generation import chunk_files
+
 
 @pytest.fixture
 def staged(tmp_path):
@@ -305,7 +307,10 @@ def test_a_coordinate_equal_to_the_fill_value_is_written(tmp_path):
     coords = [store.Coordinate("x", np.zeros(1)), store.Coordinate("y", np.array([-0.5, 0.5]))]
     store.prepare(tmp_path / "s.zarr", {"train": 3}, {"label": store.ArraySpec("int32")}, {"label": ()}, coords,
                   chunk_events=2, compressor=("zstd", 1), attrs={})
-    assert (tmp_path / "s.zarr" / "train" / "x" / "c" / "0").is_file()
+    assert (tmp_path / "s.zarr" / "train" / "x" / "c.0").is_file()
+    # Chunks sit beside their array's metadata (``CHUNK_KEY_ENCODING``): no directory a chunk.
+    zarr.open_group(str(tmp_path / "s.zarr"))["train"]["label"][:] = [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "s.zarr" / "train" / "label").iterdir()) == ["c.0", "c.1", "zarr.json"]
     assert store._missing_chunks(tmp_path / "s.zarr", zarr.open_group(str(tmp_path / "s.zarr"))["train"]["x"]) == []
 
 
@@ -340,9 +345,9 @@ def test_chunk_files_are_the_bytes_zarr_writes(tmp_path, compressor):
                     files.write(start // chunk, v[start : start + chunk])
                 np.testing.assert_array_equal(files.read(3)[: n - 3 * chunk], v[3 * chunk :])
         stores[how] = tmp_path / f"{how}.zarr"
-    chunk_files = sorted(p.relative_to(stores["zarr"]) for p in stores["zarr"].rglob("*") if p.is_file() and "/c/" in p.as_posix())
-    assert len(chunk_files) == 4 * len(values)
-    for relative in chunk_files:
+    written = [p.relative_to(stores["zarr"]) for p in chunk_files(stores["zarr"])]
+    assert len(written) == 4 * len(values)
+    for relative in written:
         assert (stores["files"] / relative).read_bytes() == (stores["zarr"] / relative).read_bytes(), relative
     group = zarr.open_group(stores["files"], mode="r")["train"]
     for name, v in values.items():
@@ -427,5 +432,5 @@ def test_verify_reports_a_missing_partial_last_chunk(tmp_path):
     zarr.open_group(str(path))["train"]["label"][:] = np.arange(1, 6, dtype=np.int32)
     store.finalize(path, {})
     assert store.verify(path) == []
-    (path / "train" / "label" / "c" / "2").unlink()  # events [4, 5): the partial last chunk
-    assert store.verify(path) == ["train/label: 1 chunk(s) missing, e.g. train/label/c/2"]
+    (path / "train" / "label" / "c.2").unlink()  # events [4, 5): the partial last chunk
+    assert store.verify(path) == ["train/label: 1 chunk(s) missing, e.g. train/label/c.2"]

@@ -16,6 +16,8 @@ from hepdask import tfdata
 from hepdask.errors import ConfigError, StoreError
 from hepdask.tfdata import EpochPlan, chunk_order, shard_events
 
+from .data_generation import chunk_file
+
 
 @pytest.mark.parametrize(("n_events", "shards", "batch"), [(1000, 1, 64), (1000, 2, 64), (1001, 2, 64),
                                                           (1001, 3, 7), (640, 3, 64), (129, 2, 64)])
@@ -371,7 +373,7 @@ def test_an_endless_dataset_of_an_empty_split_is_refused(tf_two_cpus, train_stor
 def test_a_missing_chunk_file_is_an_error_not_fill_values(tf_two_cpus, train_store, tmp_path):
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(train_store, damaged)
-    (damaged / "val" / "image" / "c" / "1" / "0" / "0").unlink()
+    chunk_file(damaged, "val", "image", 1).unlink()
     batches = iter(tfdata.tf_dataset(damaged, "val", batch_size=128, shuffle=False))
     next(batches)
     with pytest.raises(tf_two_cpus.errors.UnknownError, match="chunk 1 of 'val/image' is missing"):
@@ -390,7 +392,7 @@ def test_a_missing_chunk_of_a_store_read_through_zarr_is_an_error_too(tf_two_cpu
     out = tmp_path / "s.zarr"
     hepdask.build_dataset(from_dict(demo_config(data, out, **{"output.chunk_events": 64})), progress=False)
     monkeypatch.setattr(tfdata.store.ChunkFiles, "of", classmethod(lambda cls, array: None))
-    (out / "val" / "image" / "c" / "0" / "0" / "0").unlink()
+    chunk_file(out, "val", "image", 0).unlink()
     with pytest.raises(tf_two_cpus.errors.UnknownError, match="chunk 0 of 'val/image' is missing"):
         next(iter(tfdata.tf_dataset(out, "val", batch_size=16, shuffle=False)))
 
@@ -403,7 +405,7 @@ def test_autotune_reads_are_accepted(tf_two_cpus, train_store):
 def test_a_chunk_that_does_not_decode_is_named(tf_two_cpus, train_store, tmp_path):
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(train_store, damaged)
-    chunk = damaged / "val" / "image" / "c" / "0" / "0" / "0"
+    chunk = chunk_file(damaged, "val", "image", 0)
     chunk.write_bytes(chunk.read_bytes()[:10])
     with pytest.raises(tf_two_cpus.errors.UnknownError, match="chunk 0 of 'val/image' cannot be decoded"):
         next(iter(tfdata.tf_dataset(damaged, "val", batch_size=128, shuffle=False)))

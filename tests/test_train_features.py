@@ -14,6 +14,7 @@ from hepdask.cli import main as cli
 from hepdask.errors import ConfigError
 from hepdask.train import fit
 
+from .data_generation import chunk_file
 from .test_train import _config
 
 #: One fast training step of a small model.
@@ -419,10 +420,7 @@ def test_a_damaged_chunk_stops_the_training_as_the_store_error_it_is(tf_two_cpus
     tracebacks; the CLI now prints its one line."""
     from hepdask.errors import StoreError
 
-    for chunk in sorted((store_copy / "train" / "image" / "c").iterdir())[:1]:
-        for path in chunk.rglob("*"):
-            if path.is_file():
-                path.unlink()
+    chunk_file(store_copy, "train", "image", 0).unlink()
     with pytest.raises(StoreError, match=r"^chunk 0 of 'train/image' is missing \("):
         fit(_config(store_copy, tmp_path / "run", **QUICK), verbose=0)
 
@@ -431,11 +429,11 @@ def test_an_error_a_tensorflow_error_carries_is_found():
     from hepdask.errors import StoreError, carried_error
 
     text = ("Error in user-defined function passed to ParallelMapDatasetV2:66 transformation with iterator: "
-            "Iterator::Root: StoreError: chunk 3 of 'train/image' is missing (/s.zarr/train/image/c/3/0/0): "
+            "Iterator::Root: StoreError: chunk 3 of 'train/image' is missing (/s.zarr/train/image/c.3.0.0): "
             "the store is damaged\nTraceback (most recent call last):\n\t [[{{node PyFuncStateless}}]]")
     carried = carried_error(RuntimeError(text))
     assert type(carried) is StoreError
-    assert str(carried) == "chunk 3 of 'train/image' is missing (/s.zarr/train/image/c/3/0/0): the store is damaged"
+    assert str(carried) == "chunk 3 of 'train/image' is missing (/s.zarr/train/image/c.3.0.0): the store is damaged"
     assert carried_error(RuntimeError("AddN must have the same size and shape")) is None
     assert carried_error(StoreError("itself")) is None
 
