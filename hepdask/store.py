@@ -1242,7 +1242,8 @@ def finalize(path: str | Path, attrs: Mapping[str, Any]) -> None:
     for leftover in Path(path).rglob("*.partial"):
         leftover.unlink(missing_ok=True)
     root = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    root.attrs.update(dict(attrs))
+    # One write of the group's metadata (``attrs.update`` rewrites it once per key).
+    root.update_attributes(dict(attrs))
     with warnings.catch_warnings():
         # Consolidated metadata is not in the Zarr v3 spec yet; xarray reads it, so we write it.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)

@@ -434,3 +434,26 @@ def test_verify_reports_a_missing_partial_last_chunk(tmp_path):
     assert store.verify(path) == []
     (path / "train" / "label" / "c.2").unlink()  # events [4, 5): the partial last chunk
     assert store.verify(path) == ["train/label: 1 chunk(s) missing, e.g. train/label/c.2"]
+
+
+def test_finalize_writes_the_root_metadata_once_for_all_attributes(tmp_path, monkeypatch):
+    """``attrs.update`` rewrote the root's zarr.json once per attribute (11 in a build)."""
+    from zarr.storage import LocalStore
+
+    path = tmp_path / "s.zarr"
+    store.prepare(path, {"train": 3}, {"label": store.ArraySpec("int32")}, {"label": ()}, [],
+                  chunk_events=2, compressor=("zstd", 1), attrs={})
+    writes = []
+    original = LocalStore.set
+
+    async def counted(self, key, value):
+        writes.append(key)
+        return await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", counted)
+    attrs = {f"{store.PREFIX}a{i}": i for i in range(10)}
+    store.finalize(path, attrs)
+    # The attributes, the consolidated metadata, the completion marker.
+    assert writes.count("zarr.json") == 3
+    root = zarr.open_group(str(path), mode="r")
+    assert {k: root.attrs[k] for k in attrs} == attrs and root.attrs[store.COMPLETE] is True
