@@ -960,8 +960,9 @@ class ChunkFiles:
             dtype = np.dtype(array.dtype).newbyteorder("<")
             shape = tuple(array.chunks)
 
-            def encode(values: np.ndarray) -> bytes:
-                return np.ascontiguousarray(values, dtype=dtype).tobytes()
+            def encode(values: np.ndarray) -> np.ndarray:
+                # The codecs take any contiguous buffer: no copy into bytes first.
+                return np.ascontiguousarray(values, dtype=dtype)
 
             def decode(raw) -> np.ndarray:
                 return np.frombuffer(raw, dtype=dtype).reshape(shape)
@@ -1044,8 +1045,9 @@ def write_chunks(
     staged, constants = sources.staged, sources.constants
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)[split]
     targets = {}
-    for name in sorted(group.array_keys()):  # a deterministic order (and first error)
-        array = group[name]
+    # One listing that opens every array (``array_keys`` then ``group[name]`` read each
+    # array's metadata twice), sorted: a deterministic order (and first error).
+    for name, array in sorted(group.arrays(), key=lambda item: item[0]):
         if array.metadata.dimension_names[0] == "event":
             # Every chunk is written, also one equal to the fill value (an unshuffled run of
             # label-0 events): zarr would skip it by default, after comparing every element,
