@@ -4,7 +4,7 @@ One run, on the same input files (the demo's generated ROOT files) and the same 
 (``hepdask.cluster.connect``, the cluster a build starts itself; start-up is never timed):
 
 (1) raw uproot reading: ``client.map`` tasks open files (memory-mapped, as the build reads
-    them with ``read.memory_map``, and with the build's ZLIB inflater, ``sources.fast_inflate``)
+    them with ``read.memory_map``, and with the build's ZLIB inflater, ``sources.inflating``)
     and iterate exactly the branches the config names (``hits`` + ``event``) with the
     config's ``read.step_size``, as ``sources.read`` does, but without selection, binning or
     staging; events/s and MB/s of uncompressed branch bytes. Measured with one file a task and, where the build groups
@@ -223,25 +223,26 @@ def warm_up(client, config_path: Path, work_dir: Path, config, args) -> None:
 
 
 def _read_file(path: str, tree_name: str, branches: list[str], step_size: int,
-               memory_map: bool) -> tuple[int, int, int]:
+               memory_map: bool) -> tuple[int, int, int, str]:
     """Read *branches* of one file in steps, through the source the build uses (memory-mapped
-    with ``read.memory_map``); (events, uncompressed, compressed bytes)."""
+    with ``read.memory_map``) and its ZLIB inflater; (events, uncompressed, compressed bytes,
+    the inflating library)."""
     import uproot
 
-    from hepdask.sources import open_options
+    from hepdask.sources import inflating, open_options
 
     events = 0
-    with uproot.open(path, **open_options(memory_map=memory_map)) as file:
+    with inflating() as library, uproot.open(path, **open_options(memory_map=memory_map)) as file:
         tree = file[tree_name]
         for arrays in tree.iterate(branches, step_size=step_size, library="ak", how=dict):
             events += len(arrays[branches[0]])
         unzipped = sum(int(tree[b].uncompressed_bytes) for b in branches)
         zipped = sum(int(tree[b].compressed_bytes) for b in branches)
-    return events, unzipped, zipped
+    return events, unzipped, zipped, library
 
 
 def _read_files(paths: list[str], tree_name: str, branches: list[str], step_size: int,
-                memory_map: bool) -> list[tuple[int, int, int]]:
+                memory_map: bool) -> list[tuple[int, int, int, str]]:
     return [_read_file(path, tree_name, branches, step_size, memory_map) for path in paths]
 
 
@@ -254,9 +255,6 @@ def bench_read(client, config, per_task: int) -> dict:
     branches = sources.branches_needed(dict(config.hits), dict(config.event))
     files = [p.file for p in partitions(config)]
     groups = [files[i : i + per_task] for i in range(0, len(files), per_task)]
-    # The build's own choice of ZLIB inflater (ISA-L where installed) on every worker, not
-    # left to whether the warm-up happened to open a file there.
-    inflaters = sorted(set(client.run(sources.fast_inflate).values()))
     t0 = time.perf_counter()
     futures = client.map(_read_files, groups, tree_name=config.tree, branches=branches,
                          step_size=config.read.step_size, memory_map=config.read.memory_map,
@@ -267,7 +265,7 @@ def bench_read(client, config, per_task: int) -> dict:
     events, unzipped, zipped = (sum(r[i] for r in results) for i in range(3))
     return {"events": events, "bytes": unzipped, "compressed_bytes": zipped, "seconds": seconds,
             "tasks": len(groups), "files": len(files), "branches": branches,
-            "inflate": "/".join(inflaters)}  # fmt: skip
+            "inflate": "/".join(sorted({r[3] for r in results}))}  # fmt: skip
 
 
 def build_grouping(config, workers: int) -> int:

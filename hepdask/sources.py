@@ -17,6 +17,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import uproot
 
 from .errors import BranchError, ConfigError, InputFileError, MissingInputError, did_you_mean
 
-try:  # ISA-L's inflate, where installed: ``fast_inflate``
+try:  # ISA-L's inflate, where installed: ``inflating``
     from isal import isal_zlib as _isal_zlib
 except ImportError:
     _isal_zlib = None
@@ -144,7 +145,15 @@ def _as_input_error(path: str, err: BaseException) -> InputFileError:
     if end is not None and size is not None and size < end:
         return InputFileError(f"{path}: truncated: {size:,} of the {end:,} bytes its ROOT header says it holds "
                               f"(an interrupted copy or write?)")
-    return InputFileError(f"{path}: cannot read ({type(err).__name__}: {text})")
+    return InputFileError(f"{path}: cannot read ({_error_class(err).__name__}: {text})")
+
+
+def _error_class(err: BaseException) -> type:
+    """The class an input error is reported as: a corrupt ZLIB basket is ``zlib.error``
+    whichever library inflated it (``inflating``)."""
+    if _isal_zlib is not None and isinstance(err, _isal_zlib.error):
+        return zlib.error
+    return type(err)
 
 
 #: The first bytes of every ROOT file.
@@ -192,13 +201,14 @@ def open_tree(path: str, tree_name: str, *, memory_map: bool = True):
     """Open *path* (with ``open_options``) and return ``(file, tree)``, raising
     InputFileError/BranchError clearly."""
     memoise_uproot_classnames()
-    fast_inflate()
     try:
-        file = uproot.open(path, **open_options(memory_map=memory_map))
+        with inflating():
+            file = uproot.open(path, **open_options(memory_map=memory_map))
     except BAD_FILE_ERRORS as err:
         raise _as_input_error(path, err) from err
     try:
-        tree = file[tree_name]
+        with inflating():  # the tree's metadata is ZLIB-compressed too
+            tree = file[tree_name]
     except uproot.KeyInFileError:
         keys = file.keys(cycle=False)
         file.close()
@@ -236,23 +246,45 @@ def memoise_uproot_classnames() -> None:
             setattr(uproot.model, name, functools.lru_cache(maxsize=4096)(function))
 
 
-def fast_inflate() -> str:
-    """Have uproot inflate ZLIB baskets with ISA-L (``isal``) where it is installed;
-    return the library now in use ("isal" or uproot's "zlib").
+#: hepdask reads in progress in this process (``inflating``), and the ZLIB library uproot
+#: had when the first of them began.
+_INFLATE_LOCK = threading.Lock()
+_inflating = 0
+_library_before: str | None = None
 
-    ROOT writes ZLIB unless told otherwise, and inflating baskets is the largest single cost
-    of reading them (40 % of a demo file's read under a profile): ISA-L's inflate read the
-    demo files 15 % faster, to the same bytes (``benchmarks/RESULTS.md``). uproot has the
-    choice built in (``_DecompressZLIB.library``); its reading instance is set, so uproot's
-    ZLIB *compression* is left as it is. Without ``isal``, or with an uproot that has no such
-    instance, nothing changes.
+
+@contextmanager
+def inflating() -> Iterator[str]:
+    """While hepdask reads, have uproot inflate ZLIB with ISA-L (``isal``) where it is
+    installed; yield the library uproot uses ("isal", or what it had: "zlib").
+
+    ROOT writes ZLIB unless told otherwise, and inflating baskets was 40 % of reading a demo
+    file under a profile: ISA-L read the demo files 13-15 % faster to stage, to the same
+    bytes (``benchmarks/RESULTS.md``). uproot has the choice built in, for the whole process
+    (``_DecompressZLIB.library``); it is switched from "zlib" only while at least one
+    hepdask read runs, then given back, so a user's own uproot reads in the same process
+    (a notebook, an inline build) keep Python's zlib and its ``zlib.error``. A library the
+    user chose other than "zlib" is kept. Without ``isal``, or with an uproot that has no
+    such setting, nothing changes.
     """
+    global _inflating, _library_before
     decompressor = getattr(uproot.compression, "_decompress_ZLIB", None)
-    if decompressor is None or not hasattr(decompressor, "library"):
-        return "zlib"
-    if decompressor.library == "zlib" and _isal_zlib is not None:
-        decompressor.library = "isal"
-    return decompressor.library
+    if _isal_zlib is None or decompressor is None or not hasattr(decompressor, "library"):
+        yield getattr(decompressor, "library", "zlib")
+        return
+    with _INFLATE_LOCK:
+        if _inflating == 0:
+            _library_before = decompressor.library
+            if _library_before == "zlib":
+                decompressor.library = "isal"
+        _inflating += 1
+    try:
+        yield decompressor.library
+    finally:
+        with _INFLATE_LOCK:
+            _inflating -= 1
+            if _inflating == 0:
+                decompressor.library = _library_before
 
 
 @dataclass(frozen=True)
@@ -508,7 +540,7 @@ def read(
     """Yield a partition's entries in steps of at most *step_size* entries."""
     path = partition.file
     file, tree = open_tree(path, tree_name, memory_map=memory_map)
-    with file:
+    with file, inflating():
         checked = check_branches(tree, path, tree_name, hits, events)
         start = partition.entry_start
         stop = tree.num_entries if partition.entry_stop is None else min(partition.entry_stop, tree.num_entries)
@@ -543,8 +575,6 @@ def file_info(path: str) -> dict:
 def describe_failure(err: BaseException) -> dict[str, str]:
     """The report entry of a bad file, with uproot's read-error report names."""
     cause = err.__cause__ if isinstance(err, InputFileError) and err.__cause__ is not None else err
-    kind = type(cause)
+    kind = _error_class(cause)
     name = kind.__name__ if kind.__module__ in ("builtins", "hepdask.errors") else f"{kind.__module__}.{kind.__name__}"
-    if _isal_zlib is not None and isinstance(cause, _isal_zlib.error):
-        name = "zlib.error"  # a corrupt ZLIB basket, named alike whichever library inflated it
     return {"exception": name, "message": str(err)}

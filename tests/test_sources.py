@@ -210,37 +210,58 @@ def _zlib_tree(path, n_events=2000):
     return path
 
 
-def test_fast_inflate_reads_zlib_baskets_with_isal_to_the_same_values(tmp_path, monkeypatch):
+def test_reads_inflate_zlib_baskets_with_isal_to_the_same_values_and_give_zlib_back(tmp_path, monkeypatch):
     import uproot
 
     pytest.importorskip("isal")
     decompressor = uproot.compression._decompress_ZLIB
-    path = _zlib_tree(tmp_path / "z.root")
     monkeypatch.setattr(decompressor, "library", "zlib")
-    assert sources.fast_inflate() == "isal"
-    assert decompressor.library == "isal"
-    assert uproot.ZLIB(1).library == "zlib"  # uproot's writing is left alone
+    path = _zlib_tree(tmp_path / "z.root")
     calls = []
     isal_zlib = uproot.extras.isal().isal_zlib
     original = isal_zlib.decompress
     monkeypatch.setattr(isal_zlib, "decompress", lambda *a, **k: calls.append(1) or original(*a, **k))
-    decompressor.library = "zlib"
-    with_isal = _read_all(path)  # reading sets it again
+    with_isal = _read_all(path)
     assert calls  # the baskets went through ISA-L
-    monkeypatch.setattr(decompressor, "library", "zlib")
-    monkeypatch.setattr(sources, "fast_inflate", lambda: "zlib")
+    assert decompressor.library == "zlib"  # and the process has Python's zlib again
+    assert uproot.ZLIB(1).library == "zlib"  # uproot's writing was never touched
+    calls.clear()
+    monkeypatch.setattr(sources, "_isal_zlib", None)
     with_zlib = _read_all(path)
+    assert not calls
     np.testing.assert_array_equal(with_isal[0], with_zlib[0])
     np.testing.assert_array_equal(with_isal[1], with_zlib[1])
 
 
-def test_fast_inflate_leaves_zlib_where_isal_is_missing(monkeypatch):
+def test_inflating_gives_back_the_library_only_when_the_last_read_ends(monkeypatch):
+    import uproot
+
+    pytest.importorskip("isal")
+    decompressor = uproot.compression._decompress_ZLIB
+    monkeypatch.setattr(decompressor, "library", "zlib")
+    with sources.inflating() as outer:
+        assert outer == "isal" == decompressor.library
+        with sources.inflating() as inner:  # another read, e.g. another worker thread
+            assert inner == "isal"
+        assert decompressor.library == "isal"
+    assert decompressor.library == "zlib"
+    decompressor.library = "deflate"  # a user's own choice is kept
+    with sources.inflating() as library:
+        assert library == "deflate"
+    assert decompressor.library == "deflate"
+    with pytest.raises(RuntimeError), sources.inflating():
+        raise RuntimeError
+    assert sources._inflating == 0
+
+
+def test_inflating_changes_nothing_where_isal_is_missing(monkeypatch):
     import uproot
 
     decompressor = uproot.compression._decompress_ZLIB
     monkeypatch.setattr(decompressor, "library", "zlib")
     monkeypatch.setattr(sources, "_isal_zlib", None)
-    assert sources.fast_inflate() == "zlib"
-    assert decompressor.library == "zlib"
+    with sources.inflating() as library:
+        assert library == "zlib" == decompressor.library
     monkeypatch.setattr(uproot.compression, "_decompress_ZLIB", object())  # an uproot without it
-    assert sources.fast_inflate() == "zlib"
+    with sources.inflating() as library:
+        assert library == "zlib"
