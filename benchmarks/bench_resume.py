@@ -30,10 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def chunk_hashes(path: Path) -> dict[str, str]:
-    return {
+    hashes = {
         str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(path.rglob("*")) if f.is_file() and f.name.startswith("c.")
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != "zarr.json" and not f.name.endswith(".partial")
     }
+    assert hashes, f"no chunk files under {path}"
+    return hashes
 
 
 def command(config: Path, output: Path, *extra: str, overrides: tuple[str, ...] = ()) -> list[str]:

@@ -754,10 +754,11 @@ def _one_byte(dtype: str | np.dtype | None) -> bool:
     return dtype is not None and _zarr_dtype(str(dtype)) is not str and np.dtype(dtype).itemsize == 1
 
 
-#: Chunk files named ``c.<i>.0.0`` beside the array's ``zarr.json`` instead of zarr's default
-#: ``c/<i>/0/0``: the same number of entries in the array's directory, without the two
+#: Chunk files named ``c.<i>.0.0`` (``c.<i>`` for per-event values) beside the array's
+#: ``zarr.json`` instead of zarr's default ``c/<i>/0/0``: the same files, without the two
 #: directories per chunk that each write task had to create (368 ``mkdir`` calls, 9 % of the
-#: demo's write phase in one process).
+#: demo's write phase in one process). Stores of the old layout are read and resumed by
+#: their own metadata's encoding.
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 
 
@@ -1004,6 +1005,7 @@ class ChunkFiles:
             pad = np.full((missing, *values.shape[1:]), self.fill_value, dtype=values.dtype)
             values = np.concatenate([values, pad])
         path = self.path(index)
+        # A store of zarr's default key encoding (made by an earlier hepdask) nests chunks.
         if path.parent not in self._made:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made.add(path.parent)

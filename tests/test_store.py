@@ -457,3 +457,24 @@ def test_finalize_writes_the_root_metadata_once_for_all_attributes(tmp_path, mon
     assert writes.count("zarr.json") == 3
     root = zarr.open_group(str(path), mode="r")
     assert {k: root.attrs[k] for k in attrs} == attrs and root.attrs[store.COMPLETE] is True
+
+
+def test_a_store_of_zarrs_default_chunk_layout_is_still_written_read_and_verified(tmp_path, monkeypatch):
+    """Stores made before ``CHUNK_KEY_ENCODING`` nest chunks as ``c/<i>/0/0``: hepdask's
+    chunk files (the reader's and the write tasks') follow each array's own encoding."""
+    monkeypatch.setattr(store, "CHUNK_KEY_ENCODING", {"name": "default", "separator": "/"})
+    path = tmp_path / "old.zarr"
+    store.prepare(path, {"train": 5}, {"image": store.ArraySpec("float32", (2, 3))}, {"image": ("a", "b")}, [],
+                  chunk_events=2, compressor=("zstd", 1), attrs={store.PREFIX + "splits": ["train"]})
+    array = zarr.open_group(str(path))["train"]["image"]
+    files = store.ChunkFiles.of(array)
+    values = np.arange(5 * 6, dtype=np.float32).reshape(5, 2, 3)
+    for i in range(3):
+        files.write(i, values[2 * i : 2 * i + 2])
+    assert (path / "train" / "image" / "c" / "2" / "0" / "0").is_file()
+    np.testing.assert_array_equal(array[:], values)
+    np.testing.assert_array_equal(files.read(1), values[2:4])
+    store.finalize(path, {})
+    assert store.verify(path) == []
+    (path / "train" / "image" / "c" / "1" / "0" / "0").unlink()
+    assert store.verify(path) == ["train/image: 1 chunk(s) missing, e.g. train/image/c/1/0/0"]
