@@ -998,6 +998,7 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
             compressor=(config.output.compressor.name, config.output.compressor.level),
             attrs={store.PREFIX + "building": True},
             array_attrs={"label": _label_attrs(config)}, plan=plan_id,
+            samples=_codec_samples(config, job, staged, arrays, per_chunk),
         )
     metadata = config.metadata_values()
     constants = {
@@ -1070,6 +1071,16 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     })
     shutil.rmtree(job.staging, ignore_errors=True)
     return report
+
+
+def _codec_samples(config: Config, job: Job, staged: list[store.Staged], arrays: dict[str, store.ArraySpec],
+                   per_chunk: int) -> dict[str, np.ndarray | None]:
+    """The first chunk's worth of each one-byte image, for ``auto`` to choose its compressor
+    by (``store.compressor_name``); nothing for other compressors or dtypes."""
+    if config.output.compressor.name != "auto":
+        return {}
+    return {img.array: store.first_rows(job.staging, staged, img.array, per_chunk)
+            for img in job.images if img.array in arrays and np.dtype(arrays[img.array].dtype).itemsize == 1}
 
 
 def _finalize(path: str, attrs: dict[str, Any]) -> None:

@@ -446,10 +446,10 @@ def print_plan(config, report, console) -> None:
     cut = (f"files cut into ranges of at most {config.read.entries_per_partition:,} entries"
            if config.read.entries_per_partition else "one per file")
     console.print(f"partitions: {report.n_partitions:,} ({cut}, read {config.read.step_size:,} entries at a time)")
-    from .store import compressor_name
+    from .store import planned_compressor
 
     def codec(dtype: str) -> str:
-        return compressor_name(config.output.compressor.name, dtype)
+        return planned_compressor(config.output.compressor.name, dtype)
 
     console.print(f"image: shape {tuple(report.image_shape)} {report.image_dtype}, {report.chunk_events:,} events "
                   f"per chunk, {codec(report.image_dtype)}")

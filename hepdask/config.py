@@ -315,9 +315,10 @@ MAX_LEVEL = {"zstd": 22, "blosc-lz4": 9, "auto": 9}
 
 
 class Compressor(_Model):
-    """``auto``: ``blosc-lz4`` (bit-shuffled LZ4) for one-byte count images, which it decodes
-    up to 3.5x faster than zstd, so training reads them faster; ``zstd`` for the rest
-    (``store.compressors``; README, "The store")."""
+    """``auto``: ``zstd``, except ``blosc-lz4`` (bit-shuffled LZ4) for one-byte count images
+    that a trial of the build's first chunk finds nearly as small with it (noisy images,
+    which it decodes up to 3.5x faster, so training reads them faster)
+    (``store.compressor_name``; README, "The store")."""
 
     name: Literal["auto", "zstd", "blosc-lz4", "none"] = "auto"
     level: Annotated[int, Field(ge=0)] = 1

@@ -711,16 +711,19 @@ class Coordinate:
 BLOSC_BYTE_TYPESIZE = 2
 
 
-def compressors(name: str, level: int, dtype: str | np.dtype | None = None):
-    """The Zarr codec of ``output.compressor`` for an array of *dtype* (None: left to zarr).
+#: ``auto`` gives a one-byte image ``blosc-lz4`` only where a trial of its first chunk comes out
+#: at most this much larger than with zstd. Where LZ4 is that close, the images are noisy
+#: (high entropy) and zstd decodes them slowly: hits at random over 4.5-14 % of the pixels
+#: came out 1.32-0.87x the size at 2.6-5.4x the decoding speed. Images whose hits cluster
+#: (showers, tracks) came out 2.1-2.8x larger with LZ4 and decoded at most 1.2x faster, below
+#: 2 % occupancy slower (``benchmarks/bench_codecs.py``; benchmarks/RESULTS.md).
+AUTO_BLOSC_SIZE_LIMIT = 1.5
 
-    ``auto`` is ``blosc-lz4`` for arrays of one-byte values (count images, flags) and ``zstd``
-    for the rest. On one-byte count images bit-shuffled LZ4 encodes and decodes faster than
-    zstd-1: 3.5x faster to decode noisy ones at a 13 % larger size, 1.2x faster on very
-    sparse ones, which zstd stores 1.9x smaller. On float images bit-shuffling does not pay
-    (benchmarks/RESULTS.md, "tf.data streaming").
-    """
-    name = compressor_name(name, dtype)
+
+def compressors(name: str, level: int, dtype: str | np.dtype | None = None, sample: np.ndarray | None = None):
+    """The Zarr codec of ``output.compressor`` for an array of *dtype* (None: left to zarr);
+    ``auto`` is resolved by ``compressor_name``, with *sample* rows of the array."""
+    name = compressor_name(name, dtype, sample, level)
     if name == "none":
         return None
     if name == "zstd":
@@ -729,11 +732,51 @@ def compressors(name: str, level: int, dtype: str | np.dtype | None = None):
                       typesize=BLOSC_BYTE_TYPESIZE if _one_byte(dtype) else None)
 
 
-def compressor_name(name: str, dtype: str | np.dtype | None) -> str:
-    """The compressor ``output.compressor.name`` gives an array of *dtype* (``auto`` resolved)."""
+def compressor_name(name: str, dtype: str | np.dtype | None, sample: np.ndarray | None = None,
+                    level: int = 1) -> str:
+    """The compressor ``output.compressor.name`` gives an array of *dtype*.
+
+    ``auto`` is ``zstd``, except for one-byte values (count images) given a *sample* of
+    their rows (a build gives its first chunk's worth) that bit-shuffled LZ4 at *level*
+    stores at most ``AUTO_BLOSC_SIZE_LIMIT`` times larger than zstd does: ``blosc-lz4``.
+    The choice depends on the data only, so every build of the same input makes the same.
+    On float images bit-shuffling does not pay (2.9x against zstd's 17x on the demo's).
+    """
     if name != "auto":
         return name
-    return "blosc-lz4" if _one_byte(dtype) else "zstd"
+    if not _one_byte(dtype) or sample is None or sample.size == 0:
+        return "zstd"
+    from numcodecs import Blosc, Zstd
+
+    raw = np.ascontiguousarray(sample)
+    blosc = Blosc.from_config({"cname": "lz4", "clevel": level, "shuffle": BLOSC_SHUFFLE["bitshuffle"],
+                               "blocksize": 0, "typesize": BLOSC_BYTE_TYPESIZE})
+    ratio = len(blosc.encode(raw)) / len(Zstd(level=level).encode(raw))
+    return "blosc-lz4" if ratio <= AUTO_BLOSC_SIZE_LIMIT else "zstd"
+
+
+def planned_compressor(name: str, dtype: str | np.dtype | None) -> str:
+    """What ``output.compressor.name`` will give an array of *dtype*, before any data is read
+    (the dry run's words)."""
+    if name == "auto" and _one_byte(dtype):
+        return (f"blosc-lz4 or zstd (auto: blosc-lz4 if a trial of the first chunk stores it at most "
+                f"{AUTO_BLOSC_SIZE_LIMIT}x larger than zstd)")
+    return compressor_name(name, dtype)
+
+
+def first_rows(staging: str | Path, staged: Iterable[Staged], name: str, n: int) -> np.ndarray | None:
+    """Up to *n* events of the staged array *name*, from the first partitions (in plan order)
+    that hold any; None if none does."""
+    parts = []
+    for record in staged:
+        if n <= 0:
+            break
+        if record.n_events == 0 or name not in record.arrays:
+            continue
+        take = min(n, record.n_events)
+        parts.append(read_rows(staging, record, name, np.arange(take)))
+        n -= take
+    return np.concatenate(parts) if parts else None
 
 
 def compressor_label(array) -> str:
@@ -774,16 +817,21 @@ def prepare(
     attrs: Mapping[str, Any],
     array_attrs: Mapping[str, Mapping[str, Any]] | None = None,
     plan: str | None = None,
+    samples: Mapping[str, np.ndarray | None] | None = None,
 ) -> None:
     """Create the empty store: one group per split with every array and coordinate.
 
     *chunk_events*: events per chunk, of every array or per array (``array_chunk_events``).
+    *samples*: rows of some arrays, for ``auto`` to choose their compressor by
+    (``compressor_name``).
 
     *plan*, the digest of what the write tasks will put where (``plan_digest``), is recorded
     last, once every array exists: a resumed build keeps a store prepared for its plan and
     its finished write tasks (``prepared_for``).
     """
     array_attrs = array_attrs or {}
+    samples = samples or {}
+    codecs = {name: compressors(*compressor, spec.dtype, samples.get(name)) for name, spec in arrays.items()}
     per_array = chunk_events if isinstance(chunk_events, Mapping) else dict.fromkeys(arrays, chunk_events)
     base = min(per_array.values(), default=1)
 
@@ -807,7 +855,7 @@ def prepare(
             for name, spec in arrays.items():
                 made.append(group.create_array(
                     name, shape=(n, *spec.shape), chunks=(chunk_of(name, n), *spec.shape),
-                    dtype=_zarr_dtype(spec.dtype), compressors=compressors(*compressor, spec.dtype), dimension_names=["event", *dims[name]],
+                    dtype=_zarr_dtype(spec.dtype), compressors=codecs[name], dimension_names=["event", *dims[name]],
                     fill_value=_fill(spec.dtype), attributes=dict(array_attrs.get(name, {})),
                     chunk_key_encoding=CHUNK_KEY_ENCODING,
                 ))

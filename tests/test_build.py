@@ -452,11 +452,44 @@ def test_dry_run_writes_nothing(ldmx_data, tmp_path, capsys):
 def test_dry_run_names_the_compressor_auto_picks_for_each_image(ldmx_data, tmp_path, capsys):
     data, _ = ldmx_data
     counts = {"image.weight": None, "image.dtype": "uint8"}
-    for changes, codec in (({}, "zstd"), (counts, "blosc-lz4"), ({**counts, "output.compressor": {"name": "zstd"}}, "zstd")):
+    rule = "blosc-lz4 or zstd (auto: blosc-lz4 if a trial of the first chunk stores it at most 1.5x larger than zstd)"
+    for changes, codec in (({}, "zstd"), (counts, rule),
+                           ({**counts, "output.compressor": {"name": "zstd"}}, "zstd"),
+                           ({**counts, "output.compressor": {"name": "blosc-lz4"}}, "blosc-lz4")):
         path = write_config(tmp_path / "c.yaml", demo_config(data, tmp_path / "out.zarr", **changes))
         assert cli(["build-dataset", str(path), "--dry-run"]) == 0
         line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("image: shape"))
         assert line.endswith(f"events per chunk, {codec}"), line
+
+
+def test_auto_chooses_a_count_images_compressor_by_a_trial_of_the_builds_first_chunk(ldmx_data, tmp_path,
+                                                                                       monkeypatch):
+    import hepdask
+    from hepdask import store
+    from hepdask.config import from_dict
+
+    data, _ = ldmx_data
+    tried = []
+    original = store.compressor_name
+
+    def recording(name, dtype, sample=None, level=1):
+        chosen = original(name, dtype, sample, level)
+        if sample is not None:
+            tried.append((sample, chosen))
+        return chosen
+
+    monkeypatch.setattr(store, "compressor_name", recording)
+    counts = {"image.weight": None, "image.dtype": "uint8", "output.chunk_events": 64}
+    hepdask.build_dataset(from_dict(demo_config(data, tmp_path / "out.zarr", **counts)), progress=False)
+    ((sample, chosen),) = tried  # the image only: per-event arrays get no trial
+    assert sample.dtype == np.uint8 and sample.shape == (64, 17, 16) and sample.any()
+    image = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["train"]["image"]
+    assert store.compressor_label(image) == f"{chosen}-1"
+    assert chosen == original("auto", "uint8", sample)
+    tried.clear()
+    named = {**counts, "output.compressor": {"name": "zstd"}}
+    hepdask.build_dataset(from_dict(demo_config(data, tmp_path / "z.zarr", **named)), progress=False)
+    assert tried == []  # a named compressor needs no trial
 
 
 def test_cli_build_and_info(ldmx_data, tmp_path, capsys):

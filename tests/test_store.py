@@ -368,19 +368,42 @@ def test_other_layouts_are_left_to_zarr(tmp_path):
     assert store.ChunkFiles.of(big) is None
 
 
-def test_auto_compresses_one_byte_arrays_with_blosc_and_the_rest_with_zstd(tmp_path):
+def _count_images(n: int, *, noisy: bool, seed: int = 5) -> np.ndarray:
+    """uint8 count images (64 x 64): hits at random all over (noisy, 14 % of the pixels),
+    or a few percent clustered around one centre an event (a shower)."""
+    rng = np.random.default_rng(seed)
+    if noisy:
+        return rng.binomial(1, 0.14, (n, 64, 64)).astype(np.uint8)
+    images = np.zeros((n, 64, 64), np.uint8)
+    for image in images:
+        xy = np.clip(np.round(rng.normal(rng.integers(16, 48, 2), 6, (150, 2))).astype(int), 0, 63)
+        np.add.at(image, (xy[:, 0], xy[:, 1]), 1)
+    return images
+
+
+def test_auto_takes_blosc_for_one_byte_images_only_where_a_trial_finds_it_nearly_as_small(tmp_path):
     from zarr.codecs import BloscCodec, ZstdCodec
 
     from hepdask.config import Compressor
 
     assert Compressor().name == "auto"
-    arrays = {"counts": store.ArraySpec("uint8", (3, 4)), "energy": store.ArraySpec("float32", (3, 4)),
-              "label": store.ArraySpec("int32"), "flag": store.ArraySpec("bool"), "sample": store.ArraySpec("str")}
-    dims = {"counts": ("y", "x"), "energy": ("y", "x"), "label": (), "flag": (), "sample": ()}
-    store.prepare(tmp_path / "s.zarr", {"train": 10}, arrays, dims, [], chunk_events=5, compressor=("auto", 1), attrs={})
+    noisy, clustered = _count_images(256, noisy=True), _count_images(256, noisy=False)
+    assert store.compressor_name("auto", "uint8", noisy) == "blosc-lz4"
+    assert store.compressor_name("auto", "uint8", clustered) == "zstd"
+    assert store.compressor_name("auto", "uint8") == "zstd"  # nothing to try: the safe choice
+    assert store.compressor_name("auto", "float32", noisy.astype(np.float32)) == "zstd"
+    assert store.compressor_name("blosc-lz4", "uint8", clustered) == "blosc-lz4"  # named: kept
+
+    arrays = {"counts": store.ArraySpec("uint8", (64, 64)), "showers": store.ArraySpec("uint8", (64, 64)),
+              "energy": store.ArraySpec("float32", (64, 64)), "label": store.ArraySpec("int32"),
+              "flag": store.ArraySpec("bool"), "sample": store.ArraySpec("str")}
+    dims = {"counts": ("y", "x"), "showers": ("y", "x"), "energy": ("y", "x"), "label": (), "flag": (), "sample": ()}
+    store.prepare(tmp_path / "s.zarr", {"train": 10}, arrays, dims, [], chunk_events=5, compressor=("auto", 1),
+                  attrs={}, samples={"counts": noisy, "showers": clustered})
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")["train"]
     kinds = {name: type(group[name].metadata.codecs[-1]) for name in arrays}
-    assert kinds == {"counts": BloscCodec, "energy": ZstdCodec, "label": ZstdCodec, "flag": BloscCodec, "sample": ZstdCodec}
+    assert kinds == {"counts": BloscCodec, "showers": ZstdCodec, "energy": ZstdCodec, "label": ZstdCodec,
+                     "flag": ZstdCodec, "sample": ZstdCodec}
     assert all(store.ChunkFiles.of(group[name]) is not None for name in arrays)
     assert store.compressor_label(group["counts"]) == "blosc-lz4-1"
     assert store.compressor_label(group["energy"]) == "zstd-1"
