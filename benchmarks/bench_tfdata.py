@@ -9,8 +9,9 @@ marker), chunked as a build chunks them (``AUTO_CHUNK_BYTES`` = 4 MiB), one ``tr
 these count images; ``float32`` gives the 4x larger images of energy-weighted builds.
 ``--compressor`` gives the ``output.compressor.name`` of the stores, level 1, as a build
 writes them: by default one store of each size with ``blosc-lz4`` (bit-shuffled LZ4, what
-a build's default ``auto`` writes for uint8 images) and one with ``zstd`` (the default
-before ``auto``, and what it writes for other dtypes); (a) reads each. Existing stores are
+a build's default ``auto`` picks for these noisy uint8 images: its trial finds LZ4 1.13x
+zstd's size) and one with ``zstd`` (what ``auto`` picks for clustered count images and for
+other dtypes); (a) reads each. Existing stores are
 reused.
 
 Measurements, each in a fresh subprocess (independent RSS and TensorFlow state), every one
