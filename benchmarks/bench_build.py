@@ -308,8 +308,9 @@ def bench_write(client, config, built: Path, target: Path) -> dict:
     spec = store.ArraySpec(str(image.dtype), tuple(image.shape[1:]))
     sizes = {s: source[s]["image"].shape[0] for s in splits}
     shutil.rmtree(target, ignore_errors=True)
+    # The codec the build chose (``auto`` decides a one-byte image by a trial of its data).
     store.prepare(target, sizes, {"image": spec}, {"image": layout.dims}, [], chunk_events=per_chunk,
-                  compressor=(config.output.compressor.name, config.output.compressor.level), attrs={})  # fmt: skip
+                  compressor=store.compressor_setting(image), attrs={})  # fmt: skip
 
     # One task per run of whole chunks, grouped as the build groups its write tasks, but
     # without rounding to the chunks of the small per-event arrays, which are not written here.

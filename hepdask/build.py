@@ -986,7 +986,10 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
     arrays, dims = _array_specs(config, job.images, staged)
     per_chunk = chunk_events(config, job.images)
     coordinates = [c for img in job.images for c in _coordinates(img.layout, img.dim_prefix)]
-    plan_id = store.plan_digest(config.content_hash(), staged)
+    compressor = config.output.compressor
+    codecs = store.resolve_compressors(compressor.name, compressor.level,
+                                       _codec_samples(config, job, staged, arrays, per_chunk))
+    plan_id = store.plan_digest(config.content_hash(), staged, codecs)
     finished = set()
     if store.prepared_for(config.output.path, plan_id):
         finished = store.written_tasks(job.staging, plan_id)
@@ -995,10 +998,9 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
         store.prepare(
             config.output.path, {k: v.size for k, v in plans.items()}, arrays, dims, coordinates,
             chunk_events=store.array_chunk_events(arrays, (img.array for img in job.images), per_chunk),
-            compressor=(config.output.compressor.name, config.output.compressor.level),
+            compressor=(compressor.name, compressor.level), resolved=codecs,
             attrs={store.PREFIX + "building": True},
             array_attrs={"label": _label_attrs(config)}, plan=plan_id,
-            samples=_codec_samples(config, job, staged, arrays, per_chunk),
         )
     metadata = config.metadata_values()
     constants = {
@@ -1074,13 +1076,20 @@ def _run(config: Config, partitions: list[sources.Partition], client, bar, start
 
 
 def _codec_samples(config: Config, job: Job, staged: list[store.Staged], arrays: dict[str, store.ArraySpec],
-                   per_chunk: int) -> dict[str, np.ndarray | None]:
-    """The first chunk's worth of each one-byte image, for ``auto`` to choose its compressor
-    by (``store.compressor_name``); nothing for other compressors or dtypes."""
+                   per_chunk: int) -> dict[str, tuple[str, np.ndarray | None]]:
+    """``{image: (dtype, rows)}``: the first events (in plan order; a chunk's worth, at most
+    ``store.AUTO_TRIAL_BYTES``) of each one-byte image, for ``auto`` to choose its
+    compressor by (``store.compressor_name``); nothing for other compressors or dtypes. Read
+    before an old store is replaced: a staged file that cannot be read fails the build first."""
     if config.output.compressor.name != "auto":
         return {}
-    return {img.array: store.first_rows(job.staging, staged, img.array, per_chunk)
-            for img in job.images if img.array in arrays and np.dtype(arrays[img.array].dtype).itemsize == 1}
+    samples = {}
+    for img in job.images:
+        spec = arrays.get(img.array)
+        if spec is not None and np.dtype(spec.dtype).itemsize == 1:
+            n = min(per_chunk, max(1, store.AUTO_TRIAL_BYTES // max(1, spec.itemsize)))
+            samples[img.array] = (spec.dtype, store.first_rows(job.staging, staged, img.array, n))
+    return samples
 
 
 def _finalize(path: str, attrs: dict[str, Any]) -> None:

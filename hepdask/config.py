@@ -316,7 +316,7 @@ MAX_LEVEL = {"zstd": 22, "blosc-lz4": 9, "auto": 9}
 
 class Compressor(_Model):
     """``auto``: ``zstd``, except ``blosc-lz4`` (bit-shuffled LZ4) for one-byte count images
-    that a trial of the build's first chunk finds nearly as small with it (noisy images,
+    that a trial of their first events finds nearly as small with it (noisy images,
     which it decodes up to 3.5x faster, so training reads them faster)
     (``store.compressor_name``; README, "The store")."""
 

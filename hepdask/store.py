@@ -711,13 +711,16 @@ class Coordinate:
 BLOSC_BYTE_TYPESIZE = 2
 
 
-#: ``auto`` gives a one-byte image ``blosc-lz4`` only where a trial of its first chunk comes out
-#: at most this much larger than with zstd. Where LZ4 is that close, the images are noisy
-#: (high entropy) and zstd decodes them slowly: hits at random over 4.5-14 % of the pixels
-#: came out 1.32-0.87x the size at 2.6-5.4x the decoding speed. Images whose hits cluster
+#: ``auto`` gives a one-byte image ``blosc-lz4`` only where a trial of its first events (a
+#: chunk's worth in plan order, at most ``AUTO_TRIAL_BYTES``) comes out at most this much
+#: larger than with zstd. Where LZ4 is that close, the images are noisy (high entropy) and
+#: zstd decodes them slowly: hits at random over 4.5-14 % of the pixels came out 1.32-0.87x
+#: the size at 2.6-5.2x the decoding speed. Images whose hits cluster
 #: (showers, tracks) came out 2.1-2.8x larger with LZ4 and decoded at most 1.2x faster, below
 #: 2 % occupancy slower (``benchmarks/bench_codecs.py``; benchmarks/RESULTS.md).
 AUTO_BLOSC_SIZE_LIMIT = 1.5
+#: The most image bytes ``auto``'s trial compresses (what ``chunk_events: auto`` aims at).
+AUTO_TRIAL_BYTES = 4 * 2**20
 
 
 def compressors(name: str, level: int, dtype: str | np.dtype | None = None, sample: np.ndarray | None = None):
@@ -737,7 +740,7 @@ def compressor_name(name: str, dtype: str | np.dtype | None, sample: np.ndarray 
     """The compressor ``output.compressor.name`` gives an array of *dtype*.
 
     ``auto`` is ``zstd``, except for one-byte values (count images) given a *sample* of
-    their rows (a build gives its first chunk's worth) that bit-shuffled LZ4 at *level*
+    their rows (a build gives its first events in plan order) that bit-shuffled LZ4 at *level*
     stores at most ``AUTO_BLOSC_SIZE_LIMIT`` times larger than zstd does: ``blosc-lz4``.
     The choice depends on the data only, so every build of the same input makes the same.
     On float images bit-shuffling does not pay (2.9x against zstd's 17x on the demo's).
@@ -759,9 +762,14 @@ def planned_compressor(name: str, dtype: str | np.dtype | None) -> str:
     """What ``output.compressor.name`` will give an array of *dtype*, before any data is read
     (the dry run's words)."""
     if name == "auto" and _one_byte(dtype):
-        return (f"blosc-lz4 or zstd (auto: blosc-lz4 if a trial of the first chunk stores it at most "
+        return (f"blosc-lz4 or zstd (auto: blosc-lz4 if a trial of the first events stores them at most "
                 f"{AUTO_BLOSC_SIZE_LIMIT}x larger than zstd)")
     return compressor_name(name, dtype)
+
+
+def resolve_compressors(name: str, level: int, samples: Mapping[str, tuple[str, np.ndarray | None]]) -> dict[str, str]:
+    """``compressor_name`` of each array of *samples* (``{array: (dtype, rows)}``)."""
+    return {array: compressor_name(name, dtype, rows, level) for array, (dtype, rows) in samples.items()}
 
 
 def first_rows(staging: str | Path, staged: Iterable[Staged], name: str, n: int) -> np.ndarray | None:
@@ -777,6 +785,19 @@ def first_rows(staging: str | Path, staged: Iterable[Staged], name: str, n: int)
         parts.append(read_rows(staging, record, name, np.arange(take)))
         n -= take
     return np.concatenate(parts) if parts else None
+
+
+def compressor_setting(array) -> tuple[str, int]:
+    """*array*'s compressor as ``output.compressor`` (name, level) would make it; StoreError
+    for a codec hepdask does not write."""
+    label = compressor_label(array)
+    if label == "none":
+        return "none", 0
+    name, _, level = label.rpartition("-")
+    if name not in ("zstd", "blosc-lz4"):
+        msg = f"{array.path}: chunks compressed with {label}, not a compressor hepdask writes"
+        raise StoreError(msg)
+    return name, int(level)
 
 
 def compressor_label(array) -> str:
@@ -817,21 +838,22 @@ def prepare(
     attrs: Mapping[str, Any],
     array_attrs: Mapping[str, Mapping[str, Any]] | None = None,
     plan: str | None = None,
-    samples: Mapping[str, np.ndarray | None] | None = None,
+    resolved: Mapping[str, str] | None = None,
 ) -> None:
     """Create the empty store: one group per split with every array and coordinate.
 
     *chunk_events*: events per chunk, of every array or per array (``array_chunk_events``).
-    *samples*: rows of some arrays, for ``auto`` to choose their compressor by
-    (``compressor_name``).
+    *resolved*: the compressor of some arrays, decided already (``resolve_compressors``:
+    ``auto`` by a trial of their rows); the others get ``compressor``.
 
     *plan*, the digest of what the write tasks will put where (``plan_digest``), is recorded
     last, once every array exists: a resumed build keeps a store prepared for its plan and
     its finished write tasks (``prepared_for``).
     """
     array_attrs = array_attrs or {}
-    samples = samples or {}
-    codecs = {name: compressors(*compressor, spec.dtype, samples.get(name)) for name, spec in arrays.items()}
+    resolved = resolved or {}
+    codecs = {name: compressors(resolved.get(name, compressor[0]), compressor[1], spec.dtype)
+              for name, spec in arrays.items()}
     per_array = chunk_events if isinstance(chunk_events, Mapping) else dict.fromkeys(arrays, chunk_events)
     base = min(per_array.values(), default=1)
 
@@ -881,10 +903,14 @@ async def _coordinate(group, coord: Coordinate) -> None:
 PLAN = PREFIX + "plan"
 
 
-def plan_digest(config_hash: str, partitions: Iterable[Staged]) -> str:
+def plan_digest(config_hash: str, partitions: Iterable[Staged], codecs: Mapping[str, str] | None = None) -> str:
     """What decides every stored event's split, position and content: the config and, per
-    partition in order, its key, events and source file's size and mtime."""
+    partition in order, its key, events and source file's size and mtime; and the
+    compressors decided from the data (*codecs*, ``resolve_compressors``), so that a store
+    prepared under another rule is not resumed."""
     identity = [config_hash, *([p.key, p.n_events, p.info.get("size"), p.info.get("mtime")] for p in partitions)]
+    if codecs:
+        identity.append(sorted(codecs.items()))
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 

@@ -398,8 +398,10 @@ def test_auto_takes_blosc_for_one_byte_images_only_where_a_trial_finds_it_nearly
               "energy": store.ArraySpec("float32", (64, 64)), "label": store.ArraySpec("int32"),
               "flag": store.ArraySpec("bool"), "sample": store.ArraySpec("str")}
     dims = {"counts": ("y", "x"), "showers": ("y", "x"), "energy": ("y", "x"), "label": (), "flag": (), "sample": ()}
+    resolved = store.resolve_compressors("auto", 1, {"counts": ("uint8", noisy), "showers": ("uint8", clustered)})
+    assert resolved == {"counts": "blosc-lz4", "showers": "zstd"}
     store.prepare(tmp_path / "s.zarr", {"train": 10}, arrays, dims, [], chunk_events=5, compressor=("auto", 1),
-                  attrs={}, samples={"counts": noisy, "showers": clustered})
+                  attrs={}, resolved=resolved)
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")["train"]
     kinds = {name: type(group[name].metadata.codecs[-1]) for name in arrays}
     assert kinds == {"counts": BloscCodec, "showers": ZstdCodec, "energy": ZstdCodec, "label": ZstdCodec,
@@ -501,3 +503,46 @@ def test_a_store_of_zarrs_default_chunk_layout_is_still_written_read_and_verifie
     assert store.verify(path) == []
     (path / "train" / "image" / "c" / "1" / "0" / "0").unlink()
     assert store.verify(path) == ["train/image: 1 chunk(s) missing, e.g. train/image/c/1/0/0"]
+
+
+def test_first_rows_reads_the_first_events_in_plan_order_across_partitions(tmp_path):
+    staging = tmp_path / "staging"
+    rng = np.random.default_rng(2)
+    images = {"a": rng.binomial(1, 0.05, (5, 4, 4)).astype(np.uint8), "b": np.zeros((0, 4, 4), np.uint8),
+              "c": rng.binomial(1, 0.5, (7, 4, 4)).astype(np.uint8)}
+    staged = []
+    for key, array in images.items():
+        writer = store.PartitionWriter(staging, key)
+        if len(array):
+            writer.append({"image": array, "entry": np.arange(len(array))})
+        staged.append(writer.close({}))
+    staged.insert(1, store.Staged("bad", 0, {}))  # a bad file's record
+    np.testing.assert_array_equal(store.first_rows(staging, staged, "image", 3), images["a"][:3])
+    np.testing.assert_array_equal(store.first_rows(staging, staged, "image", 8),
+                                  np.concatenate([images["a"], images["c"][:3]]))
+    np.testing.assert_array_equal(store.first_rows(staging, staged, "image", 100),
+                                  np.concatenate([images["a"], images["c"]]))
+    assert store.first_rows(staging, staged, "other", 3) is None
+    assert store.first_rows(staging, staged[1:2], "image", 3) is None
+
+
+def test_the_plan_digest_names_the_compressors_decided_from_the_data():
+    staged = [store.Staged("p0", 10, {}, {"size": 1, "mtime": 2})]
+    plain = store.plan_digest("h", staged)
+    assert store.plan_digest("h", staged, {}) == plain  # no trial: the digest of earlier versions
+    assert store.plan_digest("h", staged, {"image": "zstd"}) != plain
+    assert store.plan_digest("h", staged, {"image": "zstd"}) != store.plan_digest("h", staged, {"image": "blosc-lz4"})
+
+
+def test_compressor_setting_reads_back_what_prepare_was_given(tmp_path):
+    from zarr.codecs import GzipCodec
+
+    for setting in (("zstd", 3), ("blosc-lz4", 5), ("none", 0)):
+        path = tmp_path / f"{setting[0]}.zarr"
+        store.prepare(path, {"train": 4}, {"image": store.ArraySpec("uint8", (2,))}, {"image": ("x",)}, [],
+                      chunk_events=2, compressor=setting, attrs={})
+        assert store.compressor_setting(zarr.open_group(str(path), mode="r")["train"]["image"]) == setting
+    gzip = zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3).create_array(
+        "x", shape=(4,), chunks=(2,), dtype="int32", compressors=GzipCodec())
+    with pytest.raises(store.StoreError, match="not a compressor hepdask writes"):
+        store.compressor_setting(gzip)
