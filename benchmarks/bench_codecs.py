@@ -48,7 +48,7 @@ def measure(codec, chunks: list[np.ndarray]) -> tuple[float, float]:
 
 def main(argv=None) -> None:
     import numcodecs.blosc
-    from numcodecs import Blosc, Zstd
+    from numcodecs import Zstd
 
     from hepdask import store
 
@@ -60,8 +60,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     numcodecs.blosc.use_threads = False
     zstd = Zstd(level=1)
-    blosc = Blosc.from_config({"cname": "lz4", "clevel": 1, "shuffle": store.BLOSC_SHUFFLE["bitshuffle"],
-                               "blocksize": 0, "typesize": store.BLOSC_BYTE_TYPESIZE})
+    blosc = store._numcodecs_blosc(store.compressors("blosc-lz4", 1, "uint8"))  # what a build writes
     per_chunk = max(1, 4 * 2**20 // (args.side * args.side))
     print(f"{'images':<10} {'occupancy':>9} {'zstd ratio':>10} {'GB/s':>6} {'blosc ratio':>11} {'GB/s':>6} "
           f"{'size blosc/zstd':>15} {'speed blosc/zstd':>16}  auto")

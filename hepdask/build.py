@@ -1081,12 +1081,10 @@ def _codec_samples(config: Config, job: Job, staged: list[store.Staged], arrays:
     ``store.AUTO_TRIAL_BYTES``) of each one-byte image, for ``auto`` to choose its
     compressor by (``store.compressor_name``); nothing for other compressors or dtypes. Read
     before an old store is replaced: a staged file that cannot be read fails the build first."""
-    if config.output.compressor.name != "auto":
-        return {}
     samples = {}
     for img in job.images:
         spec = arrays.get(img.array)
-        if spec is not None and np.dtype(spec.dtype).itemsize == 1:
+        if spec is not None and store.auto_trial(config.output.compressor.name, spec.dtype):
             n = min(per_chunk, max(1, store.AUTO_TRIAL_BYTES // max(1, spec.itemsize)))
             samples[img.array] = (spec.dtype, store.first_rows(job.staging, staged, img.array, n))
     return samples

@@ -723,10 +723,11 @@ AUTO_BLOSC_SIZE_LIMIT = 1.5
 AUTO_TRIAL_BYTES = 4 * 2**20
 
 
-def compressors(name: str, level: int, dtype: str | np.dtype | None = None, sample: np.ndarray | None = None):
+def compressors(name: str, level: int, dtype: str | np.dtype | None = None):
     """The Zarr codec of ``output.compressor`` for an array of *dtype* (None: left to zarr);
-    ``auto`` is resolved by ``compressor_name``, with *sample* rows of the array."""
-    name = compressor_name(name, dtype, sample, level)
+    ``auto`` is resolved by ``compressor_name`` without data: a build resolves it first
+    (``resolve_compressors``)."""
+    name = compressor_name(name, dtype)
     if name == "none":
         return None
     if name == "zstd":
@@ -747,21 +748,26 @@ def compressor_name(name: str, dtype: str | np.dtype | None, sample: np.ndarray 
     """
     if name != "auto":
         return name
-    if not _one_byte(dtype) or sample is None or sample.size == 0:
+    if not auto_trial(name, dtype) or sample is None or sample.size == 0:
         return "zstd"
-    from numcodecs import Blosc, Zstd
+    from numcodecs import Zstd
 
     raw = np.ascontiguousarray(sample)
-    blosc = Blosc.from_config({"cname": "lz4", "clevel": level, "shuffle": BLOSC_SHUFFLE["bitshuffle"],
-                               "blocksize": 0, "typesize": BLOSC_BYTE_TYPESIZE})
+    blosc = _numcodecs_blosc(compressors("blosc-lz4", level, dtype))
     ratio = len(blosc.encode(raw)) / len(Zstd(level=level).encode(raw))
     return "blosc-lz4" if ratio <= AUTO_BLOSC_SIZE_LIMIT else "zstd"
+
+
+def auto_trial(name: str, dtype: str | np.dtype | None) -> bool:
+    """Whether ``output.compressor.name`` *name* decides an array of *dtype* by a trial of
+    its rows (``auto``, one-byte values)."""
+    return name == "auto" and _one_byte(dtype)
 
 
 def planned_compressor(name: str, dtype: str | np.dtype | None) -> str:
     """What ``output.compressor.name`` will give an array of *dtype*, before any data is read
     (the dry run's words)."""
-    if name == "auto" and _one_byte(dtype):
+    if auto_trial(name, dtype):
         return (f"blosc-lz4 or zstd (auto: blosc-lz4 if a trial of the first events stores them at most "
                 f"{AUTO_BLOSC_SIZE_LIMIT}x larger than zstd)")
     return compressor_name(name, dtype)
@@ -790,14 +796,15 @@ def first_rows(staging: str | Path, staged: Iterable[Staged], name: str, n: int)
 def compressor_setting(array) -> tuple[str, int]:
     """*array*'s compressor as ``output.compressor`` (name, level) would make it; StoreError
     for a codec hepdask does not write."""
-    label = compressor_label(array)
-    if label == "none":
+    codecs = array.metadata.codecs[1:]
+    if not codecs:
         return "none", 0
-    name, _, level = label.rpartition("-")
-    if name not in ("zstd", "blosc-lz4"):
-        msg = f"{array.path}: chunks compressed with {label}, not a compressor hepdask writes"
-        raise StoreError(msg)
-    return name, int(level)
+    if len(codecs) == 1 and isinstance(codecs[0], ZstdCodec):
+        return "zstd", codecs[0].level
+    if len(codecs) == 1 and isinstance(codecs[0], BloscCodec) and _value(codecs[0].cname) == "lz4":
+        return "blosc-lz4", codecs[0].clevel
+    msg = f"{array.path}: chunks compressed with {compressor_label(array)}, not a compressor hepdask writes"
+    raise StoreError(msg)
 
 
 def compressor_label(array) -> str:
@@ -996,6 +1003,17 @@ def chunk_ranges(n: int, chunk_events: int) -> list[tuple[int, int]]:
 BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
+def _numcodecs_blosc(codec: BloscCodec):
+    """The numcodecs codec zarr's *codec* encodes with (its ``_blosc_codec``): the same bytes.
+    zarr turns off Blosc's global thread pool when it is imported, so each call runs on the
+    calling thread, without the GIL, and encodes the same bytes every time."""
+    from numcodecs import Blosc
+
+    return Blosc.from_config({"cname": _value(codec.cname), "clevel": codec.clevel,
+                              "shuffle": BLOSC_SHUFFLE[_value(codec.shuffle)],
+                              "blocksize": codec.blocksize, "typesize": codec.typesize})
+
+
 def _value(setting):
     """A codec setting as zarr's metadata spells it: the value of an enum member, or the
     string itself (zarr moves from enums to literal strings)."""
@@ -1022,7 +1040,7 @@ class ChunkFiles:
 
     @classmethod
     def of(cls, array) -> ChunkFiles | None:
-        from numcodecs import Blosc, VLenUTF8, Zstd
+        from numcodecs import VLenUTF8, Zstd
         from zarr.codecs import BytesCodec, VLenUTF8Codec
         from zarr.core.chunk_grids import RegularChunkGrid
 
@@ -1057,14 +1075,7 @@ class ChunkFiles:
             zstd = Zstd(level=rest[0].level, checksum=rest[0].checksum)
             return cls(array, path, encode, decode, zstd.encode, zstd.decode)
         if len(rest) == 1 and isinstance(rest[0], BloscCodec):
-            # The numcodecs codec zarr's BloscCodec itself encodes with (its ``_blosc_codec``):
-            # the same bytes. zarr turns off Blosc's global thread pool when it is imported,
-            # so each call runs on the calling thread, without the GIL, and encodes the same
-            # bytes every time.
-            codec = rest[0]
-            blosc = Blosc.from_config({"cname": _value(codec.cname), "clevel": codec.clevel,
-                                       "shuffle": BLOSC_SHUFFLE[_value(codec.shuffle)],
-                                       "blocksize": codec.blocksize, "typesize": codec.typesize})
+            blosc = _numcodecs_blosc(rest[0])
             return cls(array, path, encode, decode, blosc.encode, blosc.decode)
         return None
 
