@@ -11,7 +11,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -283,7 +283,29 @@ def _unchanged(done: store.Staged, partition: sources.Partition) -> bool:
     return all(done.info.get(k) == v for k, v in current.items())
 
 
-def _stage(partition: sources.Partition, job: Job) -> store.Staged:
+@dataclass
+class Tally:
+    """What :func:`partition_steps` counts over a partition: entries read, the binning
+    statistics of each image array, and (with a geometry or a time window) the hit counters."""
+
+    entries: int
+    stats: dict[str, binning.BinStats]
+    counts: dict[str, int] | None
+
+    @classmethod
+    def of(cls, job: Job) -> Tally:
+        stats = {img.array: binning.BinStats(tuple(a.name for a in img.layout.axes)) for img in job.images}
+        counts = dict.fromkeys(HIT_COUNTERS, 0) if job.geometry is not None or job.time is not None else None
+        return cls(0, stats, counts)
+
+
+def partition_steps(partition: sources.Partition, job: Job, tally: Tally) -> Iterator[dict[str, np.ndarray]]:
+    """Read, calibrate, cut and bin *partition* one read step at a time.
+
+    Yields, per step, the per-event arrays a build stores: each image array, ``entry`` (the
+    source entry numbers), ``label`` (with ``labels:``) and the event fields. *tally* counts
+    as the steps go.
+    """
     detector = job.detector(partition.sample)
     hit_names = job.hit_names(detector)
     event_names = list(job.events)
@@ -292,46 +314,48 @@ def _stage(partition: sources.Partition, job: Job) -> store.Staged:
     hit_cut = selection.hit_cut(job.hit_cut, hit_names)
     event_cut = selection.event_cut(job.event_cut, event_names)
     image_cuts = {img.array: selection.hit_cut(img.hit_cut, hit_names) for img in job.images}
-    stats = {img.array: binning.BinStats(tuple(a.name for a in img.layout.axes)) for img in job.images}
-    counts = dict.fromkeys(HIT_COUNTERS, 0) if job.geometry is not None or job.time is not None else None
-    entries_read = 0
+    for step in sources.read(partition, job.tree, job.hits, job.events, job.step_size, memory_map=job.memory_map):
+        tally.entries += step.n_events
+        offsets, hits, events, entries = step.offsets, step.hits, step.events, step.entries
+        if job.truth_prefix is not None:
+            events = truth.derive(events, job.truth_prefix)
+        if detector is not None:
+            offsets, hits = _calibrate(partition.file, job.geometry, detector, offsets, hits, events, entries, tally.counts)
+        if job.time is not None:
+            offsets, hits = _time(job.time, offsets, hits, tally.counts)
+        if hit_cut is not None:
+            mask = hit_cut(hits)
+            offsets = selection.apply_hit_mask(offsets, mask)
+            hits = {k: v[mask] for k, v in hits.items()}
+        if event_cut is not None:
+            keep = event_cut({**events, "nhits": np.diff(offsets)})
+            offsets, hit_mask = selection.select_events(offsets, keep)
+            hits = {k: v[hit_mask] for k, v in hits.items()}
+            events = {k: v[keep] for k, v in events.items()}
+            entries = entries[keep]
+        images = {}
+        for img in job.images:
+            images[img.array], step_stats = _bin(img, image_cuts[img.array], offsets, hits)
+            tally.stats[img.array] += step_stats
+        labels = {}
+        if job.labels is not None:
+            labels["label"] = truth.map_labels(events[job.labels.field], job.labels.map, job.labels.default,
+                                               where=partition.file)
+        yield {**images, "entry": entries, **labels, **events}
+
+
+def _stage(partition: sources.Partition, job: Job) -> store.Staged:
+    tally = Tally.of(job)
     writer = store.PartitionWriter(job.staging, partition.key)
     try:
-        for step in sources.read(partition, job.tree, job.hits, job.events, job.step_size,
-                                 memory_map=job.memory_map):
-            entries_read += step.n_events
-            offsets, hits, events, entries = step.offsets, step.hits, step.events, step.entries
-            if job.truth_prefix is not None:
-                events = truth.derive(events, job.truth_prefix)
-            if detector is not None:
-                offsets, hits = _calibrate(partition.file, job.geometry, detector, offsets, hits, events, entries, counts)
-            if job.time is not None:
-                offsets, hits = _time(job.time, offsets, hits, counts)
-            if hit_cut is not None:
-                mask = hit_cut(hits)
-                offsets = selection.apply_hit_mask(offsets, mask)
-                hits = {k: v[mask] for k, v in hits.items()}
-            if event_cut is not None:
-                keep = event_cut({**events, "nhits": np.diff(offsets)})
-                offsets, hit_mask = selection.select_events(offsets, keep)
-                hits = {k: v[hit_mask] for k, v in hits.items()}
-                events = {k: v[keep] for k, v in events.items()}
-                entries = entries[keep]
-            images = {}
-            for img in job.images:
-                images[img.array], step_stats = _bin(img, image_cuts[img.array], offsets, hits)
-                stats[img.array] += step_stats
-            labels = {}
-            if job.labels is not None:
-                labels["label"] = truth.map_labels(events[job.labels.field], job.labels.map, job.labels.default,
-                                                   where=partition.file)
-            writer.append({**images, "entry": entries, **labels, **events})
-        info = {"entries": entries_read, "stats": stats["image"].to_dict(), **sources.file_info(partition.file),
+        for arrays in partition_steps(partition, job, tally):
+            writer.append(arrays)
+        info = {"entries": tally.entries, "stats": tally.stats["image"].to_dict(), **sources.file_info(partition.file),
                 "entry_range": [partition.entry_start, partition.entry_stop]}
         if len(job.images) > 1:
-            info["image_stats"] = {k: v.to_dict() for k, v in stats.items() if k != "image"}
-        if counts is not None:
-            info["hit_counts"] = counts
+            info["image_stats"] = {k: v.to_dict() for k, v in tally.stats.items() if k != "image"}
+        if tally.counts is not None:
+            info["hit_counts"] = tally.counts
     except BaseException:
         writer.abort()
         raise
