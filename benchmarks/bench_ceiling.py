@@ -1,0 +1,194 @@
+"""The fastest a build of a config could be on this cluster: a single pass that does only the
+work no build can skip, beside the bare grouped read of ``bench_build.py`` in the same run.
+
+``bench_build.py`` reports the build's events/s as a fraction of the slower of a bare read
+and a bare write (target >= 0.5 with shuffle off). This benchmark asks how high that fraction
+could go at all, whatever the build's design. On one warmed LocalCluster (the one a build
+starts, warmed as ``bench_build.py`` warms it), alternating, ``--repeat`` times:
+
+(1) the bare read: ``bench_build.bench_read`` with the build's grouping of files into tasks.
+(c) the single pass: tasks of the same grouping; each runs the build's own code for reading,
+    calibrating, cutting and binning its partitions (``build.partition_steps``) and writes
+    every array that yields (images, entry numbers, labels, event fields) as Zarr chunks with
+    the build's compressor as they fill (``store.ChunkFiles``: the bytes zarr writes), into
+    chunk slots of its own in one store prepared beforehand (not timed).
+
+(3) with ``--build`` (the default), the full build of ``bench_build.py`` (shuffle off) in
+    the same round, for its ratio beside the ceiling.
+
+(c) leaves out everything else a build does: staging, the seeded split assignment (it needs
+every partition's count of selected events), the shuffle, source-ordered chunks (each task's
+last chunk is padded), provenance beyond the entry numbers, the manifest, the statistics and
+the completion marker, and the client's own steps. It is a lower bound on the wall time of
+any build that reads through uproot, bins with hepdask's kernels and compresses with the
+configured codec on these workers, not something a build can do. (1) / (c) is therefore the
+highest ratio ``bench_build.py`` could report against the grouped read.
+
+    python benchmarks/bench_ceiling.py [--config configs/demo.yaml] [--workers 2]
+        [--repeat 5] [--no-build] [--work-dir benchmarks/_work]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import bench_build
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+#: Chunk slots of each array that one task may fill: far more than a task's events need
+#: (an array's shape costs nothing until its chunks are written).
+SLOTS_PER_TASK = 2**20
+
+
+def _specs(config, job) -> dict:
+    """``store.ArraySpec`` of every array the build's steps yield, from the first partition
+    (read here, untimed), and those first arrays (for ``output.compressor: auto``)."""
+    from hepdask import build, store
+
+    first = bench_build.partitions(config)[0]
+    steps = list(build.partition_steps(first, job, build.Tally.of(job)))
+    arrays = {name: np.concatenate([s[name] for s in steps]) for name in steps[0]}
+    specs = {name: store.ArraySpec(str(a.dtype), a.shape[1:]) for name, a in arrays.items()}
+    return specs, arrays
+
+
+def prepare(config, job, path: Path, n_tasks: int) -> dict[str, int]:
+    """An empty store of one group, ``all``, with room for *n_tasks* tasks' chunks; the events
+    per chunk of each array."""
+    from hepdask import build, store
+
+    specs, first = _specs(config, job)
+    images = [img.array for img in job.images]
+    per_chunk = store.array_chunk_events(specs, images, build.chunk_events(config))
+    name, level = config.output.compressor.name, config.output.compressor.level
+    resolved = {image: store.compressor_name(name, specs[image].dtype, first[image], level) for image in images}
+    capacity = n_tasks * SLOTS_PER_TASK * max(per_chunk.values())
+    store.prepare(path, {"all": capacity}, specs,
+                  {n: tuple(f"{n}_{i}" for i in range(len(s.shape))) for n, s in specs.items()}, [],
+                  chunk_events=per_chunk, compressor=(name, level), attrs={}, resolved=resolved)  # fmt: skip
+    return per_chunk
+
+
+class _Chunker:
+    """One array's rows, gathered into a chunk-sized buffer and written a whole chunk at a time
+    into consecutive chunk slots from *first*."""
+
+    def __init__(self, files, first: int, like: np.ndarray) -> None:
+        self.files, self.next = files, first
+        self.buffer = np.empty((files.chunks[0], *like.shape[1:]), like.dtype)
+        self.filled = self.written = 0
+
+    def add(self, values: np.ndarray) -> None:
+        at = 0
+        while at < len(values):
+            take = min(len(values) - at, len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + take] = values[at : at + take]
+            self.filled, at = self.filled + take, at + take
+            if self.filled == len(self.buffer):
+                self.flush()
+
+    def flush(self) -> None:
+        if self.filled:
+            self.files.write(self.next, self.buffer[: self.filled])
+            self.next, self.written, self.filled = self.next + 1, self.written + self.filled, 0
+
+
+def single_pass(partitions, job, path: str, task: int) -> int:
+    """Read, cut and bin *partitions* (``build.partition_steps``) and write every array's chunks
+    as they fill, into chunk slots ``task * SLOTS_PER_TASK`` onwards. Returns events written."""
+    import zarr
+
+    from hepdask import build, store
+
+    group = zarr.open_group(path, mode="r+", zarr_format=3)["all"]
+    chunkers: dict[str, _Chunker] = {}
+    tally = build.Tally.of(job)
+    for partition in partitions:
+        for arrays in build.partition_steps(partition, job, tally):
+            for name, values in arrays.items():
+                if name not in chunkers:
+                    files = store.ChunkFiles.of(group[name])
+                    if files is None:
+                        msg = f"{path}/all/{name}: not a layout store.ChunkFiles writes"
+                        raise RuntimeError(msg)
+                    chunkers[name] = _Chunker(files, task * SLOTS_PER_TASK, values)
+                chunkers[name].add(values)
+    for chunker in chunkers.values():
+        chunker.flush()
+    return chunkers["entry"].written if chunkers else 0
+
+
+def bench_single_pass(client, config, job, path: Path, per_task: int) -> dict:
+    from distributed import wait
+
+    parts = bench_build.partitions(config)
+    groups = [parts[i : i + per_task] for i in range(0, len(parts), per_task)]
+    shutil.rmtree(path, ignore_errors=True)
+    prepare(config, job, path, len(groups))
+    t0 = time.perf_counter()
+    futures = [client.submit(single_pass, g, job, str(path), i, pure=False) for i, g in enumerate(groups)]
+    wait(futures)
+    events = sum(client.gather(futures))
+    return {"events": events, "seconds": time.perf_counter() - t0, "tasks": len(groups)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=HERE.parent / "configs" / "demo.yaml")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5, help="alternating rounds of (1) and (c)")
+    parser.add_argument("--work-dir", type=Path, default=HERE / "_work")
+    parser.add_argument("--build", action=argparse.BooleanOptionalAction, default=True,
+                        help="(3) also time the full build (shuffle off) in every round, as bench_build.py does")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from hepdask import build
+
+    args = parse_args(argv)
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    config = bench_build.load_config(args.config, work, "ceiling-build.zarr", workers=args.workers, shuffle=False)
+    bench_build.ensure_inputs(config)
+    per_task = bench_build.build_grouping(config, args.workers)
+    job = dataclasses.replace(build.Job.from_config(config), staging=str(work / "ceiling.staging"))
+    rounds = []
+    with bench_build.warm_cluster(args.config, work, config, args) as client:
+        for i in range(args.repeat):
+            read = bench_build.bench_read(client, config, per_task)
+            ceiling = bench_single_pass(client, config, job, work / "ceiling.zarr", per_task)
+            full = bench_build.bench_build(client, config, interval=1.0)["seconds"] if args.build else None
+            rounds.append({"read": read["seconds"], "single_pass": ceiling["seconds"], "build": full,
+                           "events_read": read["events"], "events_written": ceiling["events"],
+                           "tasks": ceiling["tasks"]})  # fmt: skip
+            print(f"round {i + 1}: (1) read {read['seconds']:.3f} s, (c) single pass {ceiling['seconds']:.3f} s "
+                  f"({ceiling['events']:,} of {read['events']:,} events kept)"
+                  + (f", (3) build {full:.3f} s" if full is not None else "")
+                  + f"; (1)/(c) {read['seconds'] / ceiling['seconds']:.2f}")  # fmt: skip
+    shutil.rmtree(work / "ceiling.zarr", ignore_errors=True)
+    ratios = [r["read"] / r["single_pass"] for r in rounds]
+    best = min(r["single_pass"] for r in rounds)
+    command = "python benchmarks/bench_ceiling.py " + " ".join(sys.argv[1:])
+    print(f"\n{command.strip()}   ({args.workers} workers, {rounds[0]['tasks']} tasks of {per_task} partitions)")
+    print(f"(1) bare grouped read: {min(r['read'] for r in rounds):.3f}-{max(r['read'] for r in rounds):.3f} s")
+    print(f"(c) single pass:       {best:.3f}-{max(r['single_pass'] for r in rounds):.3f} s")
+    print(f"ratio (1)/(c), the most bench_build.py's ratio against the grouped read could be: "
+          f"{min(ratios):.2f}-{max(ratios):.2f} (median {float(np.median(ratios)):.2f})")
+    if args.build:
+        builds = [r["build"] for r in rounds]
+        print(f"(3) full build:        {min(builds):.3f}-{max(builds):.3f} s; (1)/(3) "
+              f"{min(r['read'] / r['build'] for r in rounds):.2f}-{max(r['read'] / r['build'] for r in rounds):.2f}, "
+              f"(c)/(3) {min(r['single_pass'] / r['build'] for r in rounds):.2f}-"
+              f"{max(r['single_pass'] / r['build'] for r in rounds):.2f}")
+    return {"rounds": rounds, "ratios": ratios}
+
+
+if __name__ == "__main__":
+    main()
