@@ -4,7 +4,7 @@ work no build can skip, beside the bare grouped read of ``bench_build.py`` in th
 ``bench_build.py`` reports the build's events/s as a fraction of the slower of a bare read
 and a bare write (target >= 0.5 with shuffle off). This benchmark asks how high that fraction
 could go at all, whatever the build's design. On one warmed LocalCluster (the one a build
-starts, warmed as ``bench_build.py`` warms it), alternating, ``--repeat`` times:
+starts, warmed as ``bench_build.py`` warms it), in turn, ``--repeat`` rounds:
 
 (1) the bare read: ``bench_build.bench_read`` with the build's grouping of files into tasks.
 (c) the single pass: tasks of the same grouping; each runs the build's own code for reading,
@@ -19,10 +19,13 @@ starts, warmed as ``bench_build.py`` warms it), alternating, ``--repeat`` times:
 (c) leaves out everything else a build does: staging, the seeded split assignment (it needs
 every partition's count of selected events), the shuffle, source-ordered chunks (each task's
 last chunk is padded), provenance beyond the entry numbers, the manifest, the statistics and
-the completion marker, and the client's own steps. It is a lower bound on the wall time of
-any build that reads through uproot, bins with hepdask's kernels and compresses with the
-configured codec on these workers, not something a build can do. (1) / (c) is therefore the
-highest ratio ``bench_build.py`` could report against the grouped read.
+the completion marker, and the client's own steps. It is not something a build can do, but
+an approximate lower bound on the wall time of any build that reads through uproot, bins
+with hepdask's kernels and compresses with the configured codec on these workers:
+approximate, since (c) still pays a few small costs a cleverer design might not (each
+task's padded last chunk of every array, a copy of each row into a chunk buffer, opening the
+arrays once a task). (1) / (c) is then about the highest ratio ``bench_build.py`` could
+report against the grouped read.
 
     python benchmarks/bench_ceiling.py [--config configs/demo.yaml] [--workers 2]
         [--repeat 5] [--no-build] [--work-dir benchmarks/_work]
@@ -46,16 +49,21 @@ HERE = Path(__file__).resolve().parent
 SLOTS_PER_TASK = 2**20
 
 
-def _specs(config, job) -> dict:
-    """``store.ArraySpec`` of every array the build's steps yield, from the first partition
-    (read here, untimed), and those first arrays (for ``output.compressor: auto``)."""
-    from hepdask import build, store
+def _first_events(config, job, n: int) -> dict[str, np.ndarray]:
+    """Every array the build's steps yield, for the first *n* selected events in plan order
+    (read here, untimed): their dtypes and shapes, and the rows ``output.compressor: auto``
+    tries, as a build takes them (``build._codec_samples``)."""
+    from hepdask import build
 
-    first = bench_build.partitions(config)[0]
-    steps = list(build.partition_steps(first, job, build.Tally.of(job)))
-    arrays = {name: np.concatenate([s[name] for s in steps]) for name in steps[0]}
-    specs = {name: store.ArraySpec(str(a.dtype), a.shape[1:]) for name, a in arrays.items()}
-    return specs, arrays
+    steps: list[dict[str, np.ndarray]] = []
+    for partition in bench_build.partitions(config):
+        steps += build.partition_steps(partition, job, build.Tally.of(job))
+        if sum(len(step["entry"]) for step in steps) >= n:
+            break
+    if not steps:
+        msg = f"{config.tree}: no read step in any file of the plan"
+        raise RuntimeError(msg)
+    return {name: np.concatenate([step[name] for step in steps])[:n] for name in steps[0]}
 
 
 def prepare(config, job, path: Path, n_tasks: int) -> dict[str, int]:
@@ -63,11 +71,14 @@ def prepare(config, job, path: Path, n_tasks: int) -> dict[str, int]:
     per chunk of each array."""
     from hepdask import build, store
 
-    specs, first = _specs(config, job)
+    first = _first_events(config, job, build.chunk_events(config))
+    specs = {name: store.ArraySpec(str(a.dtype), a.shape[1:]) for name, a in first.items()}
     images = [img.array for img in job.images]
     per_chunk = store.array_chunk_events(specs, images, build.chunk_events(config))
     name, level = config.output.compressor.name, config.output.compressor.level
-    resolved = {image: store.compressor_name(name, specs[image].dtype, first[image], level) for image in images}
+    trial = {image: min(per_chunk[image], store.AUTO_TRIAL_BYTES // max(1, specs[image].itemsize)) for image in images}
+    resolved = {image: store.compressor_name(name, specs[image].dtype, first[image][: trial[image]], level)
+                for image in images}  # fmt: skip
     capacity = n_tasks * SLOTS_PER_TASK * max(per_chunk.values())
     store.prepare(path, {"all": capacity}, specs,
                   {n: tuple(f"{n}_{i}" for i in range(len(s.shape))) for n, s in specs.items()}, [],
