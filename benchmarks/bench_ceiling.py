@@ -66,24 +66,39 @@ def _first_events(config, job, n: int) -> dict[str, np.ndarray]:
     return {name: np.concatenate([step[name] for step in steps])[:n] for name in steps[0]}
 
 
-def prepare(config, job, path: Path, n_tasks: int) -> dict[str, int]:
-    """An empty store of one group, ``all``, with room for *n_tasks* tasks' chunks; the events
-    per chunk of each array."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The arrays of (c)'s store, decided once: per array its ``store.ArraySpec``, events per
+    chunk, and compressor (``auto`` decided on the build's trial rows)."""
+
+    specs: dict
+    per_chunk: dict[str, int]
+    codecs: dict[str, str]
+    compressor: tuple[str, int]
+
+
+def layout(config, job) -> Layout:
     from hepdask import build, store
 
-    first = _first_events(config, job, build.chunk_events(config))
+    chunk_events = build.chunk_events(config)
+    first = _first_events(config, job, chunk_events)
     specs = {name: store.ArraySpec(str(a.dtype), a.shape[1:]) for name, a in first.items()}
     images = [img.array for img in job.images]
-    per_chunk = store.array_chunk_events(specs, images, build.chunk_events(config))
+    per_chunk = store.array_chunk_events(specs, images, chunk_events)
     name, level = config.output.compressor.name, config.output.compressor.level
-    trial = {image: min(per_chunk[image], store.AUTO_TRIAL_BYTES // max(1, specs[image].itemsize)) for image in images}
-    resolved = {image: store.compressor_name(name, specs[image].dtype, first[image][: trial[image]], level)
-                for image in images}  # fmt: skip
-    capacity = n_tasks * SLOTS_PER_TASK * max(per_chunk.values())
-    store.prepare(path, {"all": capacity}, specs,
-                  {n: tuple(f"{n}_{i}" for i in range(len(s.shape))) for n, s in specs.items()}, [],
-                  chunk_events=per_chunk, compressor=(name, level), attrs={}, resolved=resolved)  # fmt: skip
-    return per_chunk
+    samples = {image: (specs[image].dtype, first[image][: store.auto_trial_rows(specs[image], per_chunk[image])])
+               for image in images}  # fmt: skip
+    return Layout(specs, per_chunk, store.resolve_compressors(name, level, samples), (name, level))
+
+
+def prepare(path: Path, arrays: Layout, n_tasks: int) -> None:
+    """An empty store of one group, ``all``, with room for *n_tasks* tasks' chunks."""
+    from hepdask import store
+
+    capacity = n_tasks * SLOTS_PER_TASK * max(arrays.per_chunk.values())
+    dims = {n: tuple(f"{n}_{i}" for i in range(len(s.shape))) for n, s in arrays.specs.items()}
+    store.prepare(path, {"all": capacity}, arrays.specs, dims, [], chunk_events=arrays.per_chunk,
+                  compressor=arrays.compressor, attrs={}, resolved=arrays.codecs)  # fmt: skip
 
 
 class _Chunker:
@@ -135,13 +150,13 @@ def single_pass(partitions, job, path: str, task: int) -> int:
     return chunkers["entry"].written if chunkers else 0
 
 
-def bench_single_pass(client, config, job, path: Path, per_task: int) -> dict:
+def bench_single_pass(client, config, job, arrays: Layout, path: Path, per_task: int) -> dict:
     from distributed import wait
 
     parts = bench_build.partitions(config)
     groups = [parts[i : i + per_task] for i in range(0, len(parts), per_task)]
     shutil.rmtree(path, ignore_errors=True)
-    prepare(config, job, path, len(groups))
+    prepare(path, arrays, len(groups))
     t0 = time.perf_counter()
     futures = [client.submit(single_pass, g, job, str(path), i, pure=False) for i, g in enumerate(groups)]
     wait(futures)
@@ -153,7 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=HERE.parent / "configs" / "demo.yaml")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5, help="alternating rounds of (1) and (c)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of (1), (c) and (3) in turn")
     parser.add_argument("--work-dir", type=Path, default=HERE / "_work")
     parser.add_argument("--build", action=argparse.BooleanOptionalAction, default=True,
                         help="(3) also time the full build (shuffle off) in every round, as bench_build.py does")  # fmt: skip
@@ -170,11 +185,12 @@ def main(argv=None) -> dict:
     bench_build.ensure_inputs(config)
     per_task = bench_build.build_grouping(config, args.workers)
     job = dataclasses.replace(build.Job.from_config(config), staging=str(work / "ceiling.staging"))
+    arrays = layout(config, job)
     rounds = []
     with bench_build.warm_cluster(args.config, work, config, args) as client:
         for i in range(args.repeat):
             read = bench_build.bench_read(client, config, per_task)
-            ceiling = bench_single_pass(client, config, job, work / "ceiling.zarr", per_task)
+            ceiling = bench_single_pass(client, config, job, arrays, work / "ceiling.zarr", per_task)
             full = bench_build.bench_build(client, config, interval=1.0)["seconds"] if args.build else None
             rounds.append({"read": read["seconds"], "single_pass": ceiling["seconds"], "build": full,
                            "events_read": read["events"], "events_written": ceiling["events"],

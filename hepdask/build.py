@@ -1109,7 +1109,7 @@ def _codec_samples(config: Config, job: Job, staged: list[store.Staged], arrays:
     for img in job.images:
         spec = arrays.get(img.array)
         if spec is not None and store.auto_trial(config.output.compressor.name, spec.dtype):
-            n = min(per_chunk, max(1, store.AUTO_TRIAL_BYTES // max(1, spec.itemsize)))
+            n = store.auto_trial_rows(spec, per_chunk)
             samples[img.array] = (spec.dtype, store.first_rows(job.staging, staged, img.array, n))
     return samples
 

@@ -773,6 +773,12 @@ def planned_compressor(name: str, dtype: str | np.dtype | None) -> str:
     return compressor_name(name, dtype)
 
 
+def auto_trial_rows(spec: ArraySpec, per_chunk: int) -> int:
+    """Events of an array of *spec* that ``auto``'s trial compresses: a chunk's worth of
+    *per_chunk* events, at most ``AUTO_TRIAL_BYTES``, at least one."""
+    return min(per_chunk, max(1, AUTO_TRIAL_BYTES // max(1, spec.itemsize)))
+
+
 def resolve_compressors(name: str, level: int, samples: Mapping[str, tuple[str, np.ndarray | None]]) -> dict[str, str]:
     """``compressor_name`` of each array of *samples* (``{array: (dtype, rows)}``)."""
     return {array: compressor_name(name, dtype, rows, level) for array, (dtype, rows) in samples.items()}
